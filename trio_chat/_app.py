@@ -1,0 +1,232 @@
+"""The ASGI application: the page, the HTTP API, ``/ws``, and the node's lifetime.
+
+`ChatApp` wraps the Quart-trio app. Its lifespan call runs for the server's whole life,
+so the node lives in a nursery inside it: the chat socket, the hub and the commit task
+start before the first request and stop after the last. If a node task fails, the
+lifespan reports a failure and hypercorn stops the worker: it never runs on silently
+without its socket or its store.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final
+
+import trio
+from quart import Response, abort, jsonify, request, send_from_directory, websocket
+from quart_trio import QuartTrio
+
+from ._config import Settings
+from ._errors import ConfigError, ProtocolError
+from ._identity import NodeIdentity, claim_identity
+from ._metrics import render_metrics
+from ._node import Node, open_store
+from ._protocol import ID_PATTERN, MAX_HISTORY_LIMIT, ROOM_PATTERN
+from ._session import Session, origin_allowed
+from ._transport import AsgiTransport
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
+    from ._store import Store
+
+log = logging.getLogger("trio_chat.app")
+
+WEB_DIR: Final = Path(
+    os.environ.get("TRIO_CHAT_WEB_DIR", Path(__file__).resolve().parent.parent / "web")
+)
+
+_Scope = dict[str, Any]
+
+
+class ChatApp:
+    """The ASGI callable hypercorn serves (``trio_chat:app``)."""
+
+    def __init__(self) -> None:
+        self.node: Node | None = None
+        self.quart = _make_quart(self)
+
+    async def __call__(
+        self,
+        scope: _Scope,
+        receive: Callable[[], Awaitable[dict[str, Any]]],
+        send: Callable[[dict[str, Any]], Awaitable[None]],
+    ) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+        else:
+            await self.quart(scope, receive, send)  # type: ignore[arg-type]
+
+    async def _lifespan(
+        self,
+        receive: Callable[[], Awaitable[dict[str, Any]]],
+        send: Callable[[dict[str, Any]], Awaitable[None]],
+    ) -> None:
+        await receive()  # lifespan.startup
+        identity: NodeIdentity | None = None
+        store: Store | None = None
+        try:
+            settings = Settings.from_env()
+            identity = claim_identity(settings.data_dir)
+            store = open_store(settings)
+        except (ConfigError, OSError) as exc:
+            log.error("cannot start: %s", exc)
+            if identity is not None:
+                identity.release()
+            await send({"type": "lifespan.startup.failed", "message": str(exc)})
+            return
+        started = False
+        try:
+            async with trio.open_nursery() as nursery:
+                node = Node(settings, identity.node_id, store)
+                await nursery.start(node.run)
+                self.node = node
+                await self.quart.startup()
+                log.info(
+                    "node %s ready; chat socket %s",
+                    node.node_id,
+                    f"on port {node.chat_socket_port}" if node.chat_socket_port else "off",
+                )
+                started = True
+                await send({"type": "lifespan.startup.complete"})
+                await receive()  # lifespan.shutdown
+                await node.shutdown()
+                nursery.cancel_scope.cancel()
+            await self.quart.shutdown()
+            await send({"type": "lifespan.shutdown.complete"})
+        except* (Exception, trio.Cancelled) as group:
+            if group.subgroup(trio.Cancelled) is not None:
+                raise
+            log.critical("the chat node failed; stopping this worker", exc_info=group)
+            kind = "shutdown" if started else "startup"
+            # Hypercorn ends the worker on a lifespan failure; its supervisor restarts it.
+            await send({"type": f"lifespan.{kind}.failed", "message": repr(group.exceptions[0])})
+        finally:
+            self.node = None
+            store.close()
+            identity.release()
+
+
+def _make_quart(chat: ChatApp) -> QuartTrio:
+    quart = QuartTrio(__name__, static_folder=None)
+
+    def node() -> Node:
+        if chat.node is None:
+            abort(503)
+        return chat.node
+
+    @quart.get("/")
+    async def index() -> Response:
+        return await send_from_directory(WEB_DIR, "index.html")
+
+    @quart.get("/<path:name>")
+    async def static(name: str) -> Response:
+        return await send_from_directory(WEB_DIR, name)
+
+    @quart.get("/healthz")
+    async def healthz() -> tuple[str, int]:
+        return ("ok\n", 200) if chat.node is not None else ("starting\n", 503)
+
+    @quart.get("/metrics")
+    async def metrics() -> Response:
+        return Response(render_metrics(node()), content_type="text/plain; version=0.0.4")
+
+    @quart.get("/api/config")
+    async def config() -> Response:
+        n = node()
+        return jsonify(
+            ws_url=n.settings.chat_socket_url(request.host),
+            fallback_ws_url="/ws",
+            node=n.node_id,
+            max_text=n.settings.max_text,
+            room_pattern=ROOM_PATTERN,
+        )
+
+    @quart.get("/api/rooms")
+    async def rooms() -> Response:
+        n = node()
+        return jsonify(rooms=[{"room": r, "members": n.members(r)} for r in n.hub.room_names()])
+
+    @quart.get("/api/rooms/<room>/messages")
+    async def messages(room: str) -> Response | tuple[Response, int]:
+        import re
+
+        before = request.args.get("before") or None
+        try:
+            limit = int(request.args.get("limit", "50"))
+        except ValueError:
+            limit = 0
+        if not re.match(ROOM_PATTERN, room):
+            return jsonify(code="bad_room", message="not a room name"), 400
+        if before is not None and not re.match(ID_PATTERN, before):
+            return jsonify(code="bad_id", message="`before` is not a message id"), 400
+        if not 1 <= limit <= MAX_HISTORY_LIMIT:
+            return jsonify(code="bad_limit", message=f"limit is 1 to {MAX_HISTORY_LIMIT}"), 400
+        try:
+            page, more = await node().page(room, before, limit)
+        except ProtocolError as exc:
+            return jsonify(code=exc.code, message=exc.message), 404
+        return jsonify(room=room, messages=[_message_json(m) for m in page], more=more)
+
+    @quart.websocket("/ws")
+    async def ws() -> tuple[str, int] | None:
+        n = node()
+        if not origin_allowed(
+            websocket.headers.get("Origin"), websocket.host, n.settings.allowed_origins
+        ):
+            log.warning("refused /ws from origin %s", websocket.headers.get("Origin"))
+            n.count_error("origin_refused")
+            return "this origin may not open /ws\n", 403
+        await websocket.accept()
+        await _serve_fallback(n)
+        return None
+
+    return quart
+
+
+def _message_json(m: Any) -> dict[str, Any]:
+    out = {"id": m.id, "room": m.room, "from": m.sender, "text": m.text, "ts": m.ts}
+    if m.cid is not None:
+        out["cid"] = m.cid
+    return out
+
+
+async def _serve_fallback(node: Node) -> None:
+    """Run a session over hypercorn's WebSocket: the one-port path (slower)."""
+    transport = AsgiTransport(websocket.remote_addr or "?", node.settings.backlog)
+    session = Session(node, transport, websocket.args.get("name"))
+    node.register(session)
+    max_frame = node.settings.max_frame
+
+    async def receive() -> str:
+        data = await websocket.receive()
+        if isinstance(data, bytes):
+            raise ProtocolError(
+                "binary_unsupported",
+                "binary frames are not part of the protocol: send JSON text",
+                close_code=1003,
+            )
+        if len(data) > max_frame // 4 and len(data.encode()) > max_frame:
+            raise ProtocolError(
+                "too_big", f"messages are limited to {max_frame} bytes", close_code=1009
+            )
+        return data
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(
+            transport.run_writer, websocket.send, websocket.close, nursery.cancel_scope
+        )
+        try:
+            await session.run(receive)
+            # The session closed the connection: let the writer send the close frame.
+            with trio.move_on_after(node.settings.shutdown_grace, shield=True):
+                await transport.done.wait()
+        finally:
+            if transport.slow:
+                node.slow_disconnects += 1
+            nursery.cancel_scope.cancel()
+
+
+app: Final = ChatApp()

@@ -1,0 +1,52 @@
+"""``/metrics``: the node's statistics in the Prometheus text format."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ._node import Node
+
+
+def render_metrics(node: Node) -> str:
+    """Render every counter and gauge of ``node`` (and its hub and link)."""
+    stats = node.statistics()
+    hub = node.hub.statistics()
+    lines: list[str] = []
+
+    def metric(name: str, kind: str, help_text: str, samples: list[tuple[str, float]]) -> None:
+        lines.append(f"# HELP trio_chat_{name} {help_text}")
+        lines.append(f"# TYPE trio_chat_{name} {kind}")
+        lines.extend(f"trio_chat_{name}{labels} {value:g}" for labels, value in samples)
+
+    metric("connections", "gauge", "Connected clients.", [("", stats.connections)])
+    metric("rooms", "gauge", "Rooms with local members.", [("", hub.rooms)])
+    metric(
+        "subscriptions", "gauge", "Room memberships of local clients.", [("", hub.subscriptions)]
+    )
+    metric("messages_in_total", "counter", "Messages clients sent.", [("", stats.messages_in)])
+    metric(
+        "messages_out_total", "counter", "Broadcast deliveries to clients.", [("", hub.deliveries)]
+    )
+    metric("frames_total", "counter", "Broadcast frames encoded (once each).", [("", hub.frames)])
+    metric(
+        "duplicates_total",
+        "counter",
+        "Retried sends answered with their first ack.",
+        [("", stats.duplicates)],
+    )
+    metric("store_commits_total", "counter", "Store transactions.", [("", stats.commits)])
+    metric("store_messages_total", "counter", "Messages committed.", [("", stats.committed)])
+    metric(
+        "slow_disconnects_total",
+        "counter",
+        "Clients closed with 4008 (slow).",
+        [("", stats.slow_disconnects)],
+    )
+    metric(
+        "errors_total",
+        "counter",
+        "Error frames and refusals, by code.",
+        [(f'{{code="{code}"}}', n) for code, n in sorted(stats.errors.items())],
+    )
+    return "\n".join(lines) + "\n"

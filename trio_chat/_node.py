@@ -1,0 +1,297 @@
+"""The node: one server process's chat state and the tasks that serve it.
+
+A node owns the hub (rooms and fan-out), the store and its commit task, the chat socket,
+and (when clustered) the multicast link. `Node.run` starts all of them in one nursery:
+if any of them fails, the node fails, loudly.
+
+Message flow: a session's ``send`` becomes a `Message` with a fresh id and goes into the
+commit channel. The commit task writes everything waiting in one transaction, then, in
+order, broadcasts each message to its room, sends it to cluster peers, and acks it to its
+sender: an ack always means "stored", and a client never sees a message that a restart
+could take back.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import logging
+import time
+from typing import TYPE_CHECKING, Final, NoReturn, TypeVar, TypeVarTuple
+
+import trio
+
+from ._chat_socket import handle_chat_socket
+from ._errors import ProtocolError
+from ._hub import Hub
+from ._ids import IdClock
+from ._protocol import Presence, is_valid_name
+from ._store import MemoryStore, Message, SqliteStore, Store
+from ._websocket import CLOSE_GOING_AWAY, WebSocketServer
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from ._config import Settings
+    from ._protocol import Send, TypingEvent
+    from ._session import Session
+
+log = logging.getLogger("trio_chat.node")
+
+_Args = TypeVarTuple("_Args")
+_R = TypeVar("_R")
+
+# Messages accepted but not yet committed. A full channel makes senders wait, which
+# pushes back on their sockets while the disk catches up.
+_COMMIT_QUEUE: Final = 8192
+# Most messages per transaction: bounds one commit's latency.
+_MAX_COMMIT_BATCH: Final = 2000
+# A retried send (same name and cid) within this window gets the original ack.
+DEDUPE_WINDOW: Final = 600.0
+
+
+@dataclasses.dataclass(slots=True)
+class _Pending:
+    message: Message
+    sender: Session | None
+
+
+@dataclasses.dataclass(frozen=True)
+class NodeStatistics:
+    connections: int
+    messages_in: int
+    commits: int
+    committed: int
+    duplicates: int
+    slow_disconnects: int
+    errors: dict[str, int]
+
+
+class Node:
+    """One process's chat service.
+
+    Args:
+      settings: the validated settings.
+      node_id: this node's stable id (see `claim_node_id`).
+      store: the history engine; `open_store` picks it from the settings.
+    """
+
+    def __init__(self, settings: Settings, node_id: str, store: Store) -> None:
+        self.settings = settings
+        self.node_id = node_id
+        self.store = store
+        self.hub = Hub()
+        self.ids = IdClock(node_id)
+        self.sessions: set[Session] = set()
+        self._names: set[str] = set()
+        self._commit_send, self._commit_receive = trio.open_memory_channel[_Pending](_COMMIT_QUEUE)
+        # Sends accepted but not yet committed, by dedupe key: a retry arriving before the
+        # commit must not be stored twice either.
+        self._in_flight: dict[str, str] = {}
+        self._read_limiter = trio.CapacityLimiter(1)
+        self._write_limiter = trio.CapacityLimiter(1)
+        self.chat_socket = WebSocketServer(
+            functools.partial(handle_chat_socket, self),
+            max_message=settings.max_frame,
+            backlog_limit=settings.backlog,
+            keepalive_interval=settings.keepalive_interval,
+        )
+        self.chat_socket_port: int | None = None
+        self._messages_in = 0
+        self._commits = 0
+        self._committed = 0
+        self._duplicates = 0
+        self.slow_disconnects = 0
+        self.errors: collections.Counter[str] = collections.Counter()
+
+    # -- names --------------------------------------------------------------------------
+
+    def claim_name(self, wanted: str) -> str:
+        """Reserve ``wanted``, or ``wanted-2``, ``wanted-3``… if it is taken on this node."""
+        if not is_valid_name(wanted):
+            wanted = "guest"
+        name, n = wanted, 1
+        while name in self._names:
+            n += 1
+            name = f"{wanted[:28]}-{n}"
+        self._names.add(name)
+        return name
+
+    def rename(self, session: Session, wanted: str) -> None:
+        self._names.discard(session.name)
+        session.requested_name = wanted
+        session.name = self.claim_name(wanted)
+
+    # -- rooms and presence -------------------------------------------------------------
+
+    def join(self, room: str, session: Session) -> None:
+        """Subscribe ``session`` to ``room`` and tell the room (cluster-wide) it arrived."""
+        self.hub.subscribe(room, session)
+        self._presence(room, Presence(room=room, joined=session.name), session)
+
+    def leave(self, room: str, session: Session) -> None:
+        if self.hub.unsubscribe(room, session):
+            self._presence(room, Presence(room=room, left=session.name), session)
+
+    def _presence(self, room: str, event: Presence, session: Session) -> None:
+        # Presence is state, not history: when the queue is full the event is dropped
+        # and the members list in the next ``joined`` is still right.
+        self.hub.publish_nowait(room, event, exclude=session)
+
+    def members(self, room: str) -> list[str]:
+        return self.hub.members(room)
+
+    def typing(self, room: str, event: TypingEvent, session: Session) -> None:
+        self.hub.publish_nowait(room, event, exclude=session)
+
+    def register(self, session: Session) -> None:
+        self.sessions.add(session)
+
+    def release(self, session: Session) -> None:
+        """Forget a session that ended: leave its rooms, free its name. Never blocks."""
+        for room in self.hub.rooms_of(session):
+            self.leave(room, session)
+        self.sessions.discard(session)
+        self._names.discard(session.name)
+
+    # -- messages -----------------------------------------------------------------------
+
+    async def submit(self, session: Session, command: Send) -> None:
+        """Accept a client's message: id it, queue it for commit. The ack follows commit.
+
+        Cancellation: a checkpoint; waits while the commit queue is full. If cancelled
+        the message was not accepted (no ack is sent; the client retries with its cid).
+        """
+        self._messages_in += 1
+        dedupe = None
+        if command.cid is not None:
+            dedupe = f"{session.requested_name}\0{command.cid}"
+            existing = self._in_flight.get(dedupe) or await self._read(
+                self.store.find_dedupe, dedupe, time.time() - DEDUPE_WINDOW
+            )
+            if existing is not None:
+                self._duplicates += 1
+                session.ack(existing, command.cid, duplicate=True)
+                return
+        message = Message(
+            id=self.ids.next_id(time.time_ns() // 1_000_000),
+            room=command.room,
+            sender=session.name,
+            text=command.text,
+            ts=time.time(),
+            cid=command.cid,
+            dedupe=dedupe,
+        )
+        if dedupe is not None:
+            self._in_flight[dedupe] = message.id
+        await self._commit_send.send(_Pending(message, session))
+
+    async def _run_commits(self) -> NoReturn:
+        while True:
+            batch = [await self._commit_receive.receive()]
+            while len(batch) < _MAX_COMMIT_BATCH:
+                try:
+                    batch.append(self._commit_receive.receive_nowait())
+                except trio.WouldBlock:
+                    break
+            await self._write([p.message for p in batch])
+            self._commits += 1
+            self._committed += len(batch)
+            for pending in batch:
+                message = pending.message
+                await self.hub.publish(message.room, message.event())
+                if pending.sender is not None:
+                    pending.sender.ack(message.id, message.cid)
+                if message.dedupe is not None:
+                    self._in_flight.pop(message.dedupe, None)
+
+    async def replay(self, room: str, since: str | None) -> tuple[list[Message], bool]:
+        """What a client joining ``room`` gets first, and whether it must reset.
+
+        Without ``since``: the latest messages. With it: every message after it, up to
+        the resume bound; past the bound, or for an id the room does not have, the
+        latest messages and ``reset`` (the client reloads the room).
+        """
+        latest = self.settings.history_on_join
+        if since is None:
+            return await self._read(self.store.latest, room, latest), False
+        if not await self._read(self.store.contains, room, since):
+            return await self._read(self.store.latest, room, latest), True
+        bound = self.settings.resume_max
+        missed = await self._read(self.store.after, room, since, bound + 1)
+        if len(missed) > bound:
+            return await self._read(self.store.latest, room, latest), True
+        return missed, False
+
+    async def page(self, room: str, before: str | None, limit: int) -> tuple[list[Message], bool]:
+        """A page of ``room``'s history older than ``before``, and whether more exist.
+
+        Raises:
+          ProtocolError: ``before`` is not a message of ``room`` (``unknown_id``).
+        """
+        if before is not None and not await self._read(self.store.contains, room, before):
+            raise ProtocolError("unknown_id", f"{room!r} has no message {before!r}")
+        messages = await self._read(self.store.before, room, before, limit + 1)
+        return messages[-limit:], len(messages) > limit
+
+    async def _write(self, messages: list[Message]) -> None:
+        if self.store.blocking:
+            await trio.to_thread.run_sync(self.store.write, messages, limiter=self._write_limiter)
+        else:
+            self.store.write(messages)
+
+    async def _read(self, fn: Callable[[*_Args], _R], *args: *_Args) -> _R:
+        if self.store.blocking:
+            return await trio.to_thread.run_sync(fn, *args, limiter=self._read_limiter)
+        await trio.lowlevel.checkpoint()
+        return fn(*args)
+
+    # -- accounting ---------------------------------------------------------------------
+
+    def count_error(self, code: str) -> None:
+        self.errors[code] += 1
+
+    def statistics(self) -> NodeStatistics:
+        return NodeStatistics(
+            connections=len(self.sessions),
+            messages_in=self._messages_in,
+            commits=self._commits,
+            committed=self._committed,
+            duplicates=self._duplicates,
+            slow_disconnects=self.slow_disconnects,
+            errors=dict(self.errors),
+        )
+
+    # -- running ------------------------------------------------------------------------
+
+    async def run(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> NoReturn:
+        """Run the hub, the commit task and the chat socket until cancelled."""
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.hub.run)
+            nursery.start_soon(self._run_commits)
+            if self.settings.ws_bind is not None:
+                host, port = self.settings.ws_bind
+                self.chat_socket_port = await nursery.start(self.chat_socket.serve, host, port)
+            task_status.started()
+            await trio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    async def shutdown(self) -> None:
+        """Stop accepting, close every chat-socket client with 1001, wait a grace period.
+
+        Cancellation: bounded by ``settings.shutdown_grace``; whatever is still open
+        then is cut when the node's nursery is cancelled.
+        """
+        await self.chat_socket.shutdown(
+            CLOSE_GOING_AWAY, "server shutting down", self.settings.shutdown_grace
+        )
+
+
+def open_store(settings: Settings) -> Store:
+    """The store the settings ask for."""
+    if settings.store == "memory":
+        return MemoryStore()
+    return SqliteStore(settings.data_dir / "history.sqlite3")

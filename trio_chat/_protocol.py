@@ -1,0 +1,222 @@
+"""The chat wire protocol, v1: typed commands in, encoded events out.
+
+Theory of operation: this module is pure (no trio, no clock, no sockets). A client frame
+is decoded by `decode_command_untrusted`, which returns one of the command structs or
+raises `ProtocolError` with a stable code; nothing a client sends can make it raise
+anything else. Server events are msgspec structs encoded by `encode_event`; the hub
+joins several encoded events with ``\\n`` into one frame. The contract is documented in
+docs/protocol.md: fields may be added, never renamed.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Final
+
+import msgspec
+
+from ._errors import ProtocolError
+
+#: Room names: a letter or digit, then up to 63 letters, digits, ``_`` or ``-``.
+ROOM_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
+#: Nicknames: a Unicode letter, digit or ``_``, then up to 31 of those or ``.`` / ``-``.
+NAME_PATTERN: Final = r"^\w[\w.-]{0,31}$"
+#: Message ids (see _ids.py): 16 hex digits of hybrid logical time, ``-``, the node id.
+ID_PATTERN: Final = r"^[0-9a-f]{16}-[A-Za-z0-9_.-]{1,40}$"
+MAX_CID_LENGTH: Final = 64
+MAX_HISTORY_LIMIT: Final = 200
+
+_NAME_RE: Final = re.compile(NAME_PATTERN)
+
+Room = Annotated[str, msgspec.Meta(pattern=ROOM_PATTERN)]
+Name = Annotated[str, msgspec.Meta(pattern=NAME_PATTERN)]
+MessageId = Annotated[str, msgspec.Meta(pattern=ID_PATTERN)]
+Cid = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_CID_LENGTH)]
+Limit = Annotated[int, msgspec.Meta(ge=1, le=MAX_HISTORY_LIMIT)]
+
+
+# --- client to server -------------------------------------------------------------------
+
+
+class Hello(msgspec.Struct, tag="hello", tag_field="type", frozen=True):
+    name: Name
+
+
+class Join(msgspec.Struct, tag="join", tag_field="type", frozen=True):
+    room: Room
+    since: MessageId | None = None
+
+
+class Leave(msgspec.Struct, tag="leave", tag_field="type", frozen=True):
+    room: Room
+
+
+class Send(msgspec.Struct, tag="send", tag_field="type", frozen=True):
+    room: Room
+    text: str
+    cid: Cid | None = None
+
+
+class Typing(msgspec.Struct, tag="typing", tag_field="type", frozen=True):
+    room: Room
+
+
+class HistoryRequest(msgspec.Struct, tag="history", tag_field="type", frozen=True):
+    room: Room
+    before: MessageId | None = None
+    limit: Limit = 50
+
+
+class Ping(msgspec.Struct, tag="ping", tag_field="type", frozen=True):
+    pass
+
+
+Command = Hello | Join | Leave | Send | Typing | HistoryRequest | Ping
+
+_command_decoder: Final[msgspec.json.Decoder[Command]] = msgspec.json.Decoder(Command)
+
+# Which error code a validation failure at a given field gets. Anything else is
+# "bad_field": the message always names the field.
+_FIELD_CODES: Final = {
+    "$.type": "unknown_type",
+    "$.room": "bad_room",
+    "$.name": "bad_name",
+    "$.since": "bad_id",
+    "$.before": "bad_id",
+    "$.limit": "bad_limit",
+    "$.cid": "bad_cid",
+}
+
+
+def decode_command_untrusted(data: bytes | str) -> Command:
+    """Decode one client frame.
+
+    Args:
+      data: the frame's payload, exactly as received.
+
+    Returns:
+      The command.
+
+    Raises:
+      ProtocolError: the frame is not valid JSON (``bad_json``), has no or an unknown
+        ``type`` (``unknown_type``), or a field is missing or invalid (``bad_room``,
+        ``bad_name``, ``bad_id``, ``bad_limit``, ``bad_cid``, ``bad_field``).
+    """
+    try:
+        return _command_decoder.decode(data)
+    except msgspec.ValidationError as exc:
+        detail = str(exc)
+        path = detail.rpartition(" - at `")[2].rstrip("`") if " - at `" in detail else ""
+        if "missing required field `type`" in detail:
+            code = "unknown_type"
+        else:
+            code = _FIELD_CODES.get(path, "bad_field")
+        raise ProtocolError(code, detail) from None
+    except (msgspec.DecodeError, UnicodeDecodeError):
+        raise ProtocolError("bad_json", "the frame is not a JSON object") from None
+
+
+def is_valid_name(name: str) -> bool:
+    """Whether ``name`` follows the nickname rule (used for ``?name=`` in URLs)."""
+    return _NAME_RE.match(name) is not None
+
+
+# --- server to client -------------------------------------------------------------------
+
+
+class Welcome(msgspec.Struct, tag="welcome", tag_field="type", frozen=True):
+    name: str
+    node: str
+
+
+class Joined(msgspec.Struct, tag="joined", tag_field="type", frozen=True):
+    room: str
+    members: list[str]
+
+
+class Left(msgspec.Struct, tag="left", tag_field="type", frozen=True):
+    room: str
+
+
+class MessageEvent(
+    msgspec.Struct, tag="message", tag_field="type", frozen=True, omit_defaults=True
+):
+    room: str
+    id: str
+    sender: str = msgspec.field(name="from")
+    text: str
+    ts: float
+    cid: str | None = None
+
+
+class Ack(msgspec.Struct, tag="ack", tag_field="type", frozen=True, omit_defaults=True):
+    id: str
+    cid: str | None = None
+    duplicate: bool = False
+
+
+class Presence(msgspec.Struct, tag="presence", tag_field="type", frozen=True, omit_defaults=True):
+    room: str
+    joined: str | None = None
+    left: str | None = None
+
+
+class TypingEvent(msgspec.Struct, tag="typing", tag_field="type", frozen=True):
+    room: str
+    sender: str = msgspec.field(name="from")
+
+
+class Reset(msgspec.Struct, tag="reset", tag_field="type", frozen=True):
+    room: str
+
+
+class History(msgspec.Struct, tag="history", tag_field="type", frozen=True):
+    room: str
+    messages: list[MessageEvent]
+    more: bool
+
+
+class Pong(msgspec.Struct, tag="pong", tag_field="type", frozen=True):
+    pass
+
+
+class ErrorEvent(msgspec.Struct, tag="error", tag_field="type", frozen=True):
+    code: str
+    message: str
+
+
+Event = (
+    Welcome
+    | Joined
+    | Left
+    | MessageEvent
+    | Ack
+    | Presence
+    | TypingEvent
+    | Reset
+    | History
+    | Pong
+    | ErrorEvent
+)
+
+_encoder: Final = msgspec.json.Encoder()
+_event_decoder: Final = msgspec.json.Decoder(Event)
+
+
+def encode_event(event: Event) -> bytes:
+    """Encode one server event as JSON (UTF-8 bytes, no trailing newline)."""
+    return _encoder.encode(event)
+
+
+def encode_events(events: list[Event]) -> bytes:
+    """Encode several events as one frame payload: JSON objects joined by ``\\n``."""
+    if len(events) == 1:
+        return _encoder.encode(events[0])
+    return b"\n".join([_encoder.encode(event) for event in events])
+
+
+def decode_events(data: bytes | str) -> list[Event]:
+    """Split and decode a server frame (for our clients and tests; trusts the server)."""
+    if isinstance(data, str):
+        data = data.encode()
+    return [_event_decoder.decode(line) for line in data.split(b"\n") if line]

@@ -1,0 +1,268 @@
+"""One client's chat session: the protocol's commands, whatever the transport.
+
+The chat socket and the ``/ws`` fallback both run a `Session` over a `Transport`. The
+session is the hub's subscriber for every room it joined. Joining reads history while
+live broadcasts for that room are held back, then sends history, then what was held back
+minus what history already had: no gap and no duplicate at the boundary.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import urllib.parse
+from typing import TYPE_CHECKING, Final, Protocol
+
+from ._errors import ProtocolError
+from ._protocol import (
+    Ack,
+    ErrorEvent,
+    Event,
+    Hello,
+    History,
+    HistoryRequest,
+    Join,
+    Joined,
+    Leave,
+    Left,
+    Ping,
+    Pong,
+    Reset,
+    Send,
+    Typing,
+    TypingEvent,
+    Welcome,
+    decode_command_untrusted,
+    encode_event,
+    encode_events,
+    is_valid_name,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
+    from ._hub import Outgoing
+    from ._node import Node
+
+log = logging.getLogger("trio_chat.session")
+
+CLOSE_POLICY: Final = 1008
+CLOSE_SLOW: Final = 4008
+
+
+class Transport(Protocol):
+    """How a session reaches its client. Every method is non-blocking."""
+
+    remote: str
+
+    def send_payload_nowait(self, payload: bytes) -> None:
+        """Queue one encoded frame payload for this client only."""
+
+    def deliver_nowait(self, out: Outgoing) -> None:
+        """Queue a broadcast (the transport picks its pre-built frame or text)."""
+
+    def close_nowait(self, code: int, reason: str) -> None:
+        """Queue a close frame; nothing is sent after it."""
+
+
+def origin_allowed(origin: str | None, host: str, allowed: frozenset[str]) -> bool:
+    """Whether a WebSocket from a page at ``origin`` may connect to ``host``.
+
+    Clients that are not browsers send no Origin and are allowed. A page's own origin is
+    always allowed: its host must equal the requested host, ports aside, because the
+    chat socket listens on another port than the page. Others must be listed.
+    """
+    if origin is None or origin.rstrip("/") in allowed:
+        return True
+    origin_host = urllib.parse.urlsplit(origin).hostname
+    request_host = urllib.parse.urlsplit("//" + host).hostname
+    return origin_host is not None and origin_host == request_host
+
+
+class _TokenBucket:
+    """``rate`` tokens a second up to ``burst``; a rate of 0 allows everything."""
+
+    __slots__ = ("burst", "rate", "stamp", "tokens")
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate = rate
+        self.burst = float(burst)
+        self.tokens = float(burst)
+        self.stamp = time.monotonic()
+
+    def take(self) -> bool:
+        if self.rate == 0:
+            return True
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return True
+        return False
+
+
+class Session:
+    """A connected client: its name, its rooms, and the commands it sends.
+
+    Args:
+      node: the node the client is connected to.
+      transport: the client's outbound path.
+      name: the nickname it asked for (``?name=``), or None for a guest name.
+    """
+
+    def __init__(self, node: Node, transport: Transport, name: str | None) -> None:
+        self.node = node
+        self.transport = transport
+        self._bad_name = name is not None and not is_valid_name(name)
+        self.requested_name = name if name is not None and not self._bad_name else "guest"
+        self.name = node.claim_name(self.requested_name)
+        self._settings = node.settings
+        self._bucket = _TokenBucket(self._settings.rate_limit, self._settings.rate_burst)
+        self._strikes = 0
+        #: Rooms being joined: live broadcasts wait here until history is sent.
+        self._held: dict[str, list[Outgoing]] = {}
+        self.closed = False
+
+    # -- hub subscriber -----------------------------------------------------------------
+
+    def deliver_nowait(self, out: Outgoing) -> None:
+        held = self._held.get(out.room)
+        if held is not None:
+            held.append(out)
+        else:
+            self.transport.deliver_nowait(out)
+
+    # -- sending ------------------------------------------------------------------------
+
+    def send(self, event: Event) -> None:
+        self.transport.send_payload_nowait(encode_event(event))
+
+    def send_error(self, code: str, message: str) -> None:
+        self.node.count_error(code)
+        self.send(ErrorEvent(code=code, message=message))
+
+    def close(self, code: int, reason: str) -> None:
+        if not self.closed:
+            self.closed = True
+            self.transport.close_nowait(code, reason)
+
+    # -- the session --------------------------------------------------------------------
+
+    async def run(self, receive: Callable[[], Awaitable[str]]) -> None:
+        """Greet the client and serve its commands until the connection ends.
+
+        ``receive`` returns the next text message and raises when the connection ends
+        (that exception propagates) or a frame breaks the transport's rules
+        (`ProtocolError` with a close code: answered and closed here).
+
+        Cancellation: leaves every room in ``finally``, without awaiting.
+        """
+        self.send(Welcome(name=self.name, node=self.node.node_id))
+        if self._bad_name:
+            self.send_error(
+                "bad_name", f"names are 1-32 letters, digits, '_', '.', '-'; you are {self.name}"
+            )
+        try:
+            while not self.closed:
+                try:
+                    command = decode_command_untrusted(await receive())
+                    await self._handle(command)
+                except ProtocolError as exc:
+                    self._refuse(exc)
+        finally:
+            self.node.release(self)
+
+    def _refuse(self, exc: ProtocolError) -> None:
+        log.info("%s (%s): %s: %s", self.transport.remote, self.name, exc.code, exc.message)
+        self.send_error(exc.code, exc.message)
+        if exc.close_code is not None:
+            self.close(exc.close_code, exc.code)
+
+    async def _handle(self, command: object) -> None:
+        if not self._bucket.take():
+            self._strikes += 1
+            if self._strikes >= self._settings.rate_strikes:
+                raise ProtocolError(
+                    "rate_limited", "too many frames: closing", close_code=CLOSE_POLICY
+                )
+            raise ProtocolError(
+                "rate_limited",
+                f"at most {self._settings.rate_limit:g} frames a second; this one was dropped",
+            )
+        self._strikes = 0
+        match command:
+            case Send():
+                await self._send(command)
+            case Typing(room=room):
+                self._require_joined(room)
+                self.node.typing(room, TypingEvent(room=room, sender=self.name), self)
+            case Join():
+                await self._join(command)
+            case Leave(room=room):
+                self._require_joined(room)
+                self.node.leave(room, self)
+                self.send(Left(room=room))
+            case HistoryRequest():
+                await self._history(command)
+            case Ping():
+                self.send(Pong())
+            case Hello(name=name):
+                if self.node.hub.rooms_of(self):
+                    raise ProtocolError("hello_too_late", "say hello before joining rooms")
+                self.node.rename(self, name)
+                self.send(Welcome(name=self.name, node=self.node.node_id))
+
+    def _require_joined(self, room: str) -> None:
+        if room not in self.node.hub.rooms_of(self):
+            raise ProtocolError("not_joined", f"join {room!r} first")
+
+    async def _send(self, command: Send) -> None:
+        self._require_joined(command.room)
+        if not command.text.strip():
+            raise ProtocolError("empty_text", "the message is empty")
+        if len(command.text) > self._settings.max_text:
+            raise ProtocolError(
+                "text_too_long", f"messages are limited to {self._settings.max_text} characters"
+            )
+        await self.node.submit(self, command)
+
+    def ack(self, message_id: str, cid: str | None, *, duplicate: bool = False) -> None:
+        """Tell the client its message is stored (called by the node after commit)."""
+        if not self.closed:
+            self.send(Ack(id=message_id, cid=cid, duplicate=duplicate))
+
+    async def _join(self, command: Join) -> None:
+        room = command.room
+        hub = self.node.hub
+        if room in hub.rooms_of(self):
+            raise ProtocolError("already_joined", f"already in {room!r}")
+        if len(hub.rooms_of(self)) >= self._settings.max_rooms:
+            raise ProtocolError(
+                "too_many_rooms", f"at most {self._settings.max_rooms} rooms at once"
+            )
+        held: list[Outgoing] = []
+        self._held[room] = held
+        try:
+            self.node.join(room, self)
+            replay, reset = await self.node.replay(room, command.since)
+        finally:
+            del self._held[room]
+        if reset:
+            self.send(Reset(room=room))
+        replayed = {m.id for m in replay}
+        if replay:
+            self.transport.send_payload_nowait(encode_events([m.event() for m in replay]))
+        self.send(Joined(room=room, members=self.node.members(room)))
+        for out in held:
+            ids = out.message_ids()
+            if not replayed.intersection(ids):
+                self.transport.deliver_nowait(out)
+            else:
+                fresh = [e for e in out.events if getattr(e, "id", None) not in replayed]
+                if fresh:
+                    self.transport.send_payload_nowait(encode_events(fresh))
+
+    async def _history(self, command: HistoryRequest) -> None:
+        messages, more = await self.node.page(command.room, command.before, command.limit)
+        self.send(History(room=command.room, messages=[m.event() for m in messages], more=more))

@@ -1,0 +1,241 @@
+"""Message history: an embedded SQLite store (the default) and an in-memory one.
+
+Both are synchronous and called off the event loop (`trio.to_thread`) by the node's
+commit task, which batches what is waiting into one `Store.write` call: one transaction
+for many messages (group commit). Inserts are idempotent on the message id, so every
+process of a host may write every message it sees into one shared file.
+"""
+
+from __future__ import annotations
+
+import bisect
+import sqlite3
+import threading
+from typing import TYPE_CHECKING, Final, Protocol
+
+import msgspec
+
+from ._protocol import MessageEvent
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+
+class Message(msgspec.Struct, frozen=True, array_like=True):
+    """A chat message as stored and as sent between cluster peers."""
+
+    id: str
+    room: str
+    sender: str
+    text: str
+    ts: float
+    cid: str | None = None
+    #: ``<requested name>\\0<cid>``: finds a retried send, whichever connection it came on.
+    dedupe: str | None = None
+
+    @property
+    def origin(self) -> str:
+        """The node that accepted the message (the id's suffix)."""
+        return self.id[17:]
+
+    def event(self) -> MessageEvent:
+        return MessageEvent(
+            room=self.room, id=self.id, sender=self.sender, text=self.text, ts=self.ts, cid=self.cid
+        )
+
+
+class Store(Protocol):
+    """What the node needs from a history engine. Every method may block (disk I/O)."""
+
+    #: Whether calls must go to a worker thread.
+    blocking: bool
+
+    def write(self, messages: list[Message]) -> None:
+        """Insert ``messages`` in one transaction, ignoring ids already present."""
+
+    def latest(self, room: str, limit: int) -> list[Message]:
+        """The newest ``limit`` messages of ``room``, oldest first."""
+
+    def after(self, room: str, since: str, limit: int) -> list[Message]:
+        """Up to ``limit`` messages of ``room`` with ids above ``since``, oldest first."""
+
+    def before(self, room: str, before: str | None, limit: int) -> list[Message]:
+        """Up to ``limit`` messages of ``room`` with ids below ``before``, oldest first."""
+
+    def contains(self, room: str, message_id: str) -> bool:
+        """Whether ``room`` has the message ``message_id``."""
+
+    def find_dedupe(self, dedupe: str, not_before: float) -> str | None:
+        """The id of a message with this dedupe key sent at or after ``not_before``."""
+
+    def from_origin(self, origin: str, after: str, limit: int) -> list[Message]:
+        """Up to ``limit`` messages accepted by node ``origin`` with ids above ``after``."""
+
+    def close(self) -> None:
+        """Release the engine's resources."""
+
+
+_SCHEMA: Final = """
+CREATE TABLE IF NOT EXISTS messages (
+    id TEXT PRIMARY KEY,
+    room TEXT NOT NULL,
+    sender TEXT NOT NULL,
+    text TEXT NOT NULL,
+    ts REAL NOT NULL,
+    cid TEXT,
+    dedupe TEXT,
+    origin TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS messages_room ON messages (room, id);
+CREATE INDEX IF NOT EXISTS messages_origin ON messages (origin, id);
+CREATE INDEX IF NOT EXISTS messages_dedupe ON messages (dedupe) WHERE dedupe IS NOT NULL;
+"""
+_COLUMNS: Final = "id, room, sender, text, ts, cid, dedupe"
+
+
+class SqliteStore:
+    """History in one SQLite file in WAL mode.
+
+    ``synchronous=NORMAL`` in WAL mode keeps every committed transaction through a crash
+    of the process (SIGKILL included); only a power loss may take the newest ones.
+    Writes and reads use separate connections, each used by one thread at a time.
+    """
+
+    blocking = True
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._writer = self._connect()
+        with self._writer:
+            self._writer.executescript(_SCHEMA)
+        self._reader = self._connect()
+        self._read_lock = threading.Lock()
+        self._write_lock = threading.Lock()
+
+    def _connect(self) -> sqlite3.Connection:
+        # Workers of one host share the file: wait for each other's locks.
+        conn = sqlite3.connect(self.path, timeout=30, check_same_thread=False, isolation_level=None)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        return conn
+
+    def write(self, messages: list[Message]) -> None:
+        rows = [(m.id, m.room, m.sender, m.text, m.ts, m.cid, m.dedupe, m.origin) for m in messages]
+        with self._write_lock:
+            self._writer.execute("BEGIN IMMEDIATE")
+            try:
+                self._writer.executemany(
+                    "INSERT OR IGNORE INTO messages VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows
+                )
+            except BaseException:
+                self._writer.execute("ROLLBACK")
+                raise
+            self._writer.execute("COMMIT")
+
+    def _query(self, sql: str, args: tuple[object, ...]) -> list[Message]:
+        with self._read_lock:
+            rows = self._reader.execute(sql, args).fetchall()
+        return [Message(*row) for row in rows]
+
+    def latest(self, room: str, limit: int) -> list[Message]:
+        return self.before(room, None, limit)
+
+    def after(self, room: str, since: str, limit: int) -> list[Message]:
+        return self._query(
+            f"SELECT {_COLUMNS} FROM messages WHERE room = ? AND id > ? ORDER BY id LIMIT ?",
+            (room, since, limit),
+        )
+
+    def before(self, room: str, before: str | None, limit: int) -> list[Message]:
+        rows = self._query(
+            f"SELECT {_COLUMNS} FROM messages WHERE room = ? AND id < ? ORDER BY id DESC LIMIT ?",
+            (room, before if before is not None else "~", limit),
+        )
+        rows.reverse()
+        return rows
+
+    def contains(self, room: str, message_id: str) -> bool:
+        with self._read_lock:
+            row = self._reader.execute(
+                "SELECT 1 FROM messages WHERE id = ? AND room = ?", (message_id, room)
+            ).fetchone()
+        return row is not None
+
+    def find_dedupe(self, dedupe: str, not_before: float) -> str | None:
+        with self._read_lock:
+            row = self._reader.execute(
+                "SELECT id FROM messages WHERE dedupe = ? AND ts >= ? LIMIT 1", (dedupe, not_before)
+            ).fetchone()
+        return None if row is None else str(row[0])
+
+    def from_origin(self, origin: str, after: str, limit: int) -> list[Message]:
+        return self._query(
+            f"SELECT {_COLUMNS} FROM messages WHERE origin = ? AND id > ? ORDER BY id LIMIT ?",
+            (origin, after, limit),
+        )
+
+    def close(self) -> None:
+        self._writer.close()
+        self._reader.close()
+
+
+class MemoryStore:
+    """History in this process's memory: fast, and gone when it exits."""
+
+    blocking = False
+
+    def __init__(self) -> None:
+        self._rooms: dict[str, list[Message]] = {}
+        self._ids: set[str] = set()
+        self._dedupe: dict[str, Message] = {}
+
+    def write(self, messages: list[Message]) -> None:
+        for m in messages:
+            if m.id in self._ids:
+                continue
+            self._ids.add(m.id)
+            room = self._rooms.setdefault(m.room, [])
+            if not room or room[-1].id < m.id:
+                room.append(m)
+            else:
+                bisect.insort(room, m, key=lambda x: x.id)
+            if m.dedupe is not None:
+                self._dedupe[m.dedupe] = m
+
+    def latest(self, room: str, limit: int) -> list[Message]:
+        return self._rooms.get(room, [])[-limit:]
+
+    def after(self, room: str, since: str, limit: int) -> list[Message]:
+        msgs = self._rooms.get(room, [])
+        start = bisect.bisect_right(msgs, since, key=lambda x: x.id)
+        return msgs[start : start + limit]
+
+    def before(self, room: str, before: str | None, limit: int) -> list[Message]:
+        msgs = self._rooms.get(room, [])
+        end = len(msgs) if before is None else bisect.bisect_left(msgs, before, key=lambda x: x.id)
+        return msgs[max(0, end - limit) : end]
+
+    def contains(self, room: str, message_id: str) -> bool:
+        msgs = self._rooms.get(room, [])
+        i = bisect.bisect_left(msgs, message_id, key=lambda x: x.id)
+        return i < len(msgs) and msgs[i].id == message_id
+
+    def find_dedupe(self, dedupe: str, not_before: float) -> str | None:
+        m = self._dedupe.get(dedupe)
+        return m.id if m is not None and m.ts >= not_before else None
+
+    def from_origin(self, origin: str, after: str, limit: int) -> list[Message]:
+        found = sorted(
+            (
+                m
+                for msgs in self._rooms.values()
+                for m in msgs
+                if m.origin == origin and m.id > after
+            ),
+            key=lambda x: x.id,
+        )
+        return found[:limit]
+
+    def close(self) -> None:
+        self._rooms.clear()

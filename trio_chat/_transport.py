@@ -1,0 +1,91 @@
+"""The ``/ws`` fallback's outbound path: a bounded queue drained by one writer task.
+
+Hypercorn's ASGI ``send`` must be awaited per frame, so unlike the chat socket this path
+costs a task switch per recipient (docs/architecture.md). The queue is bounded in bytes
+by the same backlog limit as the chat socket: past it the client is closed with 4008.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+from typing import TYPE_CHECKING, Final
+
+import trio
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
+    from ._hub import Outgoing
+
+log = logging.getLogger("trio_chat.transport")
+
+CLOSE_SLOW: Final = 4008
+
+
+class AsgiTransport:
+    """A session's outbound path over an ASGI WebSocket.
+
+    Args:
+      remote: the client's address, for logs.
+      limit: bytes of unsent text the client may hold before it is closed as slow.
+    """
+
+    def __init__(self, remote: str, limit: int) -> None:
+        self.remote = remote
+        self._limit = limit
+        self._queue: collections.deque[str | tuple[int, str]] = collections.deque()
+        self._queued_bytes = 0
+        self._wakeup = trio.Event()
+        self._closed = False
+        self.slow = False
+        self.done = trio.Event()
+
+    def send_payload_nowait(self, payload: bytes) -> None:
+        self._put(payload.decode())
+
+    def deliver_nowait(self, out: Outgoing) -> None:
+        self._put(out.text)
+
+    def close_nowait(self, code: int, reason: str) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._queue.append((code, reason))
+        self._wakeup.set()
+
+    def _put(self, text: str) -> None:
+        if self._closed:
+            return
+        self._queue.append(text)
+        self._queued_bytes += len(text)
+        if self._queued_bytes > self._limit:
+            log.info("closing %s: backlog over %d bytes (slow client)", self.remote, self._limit)
+            self._queue.clear()
+            self._queued_bytes = 0
+            self.slow = True
+            self.close_nowait(CLOSE_SLOW, "slow")
+        self._wakeup.set()
+
+    async def run_writer(
+        self,
+        send: Callable[[str], Awaitable[None]],
+        close: Callable[[int, str], Awaitable[None]],
+        cancel_scope: trio.CancelScope,
+    ) -> None:
+        """Send what is queued, in order; after the close frame, cancel the session.
+
+        Cancellation: whatever is still queued is dropped with the connection.
+        """
+        while True:
+            while not self._queue:
+                self._wakeup = trio.Event()
+                await self._wakeup.wait()
+            item = self._queue.popleft()
+            if isinstance(item, tuple):
+                await close(*item)
+                self.done.set()
+                cancel_scope.cancel()
+                return
+            self._queued_bytes -= len(item)
+            await send(item)

@@ -1,0 +1,526 @@
+"""The chat socket: a trio WebSocket server built for fan-out.
+
+wsproto does the handshake and parses what clients send. Outgoing data frames are built
+by `encode_text_frame` once per broadcast and written with a non-blocking ``send`` to every
+recipient, so delivering a broadcast costs one syscall per socket and no task switch.
+
+One outbound path per connection owns every byte written to its socket (data, pong,
+close). Bytes the kernel did not take wait in the connection's backlog, in order, and a
+writer task (started only while there is backlog) drains them. A direct write happens
+only while the backlog is empty: otherwise it would land in the middle of a frame the
+writer has half written. A backlog over its bound means the client cannot keep up: the
+connection is closed with 4008 "slow" and its backlog freed, so no client can grow the
+server's memory.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import errno
+import logging
+import socket
+import struct
+from typing import TYPE_CHECKING, Final, NoReturn
+
+import trio
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import (
+    AcceptConnection,
+    BytesMessage,
+    CloseConnection,
+    Ping,
+    Pong,
+    RejectConnection,
+    RejectData,
+    Request,
+    TextMessage,
+)
+from wsproto.utilities import RemoteProtocolError as WsProtocolError
+
+from ._errors import ProtocolError
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
+    from ._hub import Outgoing
+
+log = logging.getLogger("trio_chat.websocket")
+
+CLOSE_GOING_AWAY: Final = 1001
+CLOSE_UNSUPPORTED: Final = 1003
+CLOSE_POLICY: Final = 1008
+CLOSE_TOO_BIG: Final = 1009
+CLOSE_SLOW: Final = 4008
+
+_RECV_SIZE: Final = 64 * 1024
+_MAX_HANDSHAKE: Final = 16 * 1024
+_HANDSHAKE_TIMEOUT: Final = 10.0
+# A slow client's close frame gets this long to drain before the socket is cut.
+_SLOW_CLOSE_GRACE: Final = 2.0
+# sendmsg takes at most IOV_MAX buffers; 64 is plenty to fill a socket buffer.
+_MAX_IOV: Final = 64
+
+
+def encode_text_frame(payload: bytes) -> bytes:
+    """Frame ``payload`` as one unmasked, final text frame (server to client)."""
+    n = len(payload)
+    if n < 126:
+        header = bytes((0x81, n))
+    elif n < 65536:
+        header = struct.pack("!BBH", 0x81, 126, n)
+    else:
+        header = struct.pack("!BBQ", 0x81, 127, n)
+    return header + payload
+
+
+class ConnectionClosed(Exception):
+    """The WebSocket is closed (by either side); ``code`` says why."""
+
+    def __init__(self, code: int, reason: str = "") -> None:
+        super().__init__(code, reason)
+        self.code = code
+        self.reason = reason
+
+
+@dataclasses.dataclass
+class HandshakeRequest:
+    """What a client asked for when it opened the WebSocket."""
+
+    path: str
+    query: str
+    host: str
+    origin: str | None
+
+
+class WebSocketConnection:
+    """One accepted chat-socket connection.
+
+    Created by `serve_websocket`, which gives it a nursery of its own: the writer task
+    runs there, and cancelling it ends everything the connection started.
+    """
+
+    def __init__(
+        self, sock: socket.socket, nursery: trio.Nursery, *, max_message: int, backlog_limit: int
+    ) -> None:
+        self._sock = sock
+        self._nursery = nursery
+        self._ws = WSConnection(ConnectionType.SERVER)
+        self._max_message = max_message
+        self._backlog_limit = backlog_limit
+        self._backlog: collections.deque[bytes | memoryview] = collections.deque()
+        self._backlog_bytes = 0
+        self._writer_running = False
+        #: No more frames may be queued: a close frame is the last thing written.
+        self._output_closed = False
+        self._close_code: int | None = None
+        self._done = trio.Event()
+        self.slow = False
+        self.accepted = False
+        self.received_since_ping = True
+        try:
+            peer = sock.getpeername()
+            self.remote = f"{peer[0]}:{peer[1]}"
+        except OSError:
+            self.remote = "?"
+
+    # -- outbound -----------------------------------------------------------------------
+
+    @property
+    def backlog_bytes(self) -> int:
+        """Bytes queued for this client that the kernel has not taken yet."""
+        return self._backlog_bytes
+
+    @property
+    def closed(self) -> bool:
+        return self._output_closed
+
+    def send_nowait(self, data: bytes) -> None:
+        """Queue ``data`` (whole frames) for the client without blocking.
+
+        Writes straight to the socket when nothing is queued; otherwise appends to the
+        backlog. Past the backlog bound the connection is closed with 4008 "slow".
+        """
+        if not self._output_closed:
+            self._queue(data)
+
+    def _queue(self, data: bytes) -> None:
+        if not self._backlog:
+            try:
+                sent = self._sock.send(data)
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                self.abort()
+                return
+            if sent == len(data):
+                return
+            self._backlog.append(memoryview(data)[sent:])
+            self._backlog_bytes += len(data) - sent
+        else:
+            self._backlog.append(data)
+            self._backlog_bytes += len(data)
+        if self._backlog_bytes > self._backlog_limit:
+            self._overflow()
+        else:
+            self._start_writer()
+
+    def send_payload_nowait(self, payload: bytes) -> None:
+        """Frame one text payload and queue it (for frames meant for this client only)."""
+        self.send_nowait(encode_text_frame(payload))
+
+    def deliver_nowait(self, out: Outgoing) -> None:
+        """Queue a broadcast's shared, pre-built frame."""
+        self.send_nowait(out.frame)
+
+    def _start_writer(self) -> None:
+        if not self._writer_running and self._backlog:
+            self._writer_running = True
+            self._nursery.start_soon(self._writer)
+
+    async def _writer(self) -> None:
+        try:
+            while self._backlog:
+                await trio.lowlevel.wait_writable(self._sock)
+                self._flush()
+        except OSError:
+            self.abort()
+        finally:
+            self._writer_running = False
+        if self._output_closed:
+            self._finish()
+
+    def _flush(self) -> None:
+        """Write as much of the backlog as the kernel takes, keeping frame order."""
+        buffers = [self._backlog[i] for i in range(min(len(self._backlog), _MAX_IOV))]
+        try:
+            sent = self._sock.sendmsg(buffers)
+        except BlockingIOError:
+            return
+        self._backlog_bytes -= sent
+        while sent:
+            head = self._backlog[0]
+            if len(head) <= sent:
+                sent -= len(head)
+                self._backlog.popleft()
+            else:
+                self._backlog[0] = memoryview(head)[sent:]
+                sent = 0
+
+    def _overflow(self) -> None:
+        # Keep the frame that is partly on the wire (the client needs its tail to parse
+        # anything after it), drop the rest, and end with the close frame.
+        head = self._backlog[0]
+        partial = isinstance(head, memoryview)
+        self._backlog.clear()
+        self._backlog_bytes = 0
+        if partial:
+            self._backlog.append(head)
+            self._backlog_bytes = len(head)
+        self.slow = True
+        log.info(
+            "closing %s: backlog over %d bytes (slow client)", self.remote, self._backlog_limit
+        )
+        self.close_nowait(CLOSE_SLOW, "slow")
+        self._nursery.start_soon(self._cut_after, _SLOW_CLOSE_GRACE)
+
+    async def _cut_after(self, grace: float) -> None:
+        await trio.sleep(grace)
+        self._finish()
+
+    def close_nowait(self, code: int, reason: str = "") -> None:
+        """Start the closing handshake: queue a close frame; nothing may follow it."""
+        if self._output_closed:
+            return
+        self._close_code = code
+        try:
+            data = self._ws.send(CloseConnection(code=code, reason=reason))
+        except Exception:  # wsproto refuses when the handshake never completed
+            data = b""
+        self._output_closed = True
+        if data:
+            self._queue(data)
+        if not self._backlog:
+            self._finish()
+
+    def abort(self) -> None:
+        """Drop the connection now: nothing more is written."""
+        self._output_closed = True
+        self._backlog.clear()
+        self._backlog_bytes = 0
+        self._finish()
+
+    def _finish(self) -> None:
+        """Everything that will ever be written has been: end the connection's tasks."""
+        self._done.set()
+        self._nursery.cancel_scope.cancel()
+
+    async def wait_done(self) -> None:
+        """Wait until the connection has written its last byte (or can write no more)."""
+        await self._done.wait()
+
+    # -- inbound ------------------------------------------------------------------------
+
+    async def _receive_bytes(self) -> bytes:
+        while True:
+            try:
+                data = self._sock.recv(_RECV_SIZE)
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(self._sock)
+                continue
+            except OSError as exc:
+                if exc.errno in (errno.ECONNRESET, errno.ETIMEDOUT, errno.EPIPE):
+                    return b""
+                raise
+            await trio.lowlevel.checkpoint()
+            return data
+
+    async def handshake_untrusted(self) -> HandshakeRequest:
+        """Read the HTTP upgrade request.
+
+        Raises:
+          ConnectionClosed: the client sent something that is not a WebSocket handshake
+            (it was answered with an HTTP error) or went away.
+        """
+        received = 0
+        while True:
+            try:
+                for event in self._ws.events():
+                    if isinstance(event, Request):
+                        return _parse_request(event)
+            except WsProtocolError as exc:
+                self._reject(400, str(exc))
+                raise ConnectionClosed(1002, "bad handshake") from None
+            data = await self._receive_bytes()
+            received += len(data)
+            if not data or received > _MAX_HANDSHAKE:
+                raise ConnectionClosed(1002, "no handshake")
+            self._ws.receive_data(data)
+
+    def accept(self) -> None:
+        """Accept the handshake (no extensions, no subprotocol)."""
+        self.accepted = True
+        self.send_nowait(self._ws.send(AcceptConnection()))
+
+    def _reject(self, status: int, body: str) -> None:
+        data = body.encode()
+        try:
+            reply = self._ws.send(
+                RejectConnection(
+                    status_code=status,
+                    headers=[
+                        (b"content-type", b"text/plain"),
+                        (b"content-length", str(len(data)).encode()),
+                    ],
+                    has_body=True,
+                )
+            )
+            reply += self._ws.send(RejectData(data=data, body_finished=True))
+        except Exception:  # wsproto refuses in some states; a bare close is all we can do
+            reply = b""
+        self._output_closed = True
+        self._queue(reply)
+
+    def reject(self, status: int, body: str) -> None:
+        """Refuse the handshake with an HTTP error and a plain-text reason."""
+        self._reject(status, body)
+        if not self._backlog:
+            self._finish()
+
+    async def receive_message_untrusted(self) -> str:
+        """Receive the next complete text message.
+
+        Answers pings and the client's close frame by itself.
+
+        Raises:
+          ConnectionClosed: the connection ended.
+          ProtocolError: the client sent a binary message (close 1003) or a message over
+            the size limit (close 1009). The connection must then be closed with
+            ``close_code``.
+        """
+        parts: list[str] = []
+        size = 0
+        while True:
+            for event in self._ws.events():
+                if isinstance(event, TextMessage):
+                    size += len(event.data.encode())
+                    if size > self._max_message:
+                        raise ProtocolError(
+                            "too_big",
+                            f"messages are limited to {self._max_message} bytes",
+                            close_code=CLOSE_TOO_BIG,
+                        )
+                    parts.append(event.data)
+                    if event.message_finished:
+                        return "".join(parts)
+                elif isinstance(event, BytesMessage):
+                    raise ProtocolError(
+                        "binary_unsupported",
+                        "binary frames are not part of the protocol: send JSON text",
+                        close_code=CLOSE_UNSUPPORTED,
+                    )
+                elif isinstance(event, Ping):
+                    self.send_nowait(self._ws.send(event.response()))
+                elif isinstance(event, CloseConnection):
+                    self._answer_close(event)
+                    raise ConnectionClosed(event.code, event.reason or "")
+                elif isinstance(event, Pong):
+                    pass
+            data = await self._receive_bytes()
+            self.received_since_ping = True
+            if not data:
+                self._output_closed = True
+                self._finish()
+                raise ConnectionClosed(1006, "connection lost")
+            self._ws.receive_data(data)
+
+    def _answer_close(self, event: CloseConnection) -> None:
+        if self._output_closed:
+            self._finish()
+            return
+        try:
+            data = self._ws.send(event.response())
+        except Exception:  # already closing on our side
+            data = b""
+        self._output_closed = True
+        if data:
+            self._queue(data)
+        if not self._backlog:
+            self._finish()
+
+    def ping_nowait(self) -> None:
+        """Send a ping; the keepalive checks that something came back."""
+        self.received_since_ping = False
+        self.send_nowait(self._ws.send(Ping()))
+
+    def close_socket(self) -> None:
+        """Release the socket (called once the connection's nursery is done)."""
+        trio.lowlevel.notify_closing(self._sock)
+        self._sock.close()
+
+
+def _parse_request(event: Request) -> HandshakeRequest:
+    origin = None
+    for name, value in event.extra_headers:
+        if name.lower() == b"origin":
+            origin = value.decode("latin-1")
+    path, _, query = event.target.partition("?")
+    return HandshakeRequest(path=path, query=query, host=event.host, origin=origin)
+
+
+class WebSocketServer:
+    """Listens on the chat socket and runs each connection in a nursery of its own.
+
+    Args:
+      handler: runs one accepted connection; returns when the session is over. It
+        decides whether to `WebSocketConnection.accept` or `WebSocketConnection.reject`.
+      max_message: largest message a client may send, in bytes.
+      backlog_limit: bytes a client may leave unread before it is closed as slow.
+    """
+
+    def __init__(
+        self,
+        handler: Callable[[WebSocketConnection, HandshakeRequest], Awaitable[None]],
+        *,
+        max_message: int,
+        backlog_limit: int,
+        keepalive_interval: float,
+    ) -> None:
+        self._handler = handler
+        self._max_message = max_message
+        self._backlog_limit = backlog_limit
+        self._keepalive_interval = keepalive_interval
+        self._accepting = trio.CancelScope()
+        self.connections: set[WebSocketConnection] = set()
+        self.port: int | None = None
+
+    async def serve(
+        self, host: str, port: int, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
+    ) -> NoReturn:
+        """Listen on ``host:port`` (``SO_REUSEPORT``, so every worker can) and serve forever.
+
+        Calls ``task_status.started(port)`` with the bound port once listening.
+        """
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        listener = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            listener.bind((host, port))
+            listener.listen(1024)
+            listener.setblocking(False)
+            self.port = listener.getsockname()[1]
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._keepalive)
+                task_status.started(self.port)
+                with self._accepting:
+                    await self._accept_forever(listener, nursery)
+                trio.lowlevel.notify_closing(listener)
+                listener.close()
+                await trio.sleep_forever()
+        finally:
+            if listener.fileno() != -1:
+                trio.lowlevel.notify_closing(listener)
+                listener.close()
+        raise AssertionError("unreachable")
+
+    async def _accept_forever(self, listener: socket.socket, nursery: trio.Nursery) -> NoReturn:
+        while True:
+            await trio.lowlevel.wait_readable(listener)
+            while True:
+                try:
+                    sock, _ = listener.accept()
+                except BlockingIOError:
+                    break
+                except OSError as exc:
+                    # Out of file descriptors, say: keep serving the connections we have.
+                    log.warning("accept failed: %s", exc)
+                    break
+                nursery.start_soon(self._run_connection, sock)
+
+    async def _keepalive(self) -> NoReturn:
+        # One sweep for all connections instead of a task each: an idle connection
+        # costs no task. A client silent for a whole interval after a ping is cut.
+        while True:
+            await trio.sleep(self._keepalive_interval)
+            for conn in list(self.connections):
+                if not conn.accepted:
+                    continue
+                if conn.received_since_ping:
+                    conn.ping_nowait()
+                else:
+                    log.info("cutting %s: no answer to a ping", conn.remote)
+                    conn.abort()
+
+    async def shutdown(self, code: int, reason: str, grace: float) -> None:
+        """Stop accepting; close every connection with ``code``; wait up to ``grace``."""
+        self._accepting.cancel()
+        for conn in list(self.connections):
+            conn.close_nowait(code, reason)
+        with trio.move_on_after(grace):
+            for conn in list(self.connections):
+                await conn.wait_done()
+
+    async def _run_connection(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        async with trio.open_nursery() as nursery:
+            conn = WebSocketConnection(
+                sock, nursery, max_message=self._max_message, backlog_limit=self._backlog_limit
+            )
+            self.connections.add(conn)
+            try:
+                with trio.move_on_after(_HANDSHAKE_TIMEOUT) as handshake_scope:
+                    request = await conn.handshake_untrusted()
+                if handshake_scope.cancelled_caught:
+                    return
+                await self._handler(conn, request)
+                # Let the close frame (or the rejection) drain, within bounds.
+                with trio.move_on_after(_SLOW_CLOSE_GRACE, shield=True):
+                    await conn.wait_done()
+            except ConnectionClosed:
+                pass
+            finally:
+                self.connections.discard(conn)
+                nursery.cancel_scope.cancel()
+        conn.close_socket()
