@@ -1,0 +1,81 @@
+"""One measured window of a publish scenario, shared by fan-out, server cost and cluster."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+from _harness import LoadTracker, percentiles, saturated, sleep_with_progress, stalled
+
+if TYPE_CHECKING:
+    from _harness import Server
+    from _loadgen import LoadPool
+
+#: A step passes when at least this share of the expected deliveries arrived ...
+MIN_DELIVERED = 0.999
+#: ... and the 99th percentile latency stayed under this many milliseconds.
+MAX_P99_MS = 200.0
+
+
+def measure_step(
+    pool: LoadPool,
+    tracker: LoadTracker,
+    server: Server,
+    *,
+    step: int,
+    rate: float,
+    duration: float,
+    receivers: int,
+    publishers: list[int],
+    load_cpus: list[int] | None,
+    drain: float = 1.0,
+    size: int = 64,
+    description: str = "",
+) -> dict[str, Any]:
+    """Publish ``rate`` msg/s (split over the ``publishers`` workers) for ``duration`` s,
+    wait ``drain`` s for stragglers, and collect what the receivers saw.
+
+    Expected deliveries are ``sent * receivers``: every receiver is in the room and counted;
+    the publishers' own echoes are not measured.
+    """
+    server.check_alive()
+    tracker.mark()
+    cpu0 = server.cpu_seconds()
+    t0 = time.monotonic()
+    share = rate / len(publishers)
+    for i in publishers:
+        pool.send(i, "publish", {"step": step, "rate": share, "duration": duration, "size": size})
+    sleep_with_progress(duration, description or f"step {step}: {rate:g} msg/s")
+    sent = sum(r["sent"] for r in pool.wait(publishers, timeout=duration + 60))
+    time.sleep(drain)
+    wall = time.monotonic() - t0
+    cpu = server.cpu_seconds() - cpu0
+    got = tracker.collect([step])
+    expected = sent * receivers
+    result: dict[str, Any] = {
+        "step": step,
+        "rate": rate,
+        "duration_s": duration,
+        "sent": sent,
+        "expected": expected,
+        "delivered": got.delivered,
+        "delivered_frac": got.delivered / expected if expected else float("nan"),
+        "deliveries_per_s": got.delivered / duration,
+        **percentiles(got.hist),
+        "server_cpu_s": cpu,
+        "server_cpu_pct": 100 * cpu / wall,
+        "server_us_per_delivery": 1e6 * cpu / got.delivered if got.delivered else float("nan"),
+        "server_rss_mb": server.rss_bytes() / 2**20,
+        "load_cpu_pct": 100 * got.load_cpu / wall,
+        "load_lag_max_ms": got.lag_max * 1000,
+        "load_saturated": saturated(got, wall, load_cpus),
+        "load_stalled": stalled(got),
+        "acks": got.acks,
+        "unexpected_closes": got.unexpected_closes,
+        "errors": got.errors,
+        "open_clients": got.open,
+    }
+    result["passed"] = bool(
+        result["delivered_frac"] >= MIN_DELIVERED and result.get("p99_ms", 1e9) < MAX_P99_MS
+    )
+    return result
