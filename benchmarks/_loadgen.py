@@ -48,6 +48,7 @@ if TYPE_CHECKING:
 MARK = re.compile(rb"@@(\d+):(\d+)@@")
 ACK_CID = re.compile(rb'"cid":\s*"(c\d+)"')
 SIO_ACK = re.compile(rb"^43(\d+)")
+JOINED = re.compile(rb'"type":\s*"joined"')
 #: Latencies are recorded in microseconds, up to one minute.
 HIST_MAX_US = 60_000_000
 LAG_TICK = 0.05
@@ -104,7 +105,9 @@ class StepData:
 class WsConn(asyncio.Protocol):
     """One client connection; the parser and both dialects, no task of its own."""
 
-    def __init__(self, worker: _Worker, host: str, path: str, dialect: str, name: str) -> None:
+    def __init__(
+        self, worker: _Worker, host: str, path: str, dialect: str, name: str, room: str | None
+    ) -> None:
         self.worker = worker
         self.host = host
         self.path = path
@@ -119,7 +122,9 @@ class WsConn(asyncio.Protocol):
         self.expected_close = False
         self.node: str | None = None
         self.room: str | None = None
-        self.join_room: str | None = None
+        #: Set before the connection exists: the welcome may be read before
+        #: ``create_connection`` returns to its caller.
+        self.join_room = room
         #: Receivers record latencies; a pure publisher does not count its own echo.
         self.measure = True
         self.pending: dict[str, int] = {}
@@ -282,7 +287,7 @@ class WsConn(asyncio.Protocol):
                 self._write(
                     encode_frame(1, b'{"type":"join","room":"%s"}' % self.join_room.encode())
                 )
-            elif b'"joined"' in line:
+            elif JOINED.search(line):
                 self.room = self.join_room
                 self.ready.set_result(None)
                 return
@@ -393,11 +398,10 @@ class _Worker:
         loop = asyncio.get_running_loop()
         _, conn = await asyncio.wait_for(
             loop.create_connection(
-                lambda: WsConn(self, f"{host}:{port}", path, dialect, name), host, port
+                lambda: WsConn(self, f"{host}:{port}", path, dialect, name, room), host, port
             ),
             setup_timeout,
         )
-        conn.join_room = room
         try:
             await asyncio.wait_for(asyncio.shield(conn.ready), setup_timeout)
         except BaseException:

@@ -5,7 +5,14 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
-from _harness import LoadTracker, percentiles, saturated, sleep_with_progress, stalled
+from _harness import (
+    LoadTracker,
+    connect_clients,
+    percentiles,
+    saturated,
+    sleep_with_progress,
+    stalled,
+)
 
 if TYPE_CHECKING:
     from _harness import Server
@@ -79,3 +86,16 @@ def measure_step(
         result["delivered_frac"] >= MIN_DELIVERED and result.get("p99_ms", 1e9) < MAX_P99_MS
     )
     return result
+
+
+def setup_room(pool: LoadPool, server: Server, receivers: int, room: str = "bench") -> None:
+    """Receivers on workers 1.., one publisher (not measured) on worker 0, all in ``room``."""
+    connect_clients(pool, server, receivers, "r", [room], indices=list(range(1, len(pool))))
+    connect_clients(pool, server, 1, "pub", [room], indices=[0], measure=False)
+
+
+def idle_cpu(server: Server, seconds: float = 2.0) -> float:
+    """The server's CPU share (percent of one core) while nothing is sent."""
+    cpu0 = server.cpu_seconds()
+    time.sleep(seconds)
+    return 100 * (server.cpu_seconds() - cpu0) / seconds
