@@ -73,6 +73,8 @@
   /** room name -> room state; the Map's order is the sidebar order. */
   const rooms = new Map();
   let current = null;
+  /** The room whose "joined" should move the focus to the message box (the user opened it). */
+  let focusOnJoin = null;
   /** Unacked sends, oldest first: {cid, room, text}. */
   let outbox = store.get("outbox", []);
   /** cid -> the <li> shown for a send not yet seen back from the server. */
@@ -306,6 +308,7 @@
     }
     const isNew = !rooms.has(room);
     showRoom(room);
+    if (!rooms.get(room).joined) focusOnJoin = room; // the box gets focus once joined
     if (isNew || !rooms.get(room).joined) sendJoin(rooms.get(room));
     if (location.hash.slice(1) !== encodeURIComponent(room)) {
       history.replaceState(null, "", "#" + encodeURIComponent(room));
@@ -515,7 +518,8 @@
           renderMembers();
           renderLoadOlder();
           scrollToBottom();
-          if (!el.nameDialog.open && document.activeElement !== el.joinInput) el.text.focus();
+          if (focusOnJoin === f.room && !el.nameDialog.open) el.text.focus();
+          focusOnJoin = null;
         }
         flushOutbox(f.room);
         break;
@@ -631,6 +635,14 @@
     send({ type: "history", room: current, before: r.ids[0], limit: HISTORY_PAGE });
   });
 
+  // Back on the network: do not wait out the backoff.
+  window.addEventListener("online", () => {
+    if (reconnectTimer === null) return;
+    clearTimeout(reconnectTimer);
+    attempt = 0;
+    connect();
+  });
+
   window.addEventListener("hashchange", () => {
     const room = hashRoom();
     if (room && room !== current) openRoom(room);
@@ -691,6 +703,7 @@
     const first = ROOM_RE.test(fromHash) ? fromHash : saved.find((x) => ROOM_RE.test(x)) || "general";
     roomState(first);
     showRoom(first);
+    focusOnJoin = first;
     if (!location.hash) history.replaceState(null, "", "#" + encodeURIComponent(first));
     // Sends left unacked by a previous visit go out again once their room is joined.
     for (const o of outbox) {

@@ -1,0 +1,500 @@
+"""The page in a real browser: Debian's Chromium driven by Playwright (sync API).
+
+The server is a real ``hypercorn trio_chat:app`` subprocess on free 127.0.0.1 ports. Every
+scenario runs twice: over the chat socket (the port named by /api/config) and over the
+``/ws`` fallback on hypercorn's own port (``?transport=fallback``). Screenshots go to
+``test-output/``. Nothing sleeps to wait: Playwright's ``expect`` polls with a deadline.
+
+Without /usr/bin/chromium these tests skip, except in CI (``CI`` set), where they fail.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import httpx
+import pytest
+import trio
+from trio_websocket import open_websocket_url
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from playwright.sync_api import Browser, Page, WebSocketRoute
+
+pytestmark = pytest.mark.slow
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+BIN = Path(sys.executable).parent
+OUTPUT = Path(__file__).resolve().parent.parent / "test-output"
+READY_TIMEOUT = 20.0
+#: Upper bound for any single wait in the page (Playwright actions and expectations).
+STEP_TIMEOUT_MS = 15_000
+
+
+# --------------------------------------------------------------------------- server process
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Server:
+    """``hypercorn trio_chat:app`` as a subprocess that can be stopped and started again."""
+
+    def __init__(self, data_dir: Path, log_path: Path, env: dict[str, str]) -> None:
+        self.data_dir = data_dir
+        self.log_path = log_path
+        self.extra_env = env
+        self.http_port = _free_port()
+        self.ws_port = _free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def chat_url(self) -> str:
+        return f"ws://127.0.0.1:{self.ws_port}/ws"
+
+    def start(self) -> None:
+        env = {
+            **os.environ,
+            "TRIO_CHAT_WS_BIND": f"127.0.0.1:{self.ws_port}",
+            "TRIO_CHAT_DATA_DIR": str(self.data_dir),
+            "TRIO_CHAT_CLUSTER": "off",
+            **self.extra_env,
+        }
+        args = [str(BIN / "hypercorn"), "trio_chat:app", "--worker-class", "trio"]
+        args += ["--bind", f"127.0.0.1:{self.http_port}"]
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + READY_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                pytest.fail(f"server exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                ok = httpx.get(self.base + "/healthz", timeout=1.0).status_code == 200
+                with socket.create_connection(("127.0.0.1", self.ws_port), timeout=1.0):
+                    pass
+            except (httpx.HTTPError, OSError):
+                ok = False
+            if ok:
+                return
+            time.sleep(0.05)  # poll interval, bounded by the deadline
+        pytest.fail(f"server not ready after {READY_TIMEOUT}s:\n{self.log()}")
+
+    def stop(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            pytest.fail(f"server did not exit within 15s of SIGTERM:\n{self.log()}")
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-4000:]
+        except OSError:
+            return "(no log)"
+
+    def stored(self, room: str) -> list[dict[str, Any]]:
+        resp = httpx.get(f"{self.base}/api/rooms/{room}/messages", params={"limit": 200})
+        resp.raise_for_status()
+        messages: list[dict[str, Any]] = resp.json()["messages"]
+        return messages
+
+
+def _make_server(tmp_path: Path, **env: str) -> Iterator[Server]:
+    srv = Server(tmp_path / "data", tmp_path / "server.log", env)
+    srv.start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[Server]:
+    yield from _make_server(tmp_path)
+
+
+@pytest.fixture
+def unlimited_server(tmp_path: Path) -> Iterator[Server]:
+    yield from _make_server(tmp_path, TRIO_CHAT_RATE_LIMIT="0")
+
+
+def send_as(url: str, name: str, room: str, texts: list[str]) -> None:
+    """Send ``texts`` to ``room`` from a trio-websocket client, waiting for every ack."""
+
+    async def main() -> None:
+        with trio.fail_after(20):
+            async with open_websocket_url(f"{url}?name={name}") as ws:
+                await ws.send_message(json.dumps({"type": "join", "room": room}))
+                for i, text in enumerate(texts):
+                    frame = {"type": "send", "room": room, "text": text, "cid": f"{name}-{i}"}
+                    await ws.send_message(json.dumps(frame))
+                waiting = {f"{name}-{i}" for i in range(len(texts))}
+                while waiting:
+                    for line in str(await ws.get_message()).split("\n"):
+                        event = json.loads(line)
+                        assert event["type"] != "error", event
+                        if event["type"] == "ack":
+                            waiting.discard(event["cid"])
+
+    trio.run(main)
+
+
+# --------------------------------------------------------------------------- browser
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    if not CHROMIUM.exists():
+        why = f"{CHROMIUM} not found: install it with `make browsers` (apt-get install chromium)"
+        if os.environ.get("CI"):
+            pytest.fail(why)
+        pytest.skip(why)
+    from playwright.sync_api import expect, sync_playwright
+
+    expect.set_options(timeout=STEP_TIMEOUT_MS)
+    OUTPUT.mkdir(exist_ok=True)
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+@pytest.fixture(params=["chat", "fallback"])
+def transport(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+class Pages:
+    """Opens pages in fresh browser contexts (one user each) and closes them at the end."""
+
+    def __init__(self, browser: Browser, transport: str) -> None:
+        self.browser = browser
+        self.transport = transport
+        self.contexts: list[Any] = []
+        self.errors: list[str] = []
+
+    def open(
+        self,
+        server: Server,
+        name: str,
+        room: str = "general",
+        *,
+        width: int = 1100,
+        height: int = 700,
+        wait_joined: bool = True,
+    ) -> Page:
+        ctx = self.browser.new_context(viewport={"width": width, "height": height})
+        ctx.set_default_timeout(STEP_TIMEOUT_MS)
+        self.contexts.append(ctx)
+        page = ctx.new_page()
+        page.on("pageerror", lambda exc: self.errors.append(f"{name}: {exc}"))
+        query = f"?name={name}" + ("&transport=fallback" if self.transport == "fallback" else "")
+        page.goto(f"{server.base}/{query}#{room}")
+        if wait_joined:
+            wait_online(page, self.transport)
+            expect_focus_on_message_box(page)
+        return page
+
+    def close(self) -> None:
+        for ctx in self.contexts:
+            ctx.close()
+
+
+@pytest.fixture
+def pages(browser: Browser, transport: str) -> Iterator[Pages]:
+    p = Pages(browser, transport)
+    try:
+        yield p
+    finally:
+        p.close()
+    assert not p.errors, p.errors
+
+
+def wait_online(page: Page, transport: str) -> None:
+    from playwright.sync_api import expect
+
+    status = page.locator("#status")
+    expect(status).to_have_attribute("data-state", "online")
+    expect(status).to_have_attribute("data-transport", transport)
+
+
+def expect_focus_on_message_box(page: Page) -> None:
+    from playwright.sync_api import expect
+
+    expect(page.locator("#text")).to_be_focused()
+
+
+def say(page: Page, text: str) -> None:
+    page.locator("#text").fill(text)
+    page.keyboard.press("Enter")
+
+
+def messages(page: Page, room: str = "general") -> Any:
+    return page.locator(f'.log[data-room="{room}"] li.msg')
+
+
+def message_with(page: Page, text: str, room: str = "general") -> Any:
+    return messages(page, room).filter(has=page.locator(".text", has_text=text))
+
+
+def shot(page: Page, name: str, transport: str) -> None:
+    page.screenshot(path=str(OUTPUT / f"{name}-{transport}.png"))
+
+
+# --------------------------------------------------------------------------- scenarios
+
+
+def test_two_users_chat_with_presence_and_typing(
+    pages: Pages, server: Server, transport: str
+) -> None:
+    from playwright.sync_api import expect
+
+    alice = pages.open(server, "alice")
+    bob = pages.open(server, "bob")
+
+    expect(alice.locator("#member-list li")).to_have_text(["alice (you)", "bob"])
+    expect(bob.locator("#member-list li")).to_have_text(["alice", "bob (you)"])
+    expect(alice.locator(".log li.system", has_text="bob joined")).to_have_count(1)
+
+    say(alice, "hello bob")
+    msg = message_with(bob, "hello bob")
+    expect(msg).to_have_count(1)
+    expect(msg.locator(".from")).to_have_text("alice")
+    expect(msg.locator("time")).to_have_text(re.compile(r"\d\d:\d\d"))
+    expect(message_with(alice, "hello bob")).not_to_have_class("pending")
+
+    bob.locator("#text").press_sequentially("hi al")
+    expect(alice.locator("#typing")).to_have_text("bob is typing…")
+    bob.keyboard.press("Enter")
+    expect(message_with(alice, "hi al")).to_have_count(1)
+    expect(alice.locator("#typing")).to_have_text("")  # a message ends the typing notice
+    expect(messages(alice)).to_have_count(2)
+    shot(alice, "two-users", transport)
+
+    bob.context.close()
+    pages.contexts.remove(bob.context)
+    expect(alice.locator("#member-list li")).to_have_text(["alice (you)"])
+    expect(alice.locator(".log li.system", has_text="bob left")).to_have_count(1)
+
+
+def test_rooms_are_separate_with_unread_counts_and_keyboard(
+    pages: Pages, server: Server, transport: str
+) -> None:
+    from playwright.sync_api import expect
+
+    alice = pages.open(server, "alice")
+    bob = pages.open(server, "bob")
+    carol = pages.open(server, "carol", "random")
+    expect(carol.locator("#room-title")).to_have_text("#random")
+
+    say(carol, "only for random")
+    say(alice, "only for general")
+    expect(message_with(bob, "only for general")).to_have_count(1)
+    expect(message_with(carol, "only for random", "random")).to_have_count(1)
+    expect(carol.locator("#member-list li")).to_have_text(["carol (you)"])
+    # Carol's page knows nothing of #general: it was never joined.
+    expect(carol.locator('.log[data-room="general"]')).to_have_count(0)
+    expect(messages(bob)).to_have_count(1)
+
+    # Alice joins #random with the keyboard only: Tab to the join box, type, Enter.
+    alice.locator("#join-input").focus()
+    alice.keyboard.type("random")
+    alice.keyboard.press("Enter")
+    expect(alice.locator("#room-title")).to_have_text("#random")
+    expect(alice).to_have_url(f"{server.base}/?name=alice" + _q(transport) + "#random")
+    expect(message_with(alice, "only for random", "random")).to_have_count(1)  # history
+    expect_focus_on_message_box(alice)
+    expect(carol.locator("#member-list li")).to_have_text(["alice", "carol (you)"])
+
+    # While alice reads #random, #general counts what she has not seen.
+    say(bob, "unread one")
+    say(bob, "unread two")
+    general = alice.locator('#room-list li[data-room="general"] .unread')
+    expect(general).to_have_text("2")
+    expect(message_with(carol, "unread", "random")).to_have_count(0)
+    shot(alice, "unread", transport)
+
+    alice.keyboard.press("Alt+ArrowUp")
+    expect(alice.locator("#room-title")).to_have_text("#general")
+    expect(general).to_have_count(0)
+    expect(message_with(alice, "unread two")).to_be_visible()
+
+    # Leaving a room tells its members.
+    alice.locator('#room-list li[data-room="random"] .leave').click()
+    expect(carol.locator("#member-list li")).to_have_text(["carol (you)"])
+    expect(alice.locator('#room-list li[data-room="random"]')).to_have_count(0)
+
+
+def test_html_is_shown_literally(pages: Pages, server: Server, transport: str) -> None:
+    from playwright.sync_api import expect
+
+    alice = pages.open(server, "alice")
+    bob = pages.open(server, "bob")
+    evil = '<script>window.__pwned = 1</script><b>bold</b><img src=x onerror="window.__pwned=2">'
+    say(alice, evil)
+    msg = message_with(bob, "<script>")
+    expect(msg).to_have_count(1)
+    expect(msg.locator(".text")).to_have_text(evil)
+    assert msg.locator(".text").inner_html() != evil  # escaped, not parsed
+    assert bob.locator(".log b, .log img, .log script").count() == 0
+    assert bob.evaluate("window.__pwned") is None
+    assert alice.evaluate("window.__pwned") is None
+
+
+def test_phone_width_layout(pages: Pages, server: Server, transport: str) -> None:
+    from playwright.sync_api import expect
+
+    alice = pages.open(server, "alice", width=375, height=667)
+    bob = pages.open(server, "bob")
+    say(bob, "a-very-long-word-without-any-spaces-" * 6)
+    say(bob, "a short one")
+    expect(message_with(alice, "a short one")).to_be_visible()
+    say(alice, "typed on a phone")
+    expect(message_with(bob, "typed on a phone")).to_have_count(1)
+
+    width = alice.evaluate("document.documentElement.scrollWidth")
+    assert width <= 375, f"horizontal scroll: content is {width}px wide"
+    for selector in ("#text", "#send-form button", "#status", ".room-link"):
+        box = alice.locator(selector).first.bounding_box()
+        assert box is not None, selector
+        assert box["x"] >= 0, selector
+        assert box["x"] + box["width"] <= 375, selector
+        assert box["y"] + box["height"] <= 667, selector
+    shot(alice, "phone", transport)
+
+
+def test_server_restart_page_resumes_exactly_once(
+    pages: Pages, server: Server, transport: str
+) -> None:
+    from playwright.sync_api import expect
+
+    alice = pages.open(server, "alice")
+    bob = pages.open(server, "bob")
+    say(alice, "before the restart")
+    expect(message_with(bob, "before the restart")).to_have_count(1)
+
+    server.stop()
+    status = alice.locator("#status")
+    expect(status).to_have_attribute("data-state", "reconnecting")
+    expect(status).to_contain_text("reconnecting…")
+    shot(alice, "reconnecting", transport)
+    # Keep alice off the network until bob has talked, so she must catch up by resuming.
+    alice.context.set_offline(True)
+    say(alice, "typed while offline")
+    expect(message_with(alice, "typed while offline")).to_have_class(re.compile(r"\bpending\b"))
+
+    server.start()
+    wait_online(bob, transport)
+    expect(bob.locator("#member-list li")).to_have_text(["bob (you)"])
+    missed = ["missed one", "missed two", "missed three"]
+    send_as(server.chat_url, "carol", "general", missed)
+    for text in missed:
+        expect(message_with(bob, text)).to_have_count(1)
+    expect(status).not_to_have_attribute("data-state", "online")
+
+    alice.context.set_offline(False)
+    wait_online(alice, transport)
+    for text in missed:
+        expect(message_with(alice, text)).to_have_count(1)
+    expect(message_with(alice, "typed while offline")).to_have_count(1)
+    expect(alice.locator(".log li.pending")).to_have_count(0)
+    expect(message_with(bob, "typed while offline")).to_have_count(1)
+    expect(message_with(alice, "before the restart")).to_have_count(1)
+    expect(messages(alice)).to_have_count(5)
+    ids = alice.eval_on_selector_all(".log li.msg", "els => els.map(e => e.dataset.id)")
+    assert len(ids) == len(set(ids)) == 5
+    assert ids == sorted(ids)
+    stored = [m["text"] for m in server.stored("general")]
+    assert stored.count("typed while offline") == 1
+    shot(alice, "resumed", transport)
+
+
+def test_load_older_pages_back_through_history(
+    pages: Pages, unlimited_server: Server, transport: str
+) -> None:
+    from playwright.sync_api import expect
+
+    texts = [f"old message {i:03d}" for i in range(120)]
+    send_as(unlimited_server.chat_url, "writer", "general", texts)
+    alice = pages.open(unlimited_server, "alice")
+    expect(messages(alice)).to_have_count(50)
+    expect(messages(alice).last.locator(".text")).to_have_text("old message 119")
+    older = alice.locator("#load-older")
+    older.focus()
+    alice.keyboard.press("Enter")
+    expect(messages(alice)).to_have_count(100)
+    older.click()
+    expect(messages(alice)).to_have_count(120)
+    expect(messages(alice).first.locator(".text")).to_have_text("old message 000")
+    expect(older).to_be_hidden()
+
+
+def test_slow_disconnect_is_shown_then_recovers(
+    pages: Pages, server: Server, transport: str
+) -> None:
+    from playwright.sync_api import expect
+
+    # The first connection is closed with 4008 "slow", as the server does to a client
+    # that cannot keep up; later ones go to the real server.
+    connections: list[str] = []
+
+    def route(ws: WebSocketRoute) -> None:
+        connections.append(ws.url)
+        if len(connections) == 1:
+            welcome = {"type": "welcome", "name": "alice", "node": "test"}
+            ws.send(json.dumps(welcome))
+            ws.close(code=4008, reason="slow")
+        else:
+            ws.connect_to_server()
+
+    ctx = pages.browser.new_context()
+    pages.contexts.append(ctx)
+    page = ctx.new_page()
+    page.route_web_socket("**/ws?*", route)
+    page.clock.install()  # the reconnect delay runs on a fake clock we advance
+    query = "?name=alice" + _q(transport)
+    page.goto(f"{server.base}/{query}#general")
+    status = page.locator("#status")
+    expect(status).to_have_attribute("data-state", "slow")
+    expect(status).to_contain_text("too slow")
+    shot(page, "slow", transport)
+    page.clock.run_for(2000)
+    wait_online(page, transport)
+    assert len(connections) == 2
+
+
+def _q(transport: str) -> str:
+    return "&transport=fallback" if transport == "fallback" else ""
