@@ -29,6 +29,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import trio
 from trio_websocket import (
+    CloseReason,
     ConnectionClosed,
     HandshakeError,
     WebSocketConnection,
@@ -263,11 +264,9 @@ class ChatClient:
                     disconnect_timeout=CLOSE_TIMEOUT,
                 ) as ws:
                     attempt = 0
-                    try:
-                        await self._session(ws)
-                    except ConnectionClosed as exc:
-                        if exc.reason is not None:
-                            code, reason = exc.reason.code, exc.reason.reason or ""
+                    closed = await self._session(ws)
+                    if closed is not None:
+                        code, reason = closed.code, closed.reason or ""
             except (HandshakeError, OSError, ConnectionClosed) as exc:
                 reason = reason or type(exc).__name__
             self._went_offline()
@@ -283,21 +282,27 @@ class ChatClient:
             attempt += 1
             await trio.sleep(delay)
 
-    async def _session(self, ws: WebSocketConnection) -> None:
+    async def _session(self, ws: WebSocketConnection) -> CloseReason | None:
+        """Serve one connection until it closes; return why it closed."""
         self._ws = ws
         last_frame = [time.monotonic()]
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._keepalive, ws, last_frame)
                 nursery.start_soon(self._retry_unacked, ws)
-                while True:
-                    data = await ws.get_message()
-                    last_frame[0] = time.monotonic()
-                    if isinstance(data, bytes):
-                        continue
-                    for line in data.split("\n"):
-                        if line:
-                            await self._handle_line(ws, line)
+                try:
+                    while True:
+                        data = await ws.get_message()
+                        last_frame[0] = time.monotonic()
+                        if isinstance(data, bytes):
+                            continue
+                        for line in data.split("\n"):
+                            if line:
+                                await self._handle_line(ws, line)
+                except ConnectionClosed as exc:
+                    # Caught inside the nursery, so it does not come out as a group.
+                    nursery.cancel_scope.cancel()
+                    return exc.reason
         finally:
             self._ws = None
 
@@ -395,13 +400,16 @@ class ChatClient:
                     continue
                 if line.startswith("/") and not line.startswith("//"):
                     if not await self._command(line):
-                        await self._close()
-                        return
+                        break
                 else:
                     await self._queue_send(line[1:] if line.startswith("//") else line)
-        # End of input: give unacked sends a chance to reach the server, then leave.
-        with trio.move_on_after(EOF_DRAIN_TIMEOUT):
-            await self._outbox_empty.wait()
+        # /quit or end of input: give unacked sends a chance to reach the server, then leave.
+        if self._outbox:
+            self._say(f"* sending {len(self._outbox)} queued message(s) first (Ctrl-C quits now)")
+            with trio.move_on_after(EOF_DRAIN_TIMEOUT):
+                await self._outbox_empty.wait()
+            if self._outbox:
+                self._say(f"! {len(self._outbox)} message(s) not sent")
         await self._close()
 
     async def _command(self, line: str) -> bool:

@@ -1,0 +1,311 @@
+"""The terminal client (``trio-chat client``) as real processes against a real server.
+
+Each test starts hypercorn as a subprocess on free 127.0.0.1 ports with its own data
+directory, and ``trio-chat client`` processes with piped stdin/stdout. Nothing sleeps to
+wait: the tests wait for output lines, or poll with a deadline.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import httpx
+import pytest
+import trio
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Iterator
+
+pytestmark = pytest.mark.slow
+
+BIN = Path(sys.executable).parent
+READY_TIMEOUT = 20.0
+LINE_TIMEOUT = 15.0
+
+
+# --------------------------------------------------------------------------- server process
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Server:
+    """``hypercorn trio_chat:app`` as a subprocess that can be stopped and started again."""
+
+    def __init__(self, data_dir: Path, log_path: Path) -> None:
+        self.data_dir = data_dir
+        self.log_path = log_path
+        self.http_port = _free_port()
+        self.ws_port = _free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def chat_url(self) -> str:
+        return f"ws://127.0.0.1:{self.ws_port}/ws"
+
+    @property
+    def fallback_url(self) -> str:
+        return f"ws://127.0.0.1:{self.http_port}/ws"
+
+    def start(self) -> None:
+        env = {
+            **os.environ,
+            "TRIO_CHAT_WS_BIND": f"127.0.0.1:{self.ws_port}",
+            "TRIO_CHAT_DATA_DIR": str(self.data_dir),
+            "TRIO_CHAT_CLUSTER": "off",
+        }
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [
+                    str(BIN / "hypercorn"),
+                    "trio_chat:app",
+                    "--worker-class",
+                    "trio",
+                    "--bind",
+                    f"127.0.0.1:{self.http_port}",
+                ],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        self._wait_ready()
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + READY_TIMEOUT
+        while time.monotonic() < deadline:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                pytest.fail(f"server exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                ok = httpx.get(self.base + "/healthz", timeout=1.0).status_code == 200
+                with socket.create_connection(("127.0.0.1", self.ws_port), timeout=1.0):
+                    pass
+            except (httpx.HTTPError, OSError):
+                ok = False
+            if ok:
+                return
+            time.sleep(0.05)  # poll interval, bounded by the deadline
+        pytest.fail(f"server not ready after {READY_TIMEOUT}s:\n{self.log()}")
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        proc, self.proc = self.proc, None
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+                pytest.fail(f"server did not exit within 15s of SIGTERM:\n{self.log()}")
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-4000:]
+        except OSError:
+            return "(no log)"
+
+    def stored_texts(self, room: str) -> list[str]:
+        resp = httpx.get(f"{self.base}/api/rooms/{room}/messages", params={"limit": 200})
+        resp.raise_for_status()
+        return [m["text"] for m in resp.json()["messages"]]
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[Server]:
+    srv = Server(tmp_path / "data", tmp_path / "server.log")
+    srv.start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+# --------------------------------------------------------------------------- client process
+
+
+class Client:
+    """A ``trio-chat client`` process; lines go to its stdin, output is read line by line."""
+
+    def __init__(self, proc: trio.Process, name: str) -> None:
+        self.proc = proc
+        self.name = name
+        self.lines: list[str] = []
+        self._buffer = b""
+        self._seen = 0
+
+    async def say(self, line: str) -> None:
+        assert self.proc.stdin is not None
+        await self.proc.stdin.send_all(line.encode() + b"\n")
+
+    async def expect(self, pattern: str) -> str:
+        """Return the next output line (after the last one matched) matching ``pattern``."""
+        rx = re.compile(pattern)
+        with trio.move_on_after(LINE_TIMEOUT):
+            while True:
+                while self._seen < len(self.lines):
+                    line = self.lines[self._seen]
+                    self._seen += 1
+                    if rx.search(line):
+                        return line
+                await self._read_more()
+        pytest.fail(f"{self.name}: no line matching {pattern!r}; output:\n" + self.output())
+
+    async def _read_more(self) -> None:
+        assert self.proc.stdout is not None
+        data = await self.proc.stdout.receive_some(65536)
+        if not data:
+            pytest.fail(f"{self.name}: output ended; output:\n" + self.output())
+        self._buffer += data
+        *complete, self._buffer = self._buffer.split(b"\n")
+        self.lines.extend(x.decode(errors="replace") for x in complete)
+
+    def count(self, pattern: str) -> int:
+        rx = re.compile(pattern)
+        return sum(1 for line in self.lines if rx.search(line))
+
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+
+@pytest.fixture
+async def clients() -> AsyncIterator[list[Client]]:
+    started: list[Client] = []
+    yield started
+    for c in started:
+        if c.proc.returncode is None:
+            c.proc.kill()
+        with trio.move_on_after(5, shield=True):
+            await c.proc.wait()
+
+
+async def start_client(
+    clients: list[Client], url: str, name: str, *rooms: str, stdin: int = subprocess.PIPE
+) -> Client:
+    args = [str(BIN / "trio-chat"), "client", url, "--name", name, "--max-backoff", "1"]
+    for room in rooms:
+        args += ["--room", room]
+    proc = await trio.lowlevel.open_process(
+        args,
+        stdin=stdin,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    client = Client(proc, name)
+    clients.append(client)
+    return client
+
+
+# --------------------------------------------------------------------------- tests
+
+
+@pytest.mark.parametrize("transport", ["chat", "fallback"])
+async def test_two_clients_chat_join_leave_quit(
+    server: Server, clients: list[Client], transport: str
+) -> None:
+    url = server.chat_url if transport == "chat" else server.fallback_url
+    with trio.fail_after(60):
+        alice = await start_client(clients, url, "alice", "general")
+        await alice.expect(r"^\* joined #general")
+        bob = await start_client(clients, url, "bob", "general")
+        await bob.expect(r"^\* joined #general: .*alice")
+        await alice.expect(r"#general: bob joined")
+
+        await alice.say("hello from alice")
+        await bob.expect(r"#general <alice> hello from alice$")
+        await bob.say("hi alice, bob here")
+        await alice.expect(r"#general <bob> hi alice, bob here$")
+
+        # /join switches the current room; the client stays in #general too.
+        await alice.say("/join random")
+        await alice.expect(r"^\* joined #random")
+        await alice.say("/rooms")
+        await alice.expect(r"^\* rooms: #general \*#random$")
+        await alice.say("only in random")
+        await alice.expect(r"#random <alice> only in random$")
+        await bob.say("still general")
+        await alice.expect(r"#general <bob> still general$")
+        await bob.expect(r"#general <bob> still general$")
+        assert bob.count("only in random") == 0
+
+        await alice.say("/leave random")
+        await alice.expect(r"^\* left #random; now in #general$")
+        await alice.say("/quit")
+        with trio.fail_after(10):
+            assert await alice.proc.wait() == 0
+        await bob.expect(r"#general: alice left")
+        assert bob.count("hello from alice") == 1
+
+
+async def test_client_resumes_after_server_restart(server: Server, clients: list[Client]) -> None:
+    with trio.fail_after(90):
+        alice = await start_client(clients, server.chat_url, "alice", "general")
+        await alice.expect(r"^\* joined #general")
+        bob = await start_client(clients, server.chat_url, "bob", "general")
+        await bob.expect(r"^\* joined #general")
+        await alice.say("before restart")
+        await bob.expect(r"<alice> before restart$")
+
+        # Bob is frozen through the restart: what alice sends meanwhile reaches him only
+        # through the resume (join with `since`).
+        bob.proc.send_signal(signal.SIGSTOP)
+        try:
+            await trio.to_thread.run_sync(server.stop)
+            await alice.expect(r"^\* disconnected")
+            await alice.say("typed while the server was down")
+            await alice.expect(r"^\* offline: queued for #general")
+            await trio.to_thread.run_sync(server.start)
+            await alice.expect(r"^\* connected as alice")
+            await alice.expect(r"<alice> typed while the server was down$")
+            await alice.say("after restart")
+            await alice.expect(r"<alice> after restart$")
+        finally:
+            bob.proc.send_signal(signal.SIGCONT)
+
+        await bob.expect(r"^\* connected as bob")
+        await bob.expect(r"<alice> typed while the server was down$")
+        await bob.expect(r"<alice> after restart$")
+        await bob.say("bob is back")
+        await alice.expect(r"<bob> bob is back$")
+        await bob.expect(r"<bob> bob is back$")
+
+        for text in ("before restart", "typed while the server was down", "after restart"):
+            assert bob.count(re.escape(text) + "$") == 1, bob.output()
+            assert alice.count(re.escape(text) + "$") == 1, alice.output()
+        stored = await trio.to_thread.run_sync(server.stored_texts, "general")
+        assert stored.count("typed while the server was down") == 1
+        assert stored.count("before restart") == 1
+
+
+async def test_piped_stdin_sends_then_exits_at_eof(
+    server: Server, clients: list[Client], tmp_path: Path
+) -> None:
+    with trio.fail_after(60):
+        watcher = await start_client(clients, server.chat_url, "watcher", "lobby")
+        await watcher.expect(r"^\* joined #lobby")
+        script = tmp_path / "lines.txt"
+        script.write_text("first piped line\n<b>second</b> & more\n")
+        with script.open("rb") as f:
+            piper = await start_client(clients, server.chat_url, "piper", "lobby", stdin=f.fileno())
+        await watcher.expect(r"<piper> first piped line$")
+        await watcher.expect(r"<piper> <b>second</b> & more$")
+        with trio.fail_after(15):
+            assert await piper.proc.wait() == 0
+        await piper.expect(r"<piper> <b>second</b> & more$")
