@@ -426,6 +426,8 @@ class Collected:
     unexpected_closes: int
     errors: list[str]
     per_worker_cpu: list[float]
+    #: Deliveries and latency histogram per load worker (to split receivers into groups).
+    per_worker: list[tuple[int, HdrHistogram]]
 
 
 class LoadTracker:
@@ -444,10 +446,16 @@ class LoadTracker:
         hist = new_histogram()
         ack_hist = new_histogram()
         delivered = acks = 0
+        per_worker: list[tuple[int, HdrHistogram]] = []
         for r in replies:
+            mine = new_histogram()
+            count = 0
             for s in r["steps"].values():
-                delivered += s["count"]
-                decode_hist_into(hist, s["hist"])
+                count += s["count"]
+                decode_hist_into(mine, s["hist"])
+            delivered += count
+            hist.add(mine)
+            per_worker.append((count, mine))
             acks += r["acks"]["count"]
             decode_hist_into(ack_hist, r["acks"]["hist"])
         cpu = [r["cpu"] for r in replies]
@@ -465,6 +473,7 @@ class LoadTracker:
             unexpected_closes=sum(r["unexpected_closes"] for r in replies),
             errors=errors,
             per_worker_cpu=[c - p for c, p in zip(cpu, prev, strict=True)],
+            per_worker=per_worker,
         )
 
 

@@ -8,11 +8,13 @@ from typing import TYPE_CHECKING, Any
 from _harness import (
     LoadTracker,
     connect_clients,
+    console,
     percentiles,
     saturated,
     sleep_with_progress,
     stalled,
 )
+from _loadgen import new_histogram
 
 if TYPE_CHECKING:
     from _harness import Server
@@ -38,6 +40,7 @@ def measure_step(
     drain: float = 1.0,
     size: int = 64,
     description: str = "",
+    groups: dict[str, tuple[list[int], int]] | None = None,
 ) -> dict[str, Any]:
     """Publish ``rate`` msg/s (split over the ``publishers`` workers) for ``duration`` s,
     wait ``drain`` s for stragglers, and collect what the receivers saw.
@@ -82,6 +85,20 @@ def measure_step(
         "errors": got.errors,
         "open_clients": got.open,
     }
+    for name, (workers, count) in (groups or {}).items():
+        h = new_histogram()
+        n = 0
+        for i in workers:
+            n += got.per_worker[i][0]
+            h.add(got.per_worker[i][1])
+        result[name] = {
+            "receivers": count,
+            "delivered": n,
+            "delivered_frac": n / (sent * count) if sent * count else float("nan"),
+            **percentiles(h),
+        }
+    if got.errors:
+        console.print(f"[red]clients got errors: {got.errors[:3]}[/]")
     result["passed"] = bool(
         result["delivered_frac"] >= MIN_DELIVERED and result.get("p99_ms", 1e9) < MAX_P99_MS
     )
