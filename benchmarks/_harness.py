@@ -502,8 +502,13 @@ def connect_clients(
     indices: list[int] | None = None,
     measure: bool = True,
     node_quota: list[dict[str, int]] | None = None,
+    distinct_rooms: bool = False,
 ) -> list[dict[str, Any]]:
-    """Open ``count`` clients spread over the given load workers, with a progress bar."""
+    """Open ``count`` clients spread over the given load workers, with a progress bar.
+
+    Clients join ``rooms`` round-robin; with ``distinct_rooms`` each worker gets its own
+    copies of the rooms (so one room per client across the whole pool).
+    """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
     idx = list(range(len(pool))) if indices is None else indices
@@ -515,7 +520,7 @@ def connect_clients(
             "dialect": server.dialect,
             "count": n,
             "prefix": prefix,
-            "rooms": rooms,
+            "rooms": [f"{r}-w{k}" for r in rooms] if rooms and distinct_rooms else rooms,
             "measure": measure,
             "node_quota": node_quota[k] if node_quota else None,
         }

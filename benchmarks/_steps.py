@@ -116,3 +116,64 @@ def idle_cpu(server: Server, seconds: float = 2.0) -> float:
     cpu0 = server.cpu_seconds()
     time.sleep(seconds)
     return 100 * (server.cpu_seconds() - cpu0) / seconds
+
+
+def rates(start: float, factor: float, steps: int) -> list[float]:
+    return [round(start * factor**k, 1) for k in range(steps)]
+
+
+def ramp(
+    pool: LoadPool,
+    tracker: LoadTracker,
+    server: Server,
+    *,
+    rates: list[float],
+    seconds: float,
+    max_minutes: float,
+    common: dict[str, Any],
+    what: str,
+) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    """Step the publish rate up until a step fails (one retry when the load generator was
+    stalled by the machine), the load generator saturates, or the time bound is used up.
+
+    Returns every step and the best passing one.
+    """
+    steps: list[dict[str, Any]] = []
+    best: dict[str, Any] | None = None
+    deadline = time.monotonic() + max_minutes * 60
+    for k, rate in enumerate(rates):
+        if time.monotonic() > deadline:
+            console.print("[yellow]time budget of the ramp used up; stopping[/]")
+            break
+        for attempt in range(2):
+            r = measure_step(
+                pool,
+                tracker,
+                server,
+                step=10 + 2 * k + attempt,
+                rate=rate,
+                duration=seconds,
+                **common,
+                description=f"{what}, ramp {rate:g} msg/s",
+            )
+            if r["passed"] or not r["load_stalled"] or r["unexpected_closes"]:
+                break
+            console.print(f"  {rate:g} msg/s failed while the load generator stalled; again")
+        steps.append(r)
+        console.print(
+            f"  {rate:>8g} msg/s: {r['deliveries_per_s']:>10,.0f} deliveries/s, "
+            f"{100 * r['delivered_frac']:.2f}% arrived, p99 {r['p99_ms']:.1f} ms, "
+            f"server CPU {r['server_cpu_pct']:.0f}%, load CPU {r['load_cpu_pct']:.0f}%"
+            + (" [red]load saturated[/]" if r["load_saturated"] else "")
+            + (" [yellow]load stalled[/]" if r["load_stalled"] else "")
+            + (f" [red]{r['unexpected_closes']} closed[/]" if r["unexpected_closes"] else "")
+            + ("" if r["passed"] else " [red]FAIL[/]")
+        )
+        if r["passed"]:
+            best = r
+        if not r["passed"] or r["unexpected_closes"]:
+            break
+        if r["load_saturated"]:
+            console.print("[yellow]load generator saturated; stopping the ramp[/]")
+            break
+    return steps, best

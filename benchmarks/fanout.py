@@ -10,7 +10,6 @@ Example: ``python benchmarks/fanout.py --receivers 100,1000 --servers ours,webso
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from _harness import (
@@ -29,11 +28,7 @@ from _harness import (
     start_server,
 )
 from _loadgen import LoadPool
-from _steps import measure_step
-
-
-def rates(start: float, factor: float, steps: int) -> list[float]:
-    return [round(start * factor**k, 1) for k in range(steps)]
+from _steps import measure_step, ramp, rates
 
 
 def run_one(
@@ -61,44 +56,16 @@ def run_one(
         **common,
         description=f"{receivers} receivers, fixed {args.fixed_rate:g} msg/s",
     )
-    steps: list[dict[str, Any]] = []
-    best: dict[str, Any] | None = None
-    deadline = time.monotonic() + args.max_minutes * 60
-    for k, rate in enumerate(rates(args.start_rate, args.factor, args.max_steps)):
-        if time.monotonic() > deadline:
-            console.print("[yellow]time budget of the ramp used up; stopping[/]")
-            break
-        for attempt in range(2):
-            r = measure_step(
-                pool,
-                tracker,
-                server,
-                step=10 + 2 * k + attempt,
-                rate=rate,
-                duration=args.step_seconds,
-                **common,
-                description=f"{receivers} receivers, ramp {rate:g} msg/s",
-            )
-            # A failure while the machine stalled the load generator is retried once.
-            if r["passed"] or not r["load_stalled"] or r["unexpected_closes"]:
-                break
-            console.print(f"  {rate:g} msg/s failed while the load generator stalled; again")
-        steps.append(r)
-        console.print(
-            f"  {rate:>8g} msg/s: {r['deliveries_per_s']:>10,.0f} deliveries/s, "
-            f"{100 * r['delivered_frac']:.2f}% arrived, p99 {r['p99_ms']:.1f} ms, "
-            f"server CPU {r['server_cpu_pct']:.0f}%, load CPU {r['load_cpu_pct']:.0f}%"
-            + (" [red]load saturated[/]" if r["load_saturated"] else "")
-            + (" [yellow]load stalled[/]" if r["load_stalled"] else "")
-            + ("" if r["passed"] else " [red]FAIL[/]")
-        )
-        if r["passed"]:
-            best = r
-        if not r["passed"] or r["unexpected_closes"]:
-            break
-        if r["load_saturated"]:
-            console.print("[yellow]load generator saturated; stopping the ramp[/]")
-            break
+    steps, best = ramp(
+        pool,
+        tracker,
+        server,
+        rates=rates(args.start_rate, args.factor, args.max_steps),
+        seconds=args.step_seconds,
+        max_minutes=args.max_minutes,
+        common=common,
+        what=f"{receivers} receivers",
+    )
     pool.call("close")
     last = steps[-1] if steps else None
     return {
