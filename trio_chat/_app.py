@@ -4,7 +4,8 @@
 so the node lives in a nursery inside it: the chat socket, the hub and the commit task
 start before the first request and stop after the last. If a node task fails, the
 lifespan reports a failure and hypercorn stops the worker: it never runs on silently
-without its socket or its store.
+without its socket or its store. Quart-trio's own lifespan (``app.nursery``, background
+tasks, serving hooks) is not used: nothing here runs outside a nursery we own.
 """
 
 from __future__ import annotations
@@ -42,9 +43,15 @@ _Scope = dict[str, Any]
 
 
 class ChatApp:
-    """The ASGI callable hypercorn serves (``trio_chat:app``)."""
+    """The ASGI callable hypercorn serves (``trio_chat:app``).
 
-    def __init__(self) -> None:
+    Args:
+      settings: the settings to run with; by default they are read from the environment
+        when the server starts (so a bad value stops it with a clear message).
+    """
+
+    def __init__(self, settings: Settings | None = None) -> None:
+        self._settings = settings
         self.node: Node | None = None
         self.quart = _make_quart(self)
 
@@ -68,7 +75,7 @@ class ChatApp:
         identity: NodeIdentity | None = None
         store: Store | None = None
         try:
-            settings = Settings.from_env()
+            settings = self._settings or Settings.from_env()
             identity = claim_identity(settings.data_dir)
             store = open_store(settings)
         except (ConfigError, OSError) as exc:
@@ -83,7 +90,6 @@ class ChatApp:
                 node = Node(settings, identity.node_id, store)
                 await nursery.start(node.run)
                 self.node = node
-                await self.quart.startup()
                 log.info(
                     "node %s ready; chat socket %s",
                     node.node_id,
@@ -94,7 +100,6 @@ class ChatApp:
                 await receive()  # lifespan.shutdown
                 await node.shutdown()
                 nursery.cancel_scope.cancel()
-            await self.quart.shutdown()
             await send({"type": "lifespan.shutdown.complete"})
         except* (Exception, trio.Cancelled) as group:
             if group.subgroup(trio.Cancelled) is not None:

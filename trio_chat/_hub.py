@@ -80,7 +80,10 @@ class HubStatistics:
 class _Item:
     room: str
     event: Event
-    exclude: Subscriber | None
+    #: Everyone in the room but this subscriber (typing, presence)...
+    exclude: Subscriber | None = None
+    #: ...or only this one (an ack, ordered after the message it acknowledges).
+    only: Subscriber | None = None
 
 
 class Hub:
@@ -138,6 +141,13 @@ class Hub:
         """
         await self._send.send(_Item(room, event, exclude))
 
+    async def publish_to(self, sub: Subscriber, room: str, event: Event) -> None:
+        """Queue ``event`` for ``sub`` alone, in order with the room's broadcasts.
+
+        Cancellation: as `publish`.
+        """
+        await self._send.send(_Item(room, event, only=sub))
+
     def publish_nowait(self, room: str, event: Event, *, exclude: Subscriber | None = None) -> bool:
         """Queue an ephemeral event (typing); False, and dropped, if the queue is full."""
         try:
@@ -162,7 +172,10 @@ class Hub:
                     break
             self._batches += 1
             writes = 0
-            for room, exclude, events in _runs(batch):
+            for room, exclude, only, events in _runs(batch):
+                if only is not None:
+                    only.deliver_nowait(Outgoing(room, events))
+                    continue
                 subs = self._rooms.get(room)
                 if not subs:
                     continue
@@ -190,13 +203,16 @@ class Hub:
         )
 
 
-def _runs(batch: Iterable[_Item]) -> list[tuple[str, Subscriber | None, list[Event]]]:
-    """Group a batch per room, in order, into runs that share the same exclusion."""
-    per_room: dict[str, list[tuple[str, Subscriber | None, list[Event]]]] = {}
+_Run = tuple[str, "Subscriber | None", "Subscriber | None", list[Event]]
+
+
+def _runs(batch: Iterable[_Item]) -> list[_Run]:
+    """Group a batch per room, in order, into runs with the same recipients."""
+    per_room: dict[str, list[_Run]] = {}
     for item in batch:
         runs = per_room.setdefault(item.room, [])
-        if runs and runs[-1][1] is item.exclude:
-            runs[-1][2].append(item.event)
+        if runs and runs[-1][1] is item.exclude and runs[-1][2] is item.only:
+            runs[-1][3].append(item.event)
         else:
-            runs.append((item.room, item.exclude, [item.event]))
+            runs.append((item.room, item.exclude, item.only, [item.event]))
     return [run for runs in per_room.values() for run in runs]

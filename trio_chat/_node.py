@@ -26,7 +26,7 @@ from ._chat_socket import handle_chat_socket
 from ._errors import ProtocolError
 from ._hub import Hub
 from ._ids import IdClock
-from ._protocol import Presence, is_valid_name
+from ._protocol import Ack, Presence, is_valid_name
 from ._store import MemoryStore, Message, SqliteStore, Store
 from ._websocket import CLOSE_GOING_AWAY, WebSocketServer
 
@@ -172,7 +172,7 @@ class Node:
             )
             if existing is not None:
                 self._duplicates += 1
-                session.ack(existing, command.cid, duplicate=True)
+                session.send(Ack(id=existing, cid=command.cid, duplicate=True))
                 return
         message = Message(
             id=self.ids.next_id(time.time_ns() // 1_000_000),
@@ -202,7 +202,8 @@ class Node:
                 message = pending.message
                 await self.hub.publish(message.room, message.event())
                 if pending.sender is not None:
-                    pending.sender.ack(message.id, message.cid)
+                    ack = Ack(id=message.id, cid=message.cid)
+                    await self.hub.publish_to(pending.sender, message.room, ack)
                 if message.dedupe is not None:
                     self._in_flight.pop(message.dedupe, None)
 

@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Final, Protocol
 
 from ._errors import ProtocolError
 from ._protocol import (
-    Ack,
     ErrorEvent,
     Event,
     Hello,
@@ -226,11 +225,6 @@ class Session:
                 "text_too_long", f"messages are limited to {self._settings.max_text} characters"
             )
         await self.node.submit(self, command)
-
-    def ack(self, message_id: str, cid: str | None, *, duplicate: bool = False) -> None:
-        """Tell the client its message is stored (called by the node after commit)."""
-        if not self.closed:
-            self.send(Ack(id=message_id, cid=cid, duplicate=duplicate))
 
     async def _join(self, command: Join) -> None:
         room = command.room

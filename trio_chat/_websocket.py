@@ -187,8 +187,6 @@ class WebSocketConnection:
             self.abort()
         finally:
             self._writer_running = False
-        if self._output_closed:
-            self._finish()
 
     def _flush(self) -> None:
         """Write as much of the backlog as the kernel takes, keeping frame order."""
@@ -240,8 +238,6 @@ class WebSocketConnection:
         self._output_closed = True
         if data:
             self._queue(data)
-        if not self._backlog:
-            self._finish()
 
     def abort(self) -> None:
         """Drop the connection now: nothing more is written."""
@@ -326,6 +322,20 @@ class WebSocketConnection:
         self._reject(status, body)
         if not self._backlog:
             self._finish()
+        else:
+            self._nursery.start_soon(self._cut_after, _SLOW_CLOSE_GRACE)
+
+    async def wait_closed_untrusted(self) -> None:
+        """After our close frame, read (and drop) until the client's close arrives.
+
+        RFC 6455 has the server wait for the client's close before cutting TCP, so the
+        client learns the close code. Bounded by the caller.
+        """
+        while True:
+            try:
+                await self.receive_message_untrusted()
+            except ProtocolError:
+                continue
 
     async def receive_message_untrusted(self) -> str:
         """Receive the next complete text message.
@@ -385,8 +395,7 @@ class WebSocketConnection:
         self._output_closed = True
         if data:
             self._queue(data)
-        if not self._backlog:
-            self._finish()
+        self._finish()
 
     def ping_nowait(self) -> None:
         """Send a ping; the keepalive checks that something came back."""
@@ -515,9 +524,11 @@ class WebSocketServer:
                 if handshake_scope.cancelled_caught:
                     return
                 await self._handler(conn, request)
-                # Let the close frame (or the rejection) drain, within bounds.
-                with trio.move_on_after(_SLOW_CLOSE_GRACE, shield=True):
-                    await conn.wait_done()
+                with trio.move_on_after(_SLOW_CLOSE_GRACE):
+                    if conn.accepted:
+                        await conn.wait_closed_untrusted()
+                    else:
+                        await conn.wait_done()
             except ConnectionClosed:
                 pass
             finally:

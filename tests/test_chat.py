@@ -1,0 +1,251 @@
+"""End to end through a real server on 127.0.0.1, over the chat socket and over /ws."""
+
+from __future__ import annotations
+
+import json
+import urllib.parse
+from typing import TYPE_CHECKING, Any
+
+import pytest
+import trio
+from trio_websocket import ConnectionClosed, open_websocket_url
+
+if TYPE_CHECKING:
+    from conftest import Server
+
+
+async def test_welcome_join_members_and_presence(
+    server: Server, transport: str, connect: Any
+) -> None:
+    url = server.url(transport)
+    async with connect(url, "alice") as alice:
+        assert alice.welcome == {"type": "welcome", "name": "alice", "node": server.node.node_id}
+        _, joined = await alice.join("general")
+        assert joined["members"] == ["alice"]
+        async with connect(url, "bob") as bob:
+            _, joined = await bob.join("general")
+            assert joined["members"] == ["alice", "bob"]
+            await alice.expect("presence", room="general", joined="bob")
+            await bob.send(type="leave", room="general")
+            await bob.expect("left", room="general")
+            await alice.expect("presence", room="general", left="bob")
+            await bob.join("general")
+            await alice.expect("presence", joined="bob")
+        # bob disconnected without leaving
+        await alice.expect("presence", room="general", left="bob")
+
+
+async def test_broadcast_reaches_the_room_and_no_one_else(
+    server: Server, transport: str, connect: Any
+) -> None:
+    url = server.url(transport)
+    async with (
+        connect(url, "alice") as alice,
+        connect(url, "bob") as bob,
+        connect(url, "carol") as carol,
+    ):
+        await alice.join("general")
+        await bob.join("general")
+        await carol.join("random")
+        await alice.next_of("presence")
+        await alice.send(type="send", room="general", text="hi all", cid="c-1")
+        mine = await alice.expect("message", room="general", text="hi all", cid="c-1")
+        assert mine["from"] == "alice"
+        ack = await alice.expect("ack", cid="c-1")
+        assert ack["id"] == mine["id"]
+        theirs = await bob.expect("message", text="hi all")
+        assert theirs == mine
+        # carol is in another room: the next thing she sees is her own room's traffic
+        await bob.send(type="join", room="random")
+        await carol.expect("presence", room="random", joined="bob")
+
+
+async def test_typing_goes_to_the_others_only(server: Server, transport: str, connect: Any) -> None:
+    url = server.url(transport)
+    async with connect(url, "alice") as alice, connect(url, "bob") as bob:
+        await alice.join("general")
+        await bob.join("general")
+        await alice.next_of("presence")
+        await alice.send(type="typing", room="general")
+        await bob.expect("typing", room="general", **{"from": "alice"})
+        await alice.send(type="ping")
+        await alice.expect("pong")  # not her own typing event
+
+
+async def test_duplicate_and_bad_nicknames(server: Server, transport: str, connect: Any) -> None:
+    url = server.url(transport)
+    async with connect(url, "alice") as a1, connect(url, "alice") as a2:
+        assert a1.welcome["name"] == "alice"
+        assert a2.welcome["name"] == "alice-2"
+        await a2.send(type="hello", name="alice")
+        await a2.expect("welcome", name="alice-2")
+        await a2.send(type="hello", name="zed")
+        await a2.expect("welcome", name="zed")
+    async with connect(url, "<b>x</b>") as bad:
+        assert bad.welcome["name"] == "guest"
+        await bad.expect("error", code="bad_name")
+        await bad.send(type="hello", name="with space")
+        await bad.expect("error", code="bad_name")
+
+
+@pytest.mark.parametrize(
+    ("command", "code"),
+    [
+        ("{not json", "bad_json"),
+        ('{"type":"fly"}', "unknown_type"),
+        ('{"type":"join"}', "bad_field"),
+        ('{"type":"join","room":"no spaces"}', "bad_room"),
+        ('{"type":"send","room":"general","text":"hi"}', "not_joined"),
+        ('{"type":"typing","room":"general"}', "not_joined"),
+        ('{"type":"leave","room":"general"}', "not_joined"),
+        ('{"type":"history","room":"general","limit":5000}', "bad_limit"),
+        ('{"type":"history","room":"general","before":"00000000000000ff-x"}', "unknown_id"),
+    ],
+)
+async def test_bad_commands_get_error_frames(
+    server: Server, transport: str, connect: Any, command: str, code: str
+) -> None:
+    async with connect(server.url(transport), "alice") as alice:
+        await alice.ws.send_message(command)
+        error = await alice.expect("error", code=code)
+        assert error["message"]
+        # the connection is still fine
+        await alice.send(type="ping")
+        await alice.expect("pong")
+    assert server.node.statistics().errors[code] == 1
+
+
+async def test_text_rules(server: Server, transport: str, connect: Any) -> None:
+    async with connect(server.url(transport), "alice") as alice:
+        await alice.join("general")
+        await alice.send(type="send", room="general", text="   ")
+        await alice.expect("error", code="empty_text")
+        await alice.send(type="send", room="general", text="x" * 4001)
+        await alice.expect("error", code="text_too_long")
+        await alice.send(type="send", room="general", text="x" * 4000)
+        await alice.expect("message")
+
+
+async def test_join_twice_and_too_many_rooms(
+    tmp_path: Any, nursery: trio.Nursery, connect: Any
+) -> None:
+    from conftest import start_server, test_settings
+
+    server = await start_server(nursery, test_settings(tmp_path, max_rooms=2))
+    async with connect(server.chat_socket_url, "alice") as alice:
+        await alice.join("a")
+        await alice.send(type="join", room="a")
+        await alice.expect("error", code="already_joined")
+        await alice.join("b")
+        await alice.send(type="join", room="c")
+        await alice.expect("error", code="too_many_rooms")
+
+
+async def test_oversized_frame_closes_1009(server: Server, transport: str, connect: Any) -> None:
+    async with connect(server.url(transport), "alice") as alice:
+        await alice.ws.send_message(json.dumps({"type": "ping", "pad": "x" * 17000}))
+        await alice.expect("error", code="too_big")
+        with pytest.raises(ConnectionClosed):
+            await alice.recv()
+        assert alice.ws.closed is not None
+        assert alice.ws.closed.code == 1009
+
+
+async def test_binary_frame_closes_1003(server: Server, transport: str, connect: Any) -> None:
+    async with connect(server.url(transport), "alice") as alice:
+        await alice.ws.send_message(b"\x00\x01")
+        await alice.expect("error", code="binary_unsupported")
+        with pytest.raises(ConnectionClosed):
+            await alice.recv()
+        assert alice.ws.closed is not None
+        assert alice.ws.closed.code == 1003
+
+
+async def test_flood_is_rate_limited_then_closed(
+    server: Server, transport: str, connect: Any
+) -> None:
+    async with connect(server.url(transport), "alice") as alice:
+        for _ in range(25):
+            await alice.send(type="ping")
+        codes = [(await alice.recv()).get("code", "pong") for _ in range(25)]
+        assert codes.count("pong") >= 20  # the burst (and what refilled meanwhile)
+        assert "rate_limited" in codes
+        # keep flooding, one frame per answer (so the server never closes with unread
+        # data, which TCP would turn into a reset): after 20 refusals in a row, 1008
+        with pytest.raises(ConnectionClosed):
+            while True:
+                await alice.send(type="ping")
+                await alice.recv()
+        assert alice.ws.closed is not None
+        assert alice.ws.closed.code == 1008
+    assert server.node.statistics().errors["rate_limited"] >= 20
+
+
+async def refused_status(url: str, origin: str) -> int:
+    """Open a WebSocket by hand with an Origin header; return the refusal's HTTP status."""
+    parts = urllib.parse.urlsplit(url)
+    assert parts.hostname is not None
+    assert parts.port is not None
+    stream = await trio.open_tcp_stream(parts.hostname, parts.port)
+    async with stream:
+        request = (
+            f"GET {parts.path} HTTP/1.1\r\nHost: {parts.netloc}\r\nUpgrade: websocket\r\n"
+            "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            f"Sec-WebSocket-Version: 13\r\nOrigin: {origin}\r\n\r\n"
+        )
+        await stream.send_all(request.encode())
+        response = b""
+        # a refusal ends the connection: read to the end, so the server closes first
+        while chunk := await stream.receive_some(1024):
+            response += chunk
+        return int(response.split(b" ", 2)[1])
+
+
+async def test_foreign_origin_is_refused(server: Server, transport: str, connect: Any) -> None:
+    url = server.url(transport)
+    assert await refused_status(url, "http://evil.example") == 403
+    assert server.node.statistics().errors["origin_refused"] == 1
+    # the page's own origin (same host, the page's port) is allowed on both sockets
+    async with connect(
+        url, "alice", extra_headers=[(b"Origin", server.http_url.encode())]
+    ) as alice:
+        assert alice.welcome["name"] == "alice"
+
+
+async def test_listed_origin_is_allowed(tmp_path: Any, nursery: trio.Nursery) -> None:
+    from conftest import start_server, test_settings
+
+    server = await start_server(
+        nursery, test_settings(tmp_path, allowed_origins=frozenset({"https://chat.example.com"}))
+    )
+    headers = [(b"Origin", b"https://chat.example.com")]
+    async with open_websocket_url(server.chat_socket_url, extra_headers=headers) as ws:
+        assert json.loads(await ws.get_message())["type"] == "welcome"
+
+
+async def test_nothing_of_a_client_remains_after_it_goes(
+    server: Server, transport: str, connect: Any
+) -> None:
+    url = server.url(transport)
+    node = server.node
+    async with connect(url, "watcher") as watcher:
+        await watcher.join("general")
+        async with connect(url, "clean") as clean:
+            await clean.join("general")
+            await clean.join("other")
+        await watcher.expect("presence", joined="clean")
+        await watcher.expect("presence", left="clean")
+        # an abrupt disconnect: the TCP connection just goes away
+        async with connect(url, "abrupt") as abrupt:
+            await abrupt.join("general")
+            await watcher.expect("presence", joined="abrupt")
+            await abrupt.ws._stream.aclose()
+        await watcher.expect("presence", left="abrupt")
+        stats = node.hub.statistics()
+        assert stats.subscribers == 1
+        assert stats.subscriptions == 1
+        assert node.statistics().connections == 1
+    with trio.fail_after(5):
+        while node.statistics().connections or node.hub.statistics().subscriptions:
+            await trio.sleep(0.01)
+    assert not node.chat_socket.connections
