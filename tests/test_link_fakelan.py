@@ -6,7 +6,6 @@ Every test runs under ``autojump_clock``: timers take virtual time, the tests mi
 from __future__ import annotations
 
 import random
-import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,13 +21,18 @@ from trio_chat._link_state import Delivered, Gap, LinkEvent, PeerDown, PeerStatu
 
 SECRET = b"fakelan secret, 32 bytes long..."
 CLUSTER = "fakelan"
+EPOCH = 1_700_000_000.0
 #: (sender, receiver, datagram) -> drop it?
 Filter = Callable[[str, str, bytes], bool]
 
 
+def wall_clock() -> float:
+    """A Unix time that follows virtual time, so that runs are reproducible."""
+    return EPOCH + trio.current_time()
+
+
 def wall_ms() -> int:
-    """An incarnation that follows virtual time, as the links' clocks do."""
-    return int((time.time() + trio.current_time()) * 1000)
+    return int(wall_clock() * 1000)
 
 
 def data_of(datagram: bytes) -> Data | None:
@@ -99,8 +103,11 @@ class FakeLan:
             for _ in range(copies):
                 if receiver.name != sender and self._rng.random() < self.loss:
                     continue
-                delay = self._rng.uniform(0, self.max_delay)
-                self._nursery.start_soon(self._arrive, delay, sender, receiver, data)
+                if self.max_delay:
+                    delay = self._rng.uniform(0, self.max_delay)
+                    self._nursery.start_soon(self._arrive, delay, sender, receiver, data)
+                else:  # In order, as on a quiet LAN (tasks could be run in any order).
+                    self._arrive_now(sender, receiver, data)
 
     def inject(self, data: bytes) -> None:
         """A datagram from outside the cluster (an attacker, another cluster)."""
@@ -109,6 +116,9 @@ class FakeLan:
 
     async def _arrive(self, delay: float, sender: str, receiver: FakeEndpoint, data: bytes) -> None:
         await trio.sleep(delay)
+        self._arrive_now(sender, receiver, data)
+
+    def _arrive_now(self, sender: str, receiver: FakeEndpoint, data: bytes) -> None:
         self.last_arrival[sender, receiver.name] = trio.current_time()
         receiver.deliver(data)
 
@@ -160,6 +170,7 @@ async def start_node(
             **settings,
         ),
         transport=endpoint,
+        wall_clock=wall_clock,
     )
     node = Node(name, link, endpoint, consume=consume)
 
@@ -190,6 +201,9 @@ async def test_lossy_lan_delivers_every_message_once_in_order(
         async with trio.open_nursery() as nursery:
             lan = FakeLan(nursery, seed=2, loss=0.2, duplicate=0.05, max_delay=0.01)
             nodes = [await start_node(nursery, lan, f"n{i}") for i in range(4)]
+            # Delivery is promised from a peer's first heartbeat on (docs/cluster.md).
+            for node in nodes:
+                await node.wait_for(lambda n=node: len(n.of(PeerUp)) == 3)
 
             async def talk(node: Node) -> None:
                 for i in range(60):
@@ -261,7 +275,8 @@ async def test_crashed_node_restarts_as_a_new_incarnation(
             await a.wait_for(lambda: len(a.of(PeerUp)) == 3)
             c2.link.broadcast(b"after")
             a.link.broadcast(b"welcome back")
-            await a.wait_for(lambda: a.delivered("c") == [b"before", b"after"])
+            for node in (a, b):
+                await node.wait_for(lambda n=node: n.delivered("c") == [b"before", b"after"])
             await c2.wait_for(lambda: c2.delivered("a") == [b"welcome back"])
             nursery.cancel_scope.cancel()
     old_inc = _incarnation(a, "c", first=True)
@@ -278,3 +293,113 @@ async def test_crashed_node_restarts_as_a_new_incarnation(
 def _incarnation(node: Node, name: str, *, first: bool) -> int:
     ups = [e for e in node.of(PeerUp) if isinstance(e, PeerUp) and e.node == name]
     return (ups[0] if first else ups[-1]).incarnation
+
+
+async def test_forged_replayed_and_foreign_packets_are_refused(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with trio.open_nursery() as nursery:
+        lan = FakeLan(nursery, seed=5)
+        a = await start_node(nursery, lan, "a")
+        since = len(lan.log)  # b never saw what a sent before b started.
+        b = await start_node(nursery, lan, "b")
+        other_cluster = await start_node(nursery, lan, "x", cluster_id="elsewhere")
+        other_secret = await start_node(nursery, lan, "y", secret=b"y" * 32)
+        await b.wait_for(lambda: bool(b.of(PeerUp)))
+        a.link.broadcast(b"genuine")
+        await b.wait_for(lambda: bool(b.delivered("a")))
+        await trio.testing.wait_all_tasks_blocked()
+        before = b.link.statistics().link
+        captured = [d for _, sender, d in lan.log[since:] if sender == "a"]
+        for datagram in captured:
+            lan.inject(datagram)  # Replayed verbatim.
+            forged = bytearray(datagram)
+            forged[-5] ^= 0x40
+            lan.inject(bytes(forged))
+        lan.inject(b"TCL\x01 not even a header")
+        await trio.testing.wait_all_tasks_blocked()
+        after = b.link.statistics().link
+        nursery.cancel_scope.cancel()
+    assert b.delivered("a") == [b"genuine"]
+    assert [e.node for e in b.of(PeerUp) if isinstance(e, PeerUp)] == ["a"]
+    assert after.packets_replayed - before.packets_replayed == len(captured)
+    assert after.packets_forged - before.packets_forged == len(captured)
+    assert after.packets_malformed - before.packets_malformed == 1
+    assert after.packets_foreign > 0  # x's and y's heartbeats.
+    assert after.packets_dropped - before.packets_dropped == (
+        2 * len(captured) + 1 + after.packets_foreign - before.packets_foreign
+    )
+    assert other_cluster.of(PeerUp) == other_secret.of(PeerUp) == []
+
+
+async def test_the_retransmit_buffer_bound_holds_and_evictions_become_gaps(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with trio.open_nursery() as nursery:
+        lan = FakeLan(nursery, seed=6)
+        a = await start_node(nursery, lan, "a", buffer_packets=16)
+        b = await start_node(nursery, lan, "b")
+        await b.wait_for(lambda: bool(b.of(PeerUp)))
+        a_inc = _incarnation(b, "a", first=True)
+        # b stays alive (heartbeats pass) but receives none of a's data: it acks nothing.
+        lan.filter = lambda s, r, d: s == "a" and r == "b" and data_of(d) is not None
+        for i in range(100):
+            a.link.broadcast(b"%d" % i)
+            assert a.link.statistics().link.buffer_packets <= 16
+            await trio.sleep(0.01)
+        lan.filter = lambda s, r, d: False
+        await b.wait_for(lambda: len(b.delivered("a")) == 16)
+        nursery.cancel_scope.cancel()
+    assert b.of(Gap) == [Gap("a", a_inc, 1, 84)]
+    assert b.delivered("a") == [b"%d" % i for i in range(84, 100)]
+    assert a.link.statistics().link.buffer_evictions == 84
+
+
+async def test_failure_detection_in_virtual_time(autojump_clock: trio.testing.MockClock) -> None:
+    async with trio.open_nursery() as nursery:
+        lan = FakeLan(nursery, seed=7)
+        a, b, c = [await start_node(nursery, lan, n) for n in "abc"]
+        await a.wait_for(lambda: len(a.of(PeerUp)) == 2)
+        await trio.sleep(2.3)
+        c.crash()
+        last_heard = lan.last_arrival["c", "a"]
+        await trio.sleep_until(last_heard + 5.0 - 0.001)
+        assert [p.status for p in a.link.peers()] == [PeerStatus.ALIVE] * 2
+        await trio.sleep_until(last_heard + 5.0 + 0.001)
+        assert [p.status for p in a.link.peers()] == [PeerStatus.ALIVE, PeerStatus.SUSPECT]
+        await a.wait_for(lambda: bool(a.of(PeerDown)))
+        assert a.events[-1] == (pytest.approx(last_heard + 6.5), PeerDown("c", "dead"))
+        # A graceful leave is seen at once.
+        b.scope.cancel()
+        left_at = trio.current_time()
+        await a.wait_for(lambda: len(a.of(PeerDown)) == 2)
+        assert a.events[-1] == (left_at, PeerDown("b", "left"))
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_slow_consumer_gets_a_gap_instead_of_blocking_the_link(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with trio.open_nursery() as nursery:
+        lan = FakeLan(nursery, seed=8)
+        b = await start_node(nursery, lan, "b", consume=False)
+        a = await start_node(nursery, lan, "a")
+        await a.wait_for(lambda: bool(a.of(PeerUp)))
+        total = EVENT_BUFFER + 50
+        for i in range(total):
+            a.link.broadcast(b"%d" % i)
+        await trio.testing.wait_all_tasks_blocked()
+        # The link kept receiving although nobody read its events.
+        assert b.link.statistics().link.messages_delivered == total
+        events = [await b.link.events.receive()]
+        while not (isinstance(events[-1], Gap) and events[-1].last_seq == total):
+            events.append(await b.link.events.receive())
+        nursery.cancel_scope.cancel()
+    delivered = [e for e in events if isinstance(e, Delivered)]
+    gaps = [e for e in events if isinstance(e, Gap)]
+    assert isinstance(events[0], PeerUp)
+    assert [e.payload for e in delivered] == [b"%d" % i for i in range(len(delivered))]
+    # The first overflow is reported at once, what overflowed behind it in a second gap.
+    covered = [seq for gap in gaps for seq in range(gap.first_seq, gap.last_seq + 1)]
+    assert covered == list(range(len(delivered) + 1, total + 1))
+    assert b.link.statistics().events_overflowed == total - len(delivered)

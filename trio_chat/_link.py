@@ -21,6 +21,8 @@ from ._link_packet import MAX_PACKET_SIZE, PacketCodec
 from ._link_state import Delivered, Gap, LinkEvent, LinkSettings, LinkState, LinkStatistics
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from ._link_state import PeerInfo
 
 log = logging.getLogger(__name__)
@@ -191,6 +193,8 @@ class ClusterLink:
         config: group, identity, secret, timers.
         transport: a datagram layer to use instead of the multicast socket (tests). The
             caller keeps ownership of it.
+        wall_clock: Unix time now, read once at start; the link's clock then advances
+            with trio's (tests pass one derived from the virtual clock).
 
     Raises:
         ConfigError: the secret or node id is unusable.
@@ -201,8 +205,15 @@ class ClusterLink:
     in a queue of at most ``HELD_LIMIT``, past which the link fails with ``ChatError``.
     """
 
-    def __init__(self, config: LinkConfig, *, transport: DatagramTransport | None = None) -> None:
+    def __init__(
+        self,
+        config: LinkConfig,
+        *,
+        transport: DatagramTransport | None = None,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
         self._config = config
+        self._wall_clock = wall_clock
         self._settings = config.settings()
         self._codec = PacketCodec(
             secret=config.secret,
@@ -246,7 +257,7 @@ class ClusterLink:
         transport = self._transport = owned or self._injected
         assert transport is not None
         # Wall-clock seconds that advance with trio's clock (virtual time in tests).
-        self._clock_base = time.time() - trio.current_time()
+        self._clock_base = self._wall_clock() - trio.current_time()
         state = self._state = LinkState(
             codec=self._codec,
             node_id=self._config.node_id,

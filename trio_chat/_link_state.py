@@ -9,7 +9,9 @@ group; packets come from ``_link_packet`` (authenticated, at most 1200 bytes).
 Sending. Each broadcast is cut into fragments, one sequence number each (1, 2, ...), kept in
 a retransmit buffer that always holds a contiguous range ``[low_seq, next_seq)``. The buffer
 is bounded (packets and bytes): ``broadcast`` never waits; it evicts the oldest fragment.
-A fragment leaves the buffer early once every live peer acked it. Heartbeats (every
+A fragment leaves the buffer early once every live peer acked it, but not before we have
+run for ``dead_after``: a peer that started before us expects our data from sequence 1,
+and until then it may be alive without our having heard it yet. Heartbeats (every
 ``heartbeat_interval``) carry ``high_seq`` (tail loss shows as a gap), ``low_seq`` (what
 is below is gone) and acks of what we delivered from each peer.
 
@@ -300,6 +302,7 @@ class LinkState:
         self._c = _Counters()
         self._ack_cursor = 0
         self._last_heartbeat = -math.inf
+        self._release_after = now + settings.dead_after
         self._heartbeat_at = now
         self._send_heartbeat(now, hello=True)
 
@@ -386,7 +389,7 @@ class LinkState:
                 del self._peers[peer.node]
                 continue
             if peer.status in _LIVE and silent >= s.dead_after:
-                self._end(peer, PeerStatus.DEAD, "dead")
+                self._end(peer, PeerStatus.DEAD, "dead", now)
             elif peer.status in _LIVE and silent >= s.suspect_after and now >= peer.ping_at:
                 peer.status = PeerStatus.SUSPECT
                 peer.ping_at = now + s.ping_interval
@@ -477,7 +480,7 @@ class LinkState:
             del self._peers[peer.node]
         else:
             peer.known_high = max(peer.known_high, message.high_seq)
-            self._end(peer, PeerStatus.LEFT, "left")
+            self._end(peer, PeerStatus.LEFT, "left", now)
 
     def _on_data(self, peer: _Peer, data: Data, now: float) -> None:
         self._c.fragments_received += 1
@@ -509,7 +512,7 @@ class LinkState:
         for ack in hb.acks:
             if ack.node == self._node_id and ack.incarnation == self._incarnation:
                 peer.acked_us = max(peer.acked_us, ack.delivered)
-        self._release()
+        self._release(now)
         self._drain(peer, now)
 
     def _join(self, peer: _Peer, hb: Heartbeat) -> None:
@@ -602,12 +605,12 @@ class LinkState:
         self._c.gap_seqs += last - first + 1
         self._events.append(Gap(peer.node, peer.incarnation, first, last))
 
-    def _end(self, peer: _Peer, status: PeerStatus, reason: str) -> None:
+    def _end(self, peer: _Peer, status: PeerStatus, reason: str, now: float) -> None:
         self._skip_to(peer, peer.known_high + 1)
         peer.status = status
         peer.nak_at = None
         self._events.append(PeerDown(peer.node, reason))
-        self._release()
+        self._release(now)
 
     # -- sending ------------------------------------------------------------------------
 
@@ -620,8 +623,10 @@ class LinkState:
         self._buffer_bytes -= len(sent.data.chunk)
         self._low_seq += 1
 
-    def _release(self) -> None:
+    def _release(self, now: float) -> None:
         """Free what every live peer has acked; with no live peer, keep what we can."""
+        if now < self._release_after:
+            return
         acks = [p.acked_us for p in self._peers.values() if p.status in _LIVE]
         upto = min(acks, default=0)
         while self._low_seq <= upto and self._low_seq < self._next_seq:
