@@ -19,7 +19,7 @@ from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket
 from trio_chat import ChatApp, Settings
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
+    from collections.abc import AsyncIterator, Callable
     from pathlib import Path
 
 TIMEOUT = 10
@@ -152,6 +152,17 @@ def connect() -> Any:
                 await _close(ws)
 
     return connect
+
+
+async def eventually(predicate: Callable[[], bool]) -> None:
+    """Poll ``predicate`` until it holds, failing after TIMEOUT seconds.
+
+    For state that changes in another process or behind a socket, where there is no
+    event to wait on.
+    """
+    with trio.fail_after(TIMEOUT):
+        while not predicate():  # noqa: ASYNC110 (no event exists for this state)
+            await trio.sleep(0.005)
 
 
 async def _close(ws: WebSocketConnection) -> None:

@@ -10,6 +10,8 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed, open_websocket_url
 
+from conftest import eventually
+
 if TYPE_CHECKING:
     from conftest import Server
 
@@ -173,12 +175,16 @@ async def test_flood_is_rate_limited_then_closed(
         # keep flooding, one frame per answer (so the server never closes with unread
         # data, which TCP would turn into a reset): after 20 refusals in a row, 1008
         with pytest.raises(ConnectionClosed):
-            while True:
-                await alice.send(type="ping")
-                await alice.recv()
+            await ping_until_closed(alice)
         assert alice.ws.closed is not None
         assert alice.ws.closed.code == 1008
     assert server.node.statistics().errors["rate_limited"] >= 20
+
+
+async def ping_until_closed(client: Any) -> None:
+    while True:
+        await client.send(type="ping")
+        await client.recv()
 
 
 async def refused_status(url: str, origin: str) -> int:
@@ -245,7 +251,7 @@ async def test_nothing_of_a_client_remains_after_it_goes(
         assert stats.subscribers == 1
         assert stats.subscriptions == 1
         assert node.statistics().connections == 1
-    with trio.fail_after(5):
-        while node.statistics().connections or node.hub.statistics().subscriptions:
-            await trio.sleep(0.01)
+    await eventually(
+        lambda: not node.statistics().connections and not node.hub.statistics().subscriptions
+    )
     assert not node.chat_socket.connections
