@@ -428,6 +428,9 @@ class Collected:
     per_worker_cpu: list[float]
     #: Deliveries and latency histogram per load worker (to split receivers into groups).
     per_worker: list[tuple[int, HdrHistogram]]
+    #: Most messages one receiver counted, and how many receivers counted any.
+    max_per_receiver: int = 0
+    receivers_seen: int = 0
 
 
 class LoadTracker:
@@ -447,12 +450,15 @@ class LoadTracker:
         ack_hist = new_histogram()
         delivered = acks = 0
         per_worker: list[tuple[int, HdrHistogram]] = []
+        max_per = seen = 0
         for r in replies:
             mine = new_histogram()
             count = 0
             for s in r["steps"].values():
                 count += s["count"]
                 decode_hist_into(mine, s["hist"])
+                max_per = max(max_per, s["max_per_receiver"])
+                seen += s["receivers_seen"]
             delivered += count
             hist.add(mine)
             per_worker.append((count, mine))
@@ -474,6 +480,8 @@ class LoadTracker:
             errors=errors,
             per_worker_cpu=[c - p for c, p in zip(cpu, prev, strict=True)],
             per_worker=per_worker,
+            max_per_receiver=max_per,
+            receivers_seen=seen,
         )
 
 

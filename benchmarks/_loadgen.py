@@ -84,6 +84,7 @@ def encode_frame(opcode: int, payload: bytes) -> bytes:
 class StepData:
     count: int = 0
     buckets: dict[int, int] = field(default_factory=dict)
+    per_conn: dict[str, int] = field(default_factory=dict)
 
     def record(self, lat_us: int) -> None:
         self.count += 1
@@ -235,12 +236,15 @@ class WsConn(asyncio.Protocol):
             return
         if b"@@" in payload and self.measure:
             steps = self.worker.steps
+            data = None
             for m in MARK.finditer(payload):
                 step = int(m[1])
                 data = steps.get(step)
                 if data is None:
                     data = steps[step] = StepData()
                 data.record((now - int(m[2])) // 1000)
+                # Per-receiver count, to tell duplicates from extra sends.
+                data.per_conn[self.name] = data.per_conn.get(self.name, 0) + 1
         if self.pending:
             self._acks(payload, now)
         if b'"error"' in payload and self.dialect == "chat":
@@ -540,7 +544,12 @@ class _Worker:
         out: dict[str, Any] = {}
         for s in wanted:
             data = self.steps.pop(s, None) or StepData()
-            out[str(s)] = {"count": data.count, "hist": encode_hist(data.histogram())}
+            out[str(s)] = {
+                "count": data.count,
+                "hist": encode_hist(data.histogram()),
+                "max_per_receiver": max(data.per_conn.values(), default=0),
+                "receivers_seen": len(data.per_conn),
+            }
         acks = self.acks
         self.acks = StepData()
         cpu = os.times()

@@ -84,7 +84,14 @@ def measure_step(
         "unexpected_closes": got.unexpected_closes,
         "errors": got.errors,
         "open_clients": got.open,
+        "receivers_seen": got.receivers_seen,
+        "max_per_receiver": got.max_per_receiver,
     }
+    if got.max_per_receiver > sent:
+        console.print(
+            f"[red]a receiver counted {got.max_per_receiver} messages of {sent} sent "
+            "(duplicates?)[/]"
+        )
     for name, (workers, count) in (groups or {}).items():
         h = new_histogram()
         n = 0
