@@ -278,7 +278,7 @@ def shot(page: Page, name: str, transport: str) -> None:
 
 
 def test_two_users_chat_with_presence_and_typing(
-    pages: Pages, server: Server, transport: str
+    server: Server, pages: Pages, transport: str
 ) -> None:
     from playwright.sync_api import expect
 
@@ -311,7 +311,7 @@ def test_two_users_chat_with_presence_and_typing(
 
 
 def test_rooms_are_separate_with_unread_counts_and_keyboard(
-    pages: Pages, server: Server, transport: str
+    server: Server, pages: Pages, transport: str
 ) -> None:
     from playwright.sync_api import expect
 
@@ -358,7 +358,7 @@ def test_rooms_are_separate_with_unread_counts_and_keyboard(
     expect(alice.locator('#room-list li[data-room="random"]')).to_have_count(0)
 
 
-def test_html_is_shown_literally(pages: Pages, server: Server, transport: str) -> None:
+def test_html_is_shown_literally(server: Server, pages: Pages, transport: str) -> None:
     from playwright.sync_api import expect
 
     alice = pages.open(server, "alice")
@@ -374,7 +374,7 @@ def test_html_is_shown_literally(pages: Pages, server: Server, transport: str) -
     assert alice.evaluate("window.__pwned") is None
 
 
-def test_phone_width_layout(pages: Pages, server: Server, transport: str) -> None:
+def test_phone_width_layout(server: Server, pages: Pages, transport: str) -> None:
     from playwright.sync_api import expect
 
     alice = pages.open(server, "alice", width=375, height=667)
@@ -397,7 +397,7 @@ def test_phone_width_layout(pages: Pages, server: Server, transport: str) -> Non
 
 
 def test_server_restart_page_resumes_exactly_once(
-    pages: Pages, server: Server, transport: str
+    server: Server, pages: Pages, transport: str
 ) -> None:
     from playwright.sync_api import expect
 
@@ -443,7 +443,7 @@ def test_server_restart_page_resumes_exactly_once(
 
 
 def test_load_older_pages_back_through_history(
-    pages: Pages, unlimited_server: Server, transport: str
+    unlimited_server: Server, pages: Pages, transport: str
 ) -> None:
     from playwright.sync_api import expect
 
@@ -463,7 +463,7 @@ def test_load_older_pages_back_through_history(
 
 
 def test_slow_disconnect_is_shown_then_recovers(
-    pages: Pages, server: Server, transport: str
+    server: Server, pages: Pages, transport: str
 ) -> None:
     from playwright.sync_api import expect
 
@@ -498,3 +498,34 @@ def test_slow_disconnect_is_shown_then_recovers(
 
 def _q(transport: str) -> str:
     return "&transport=fallback" if transport == "fallback" else ""
+
+
+def test_three_users_two_rooms_readme_scene(server: Server, browser: Browser) -> None:
+    """Three people, two rooms, an unread count, someone typing: docs/screenshot.png."""
+    from playwright.sync_api import expect
+
+    pages = Pages(browser, "chat")
+    try:
+        alice = pages.open(server, "alice", "random", width=1000, height=520)
+        alice.locator("#join-input").fill("general")
+        alice.keyboard.press("Enter")
+        expect_focus_on_message_box(alice)
+        bob = pages.open(server, "bob")
+        carol = pages.open(server, "carol")
+        say(bob, "Morning! Did the deploy go out?")
+        expect(message_with(alice, "Morning!")).to_have_count(1)
+        say(alice, "Yes: both nodes are on the new build.")
+        expect(message_with(carol, "both nodes")).to_have_count(1)
+        say(carol, "I closed my laptop on the train and got every message back on resume.")
+        expect(message_with(alice, "on resume")).to_have_count(1)
+        say(bob, "And <b>tags</b> show up as plain text, as they should.")
+        expect(message_with(alice, "plain text")).to_have_count(1)
+        send_as(server.chat_url, "dave", "random", ["anyone up for lunch?"])
+        expect(alice.locator('#room-list li[data-room="random"] .unread')).to_have_text("1")
+        bob.locator("#text").press_sequentially("sounds go")
+        expect(alice.locator("#typing")).to_have_text("bob is typing…")
+        expect(alice.locator("#member-list li")).to_have_text(["alice (you)", "bob", "carol"])
+        alice.screenshot(path=str(OUTPUT / "readme.png"))
+    finally:
+        pages.close()
+    assert not pages.errors, pages.errors

@@ -110,6 +110,8 @@
         members: new Set(),
         typing: new Map(), // name -> timer
         joined: false, // server said "joined" on the current socket
+        replayed: 0, // messages received since the join was sent
+        fullReplay: false, // that join asked for the latest page (no `since`)
         loaded: false, // first join of this page finished (later messages count as unread)
         more: true, // older history may exist
         unread: 0,
@@ -183,6 +185,7 @@
     const before = lo < r.ids.length ? r.nodes.get(r.ids[lo]) : r.log.querySelector(".pending, .sent");
     r.log.insertBefore(li, before || null);
     r.ids.splice(lo, 0, m.id);
+    if (!r.joined) r.replayed += 1;
     r.nodes.set(m.id, li);
     if (r.lastId === null || m.id > r.lastId) r.lastId = m.id;
     stopTyping(r, m.from);
@@ -358,6 +361,7 @@
   // ---------------------------------------------------------------- connection
 
   function setStatus(state, text) {
+    document.body.classList.toggle("offline", state !== "online");
     el.status.dataset.state = state;
     el.status.textContent = text;
   }
@@ -370,6 +374,8 @@
 
   function sendJoin(r) {
     r.joined = false;
+    r.replayed = 0;
+    r.fullReplay = !r.lastId; // a join without `since` replays the latest page
     const join = { type: "join", room: r.name };
     if (r.lastId) join.since = r.lastId;
     send(join);
@@ -513,6 +519,8 @@
         }
         r.joined = true;
         r.loaded = true;
+        // A first page shorter than a full one is all there is.
+        if (r.fullReplay && r.replayed < HISTORY_PAGE) r.more = false;
         r.members = new Set(Array.isArray(f.members) ? f.members : []);
         if (f.room === current) {
           renderMembers();
@@ -608,6 +616,7 @@
     pendingEls.set(o.cid, li);
     scrollToBottom();
     el.text.value = "";
+    lastTypingSent = 0; // the message ended the others' "is typing"; the next key says it again
     if (r.joined) send({ type: "send", room: o.room, text: o.text, cid: o.cid });
   });
 
