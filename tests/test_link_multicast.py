@@ -15,6 +15,7 @@ from dataclasses import replace
 import pytest
 import trio
 
+from trio_chat._errors import ConfigError
 from trio_chat._link import ClusterLink, LinkConfig, MulticastTransport, new_incarnation
 from trio_chat._link_diag import run_cluster_check
 from trio_chat._link_state import Delivered, PeerDown, PeerUp
@@ -64,8 +65,8 @@ async def test_three_links_exchange_messages_over_loopback_multicast(config: Lin
             for link in links.values():
                 await nursery.start(link.run)
             for name, link in links.items():
-                ups = {(await link.events.receive()).node for _ in range(2)}  # type: ignore[union-attr]
-                assert ups == set(links) - {name}
+                ups = [await link.events.receive() for _ in range(2)]
+                assert {up.node for up in ups if isinstance(up, PeerUp)} == set(links) - {name}
             for name, link in links.items():
                 link.broadcast(f"hello from {name}".encode())
             links["w0"].broadcast(os.urandom(40_000))  # Fragmented.
@@ -145,3 +146,19 @@ async def test_cluster_check_reports_an_interface_it_cannot_join(config: LinkCon
         code = await run_cluster_check(replace(config, interface="198.51.100.123"), 1.0, out)
     assert code == 2
     assert "FAILED: cannot join cluster group" in out.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"group": "10.0.0.1"}, "not a multicast address"),
+        ({"interface": "eth0"}, "IPv4 addresses"),
+        ({"ttl": 256}, "TTL 0-255"),
+        ({"suspect_after": 10.0}, "dead_after"),
+    ],
+)
+def test_bad_settings_are_refused_with_a_clear_message(
+    config: LinkConfig, change: dict[str, object], message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        ClusterLink(replace(config, **change))  # type: ignore[arg-type]

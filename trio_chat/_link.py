@@ -300,6 +300,7 @@ class ClusterLink:
         return [] if self._state is None else self._state.peers()
 
     def statistics(self) -> ClusterLinkStatistics:
+        """The state machine's counters (zero before ``run``) and the shell's."""
         link = (
             LinkStatistics(**{f.name: 0 for f in fields(LinkStatistics)})
             if self._state is None

@@ -341,6 +341,7 @@ class LinkState:
         ]
 
     def statistics(self) -> LinkStatistics:
+        """Counters since start, and the current peer count and buffer sizes."""
         return LinkStatistics(
             peers=sum(p.status in _LIVE for p in self._peers.values()),
             buffer_packets=len(self._buffer),
