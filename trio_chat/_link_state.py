@@ -384,17 +384,20 @@ class LinkState:
         s = self._settings
         if now >= self._heartbeat_at:
             self._send_heartbeat(now, hello=False)
+        # Each test compares ``now`` with the very sum ``next_deadline`` returns: a tick at
+        # that deadline must act, or the shell would wake up again at once, forever.
         for peer in list(self._peers.values()):
-            silent = now - peer.last_heard
-            if peer.status is PeerStatus.JOINING and silent >= s.dead_after:
+            dead = now >= peer.last_heard + s.dead_after
+            if peer.status is PeerStatus.JOINING and dead:
                 del self._peers[peer.node]
                 continue
-            if peer.status in _LIVE and silent >= s.dead_after:
+            if peer.status in _LIVE and dead:
                 self._end(peer, PeerStatus.DEAD, "dead", now)
-            elif peer.status in _LIVE and silent >= s.suspect_after and now >= peer.ping_at:
+            elif peer.status in _LIVE and now >= peer.last_heard + s.suspect_after:
                 peer.status = PeerStatus.SUSPECT
-                peer.ping_at = now + s.ping_interval
-                self._send(Ping(peer.node, peer.incarnation), now)
+                if now >= peer.ping_at:
+                    peer.ping_at = now + s.ping_interval
+                    self._send(Ping(peer.node, peer.incarnation), now)
             if peer.nak_at is not None and now >= peer.nak_at:
                 self._send_nak(peer, now)
 
