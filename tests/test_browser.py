@@ -149,6 +149,12 @@ def unlimited_server(tmp_path: Path) -> Iterator[Server]:
     yield from _make_server(tmp_path, TRIO_CHAT_RATE_LIMIT="0")
 
 
+@pytest.fixture
+def server_with_dead_chat_socket(tmp_path: Path) -> Iterator[Server]:
+    """/api/config names a chat socket nobody listens on (a proxy that drops it, say)."""
+    yield from _make_server(tmp_path, TRIO_CHAT_WS_PUBLIC_URL=f"ws://127.0.0.1:{_free_port()}/ws")
+
+
 def send_as(url: str, name: str, room: str, texts: list[str]) -> None:
     """Send ``texts`` to ``room`` from a trio-websocket client, waiting for every ack."""
 
@@ -526,6 +532,50 @@ def test_three_users_two_rooms_readme_scene(server: Server, browser: Browser) ->
         expect(alice.locator("#typing")).to_have_text("bob is typing…")
         expect(alice.locator("#member-list li")).to_have_text(["alice (you)", "bob", "carol"])
         alice.screenshot(path=str(OUTPUT / "readme.png"))
+    finally:
+        pages.close()
+    assert not pages.errors, pages.errors
+
+
+def test_nickname_is_asked_once_then_remembered(
+    server: Server, pages: Pages, transport: str
+) -> None:
+    from playwright.sync_api import expect
+
+    ctx = pages.browser.new_context()
+    ctx.set_default_timeout(STEP_TIMEOUT_MS)
+    pages.contexts.append(ctx)
+    page = ctx.new_page()
+    page.goto(f"{server.base}/?{_q(transport)}")
+    expect(page.locator("#name-dialog")).to_be_visible()
+    expect(page.locator("#name-input")).to_be_focused()
+    page.keyboard.type("dora")
+    page.keyboard.press("Enter")
+    wait_online(page, transport)
+    expect_focus_on_message_box(page)
+    expect(page.locator("#room-title")).to_have_text("#general")  # the default room
+    expect(page).to_have_url(re.compile(r"#general$"))
+    page.reload()
+    wait_online(page, transport)
+    expect(page.locator("#name-dialog")).to_be_hidden()
+    # The old connection may still hold "dora" for a moment: the server adds a suffix.
+    expect(page.locator("#me-name")).to_have_text(re.compile(r"^dora(-\d+)?$"))
+
+
+def test_page_falls_back_to_ws_when_the_chat_socket_is_unreachable(
+    server_with_dead_chat_socket: Server, browser: Browser
+) -> None:
+    from playwright.sync_api import expect
+
+    pages = Pages(browser, "chat")  # nothing forced: the page must find /ws by itself
+    try:
+        alice = pages.open(server_with_dead_chat_socket, "alice", wait_joined=False)
+        wait_online(alice, "fallback")
+        expect(alice.locator("#status")).to_have_text("online (via /ws)")
+        say(alice, "over the fallback")
+        expect(message_with(alice, "over the fallback")).not_to_have_class(
+            re.compile(r"\bpending\b")
+        )
     finally:
         pages.close()
     assert not pages.errors, pages.errors

@@ -8,17 +8,19 @@
 //     so a message is never shown twice whatever the server replays.
 //   - On (re)connect every joined room is joined again with `since` = the last id seen in
 //     it: the server replays what we missed, then live messages follow.
-//   - Sends carry a client id (cid) and stay in `outbox` (also in localStorage) until acked;
+//   - Sends carry a client id (cid) and stay in `outbox` (also in sessionStorage) until acked;
 //     they are re-sent after a reconnect and the server stores a cid only once.
 //   - User text only ever reaches the page through textContent, never innerHTML.
 "use strict";
 
 (() => {
   const params = new URLSearchParams(location.search);
-  const store = {
+  // Name and rooms are remembered per browser (localStorage); unsent messages per tab
+  // (sessionStorage), so a second tab never re-sends the first one's outbox.
+  const storage = (area) => ({
     get(key, fallback) {
       try {
-        const raw = localStorage.getItem("trio-chat." + key);
+        const raw = area().getItem("trio-chat." + key);
         return raw === null ? fallback : JSON.parse(raw);
       } catch (_) {
         return fallback;
@@ -26,12 +28,14 @@
     },
     set(key, value) {
       try {
-        localStorage.setItem("trio-chat." + key, JSON.stringify(value));
+        area().setItem("trio-chat." + key, JSON.stringify(value));
       } catch (_) {
         // Private mode or full storage: the page still works, it just forgets on reload.
       }
     },
-  };
+  });
+  const store = storage(() => localStorage);
+  const tabStore = storage(() => sessionStorage);
 
   const $ = (id) => document.getElementById(id);
   const el = {
@@ -76,7 +80,7 @@
   /** The room whose "joined" should move the focus to the message box (the user opened it). */
   let focusOnJoin = null;
   /** Unacked sends, oldest first: {cid, room, text}. */
-  let outbox = store.get("outbox", []);
+  let outbox = tabStore.get("outbox", []);
   /** cid -> the <li> shown for a send not yet seen back from the server. */
   const pendingEls = new Map();
 
@@ -169,9 +173,12 @@
   /** Insert a message in id order. Returns false if it was already shown. */
   function addMessage(m, { countUnread = true } = {}) {
     if (typeof m.id !== "string" || typeof m.room !== "string") return false;
-    const r = roomState(m.room);
-    if (m.cid) settleCid(m.cid, m.id);
-    if (r.nodes.has(m.id)) return false;
+    const r = rooms.get(m.room);
+    if (!r) return false; // a room we have left
+    if (r.nodes.has(m.id)) {
+      if (m.cid) settleCid(m.cid, m.id);
+      return false;
+    }
     const stick = r === rooms.get(current) && nearBottom();
     // Binary search: ids sort in time order, so this is display order.
     let lo = 0;
@@ -187,6 +194,7 @@
     r.ids.splice(lo, 0, m.id);
     if (!r.joined) r.replayed += 1;
     r.nodes.set(m.id, li);
+    if (m.cid) settleCid(m.cid, m.id); // after the insert, so its pending copy goes away
     if (r.lastId === null || m.id > r.lastId) r.lastId = m.id;
     stopTyping(r, m.from);
     if (countUnread && r.loaded && m.room !== current && m.from !== myName) {
@@ -202,7 +210,7 @@
     const idx = outbox.findIndex((o) => o.cid === cid);
     if (idx >= 0) {
       outbox.splice(idx, 1);
-      store.set("outbox", outbox);
+      tabStore.set("outbox", outbox);
     }
     const li = pendingEls.get(cid);
     if (!li) return;
@@ -326,7 +334,7 @@
     r.log.remove();
     rooms.delete(room);
     outbox = outbox.filter((o) => o.room !== room);
-    store.set("outbox", outbox);
+    tabStore.set("outbox", outbox);
     saveRooms();
     if (current === room) {
       const next = rooms.keys().next();
@@ -610,7 +618,7 @@
     const r = rooms.get(current);
     const o = { cid: newCid(), room: current, text };
     outbox.push(o);
-    store.set("outbox", outbox);
+    tabStore.set("outbox", outbox);
     const li = messageNode({ from: myName, text, cid: o.cid }, true);
     r.log.appendChild(li);
     pendingEls.set(o.cid, li);
