@@ -301,11 +301,14 @@ async def test_piped_stdin_sends_then_exits_at_eof(
         watcher = await start_client(clients, server.chat_url, "watcher", "lobby")
         await watcher.expect(r"^\* joined #lobby")
         script = tmp_path / "lines.txt"
-        script.write_text("first piped line\n<b>second</b> & more\n")
+        script.write_text("first piped line\n<b>second</b> & more\nclear \x1b[2J bell \x07\n")
         with script.open("rb") as f:
             piper = await start_client(clients, server.chat_url, "piper", "lobby", stdin=f.fileno())
         await watcher.expect(r"<piper> first piped line$")
         await watcher.expect(r"<piper> <b>second</b> & more$")
+        # Escape sequences from the network are printed as text, never obeyed.
+        await watcher.expect(r"<piper> clear \\x1b\[2J bell \\x07$")
+        assert "\x1b" not in watcher.output()
         with trio.fail_after(15):
             assert await piper.proc.wait() == 0
-        await piper.expect(r"<piper> <b>second</b> & more$")
+        await piper.expect(r"<piper> clear \\x1b")

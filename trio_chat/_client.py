@@ -345,23 +345,23 @@ class ChatClient:
         room = self._rooms.get(room_name) if isinstance(room_name, str) else None
         if kind == "welcome":
             self._online = True
-            self._say(f"* connected as {frame.get('name')} (node {frame.get('node')})")
+            self._say(
+                f"* connected as {_safe(frame.get('name'))} (node {_safe(frame.get('node'))})"
+            )
             for r in list(self._rooms.values()):
                 await self._join(ws, r)
         elif kind == "message":
             self._on_message(frame, room)
         elif kind == "joined" and room is not None:
             room.joined = True
-            members = ", ".join(str(m) for m in frame.get("members", []))
+            members = ", ".join(_safe(m) for m in frame.get("members", []))
             self._say(f"* joined #{room.name}: {members}")
             for p in list(self._outbox.values()):
                 if p.room == room.name:
                     await self._send_pending(ws, p)
         elif kind == "reset" and room is not None:
-            # Our `since` is older than the server keeps: take the latest page instead.
-            room.last_id = None
+            # Our `since` is older than the server keeps; it follows with the latest page.
             self._say(f"* #{room.name}: too much missed; showing the latest messages")
-            await self._send(ws, {"type": "history", "room": room.name, "limit": 50})
         elif kind == "history" and room is not None:
             for m in frame.get("messages", []):
                 if isinstance(m, dict):
@@ -370,11 +370,11 @@ class ChatClient:
             self._settle(frame.get("cid"))
         elif kind == "presence" and room is not None:
             if frame.get("joined"):
-                self._say(f"* #{room.name}: {frame['joined']} joined")
+                self._say(f"* #{room.name}: {_safe(frame['joined'])} joined")
             if frame.get("left"):
-                self._say(f"* #{room.name}: {frame['left']} left")
+                self._say(f"* #{room.name}: {_safe(frame['left'])} left")
         elif kind == "error":
-            self._say(f"! error {frame.get('code')}: {frame.get('message')}")
+            self._say(f"! error {_safe(frame.get('code'))}: {_safe(frame.get('message'))}")
 
     def _on_message(self, frame: dict[str, Any], room: _Room | None) -> None:
         msg_id = frame.get("id")
@@ -385,7 +385,7 @@ class ChatClient:
             return
         ts = frame.get("ts")
         clock = time.strftime("%H:%M:%S", time.localtime(ts)) if _is_number(ts) else "--:--:--"
-        self._say(f"[{clock}] #{room.name} <{frame.get('from')}> {frame.get('text')}")
+        self._say(f"[{clock}] #{room.name} <{_safe(frame.get('from'))}> {_safe(frame.get('text'))}")
 
     def _settle(self, cid: object) -> None:
         if isinstance(cid, str) and self._outbox.pop(cid, None) is not None and not self._outbox:
@@ -491,3 +491,15 @@ class ChatClient:
 
 def _is_number(x: object) -> bool:
     return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _safe(value: object) -> str:
+    """Text from the network as one printable line: control characters (escape
+    sequences that could drive the terminal, newlines) are shown as escapes, not obeyed."""
+    text = str(value)
+    if text.isprintable():
+        return text
+    return "".join(
+        c if c.isprintable() or c == " " else c.encode("unicode_escape").decode("ascii")
+        for c in text
+    )
