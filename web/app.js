@@ -404,12 +404,15 @@
     return u;
   }
 
+  /** Ask the server where its chat socket is. Returns false if the server is unreachable. */
   async function loadConfig() {
     try {
       const resp = await fetch("/api/config", { cache: "no-store" });
-      if (resp.ok) config = await resp.json();
+      // No usable config (an old server, a proxy): the /ws fallback alone will do.
+      config = resp.ok ? await resp.json().catch(() => ({})) : {};
+      return true;
     } catch (_) {
-      // Server down: keep the last config (or none); the socket attempt will fail and back off.
+      return false;
     }
   }
 
@@ -426,7 +429,12 @@
 
   async function connect() {
     reconnectTimer = null;
-    if (!config) await loadConfig();
+    // Server unreachable: back off. (Trying /ws now would work only if the server came
+    // back within the last moment, and would pin this page to the slower fallback.)
+    if (!config && !(await loadConfig())) {
+      disconnected(1006, "");
+      return;
+    }
     setStatus(attempt === 0 ? "connecting" : "reconnecting", attempt === 0 ? "connecting…" : "reconnecting…");
     tryUrl(candidates(), 0);
   }
