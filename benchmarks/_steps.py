@@ -24,6 +24,9 @@ if TYPE_CHECKING:
 MIN_DELIVERED = 0.999
 #: ... and the 99th percentile latency stayed under this many milliseconds.
 MAX_P99_MS = 200.0
+#: A ramp step that failed while the machine stalled the load generator (other work on the
+#: cores) is measured again, at most this many times.
+RETRIES = 3
 
 
 def measure_step(
@@ -140,8 +143,9 @@ def ramp(
     common: dict[str, Any],
     what: str,
 ) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
-    """Step the publish rate up until a step fails (one retry when the load generator was
-    stalled by the machine), the load generator saturates, or the time bound is used up.
+    """Step the publish rate up until a step fails (retried up to `RETRIES` times when the
+    load generator was stalled by the machine), the load generator saturates, or the time
+    bound is used up.
 
     Returns every step and the best passing one.
     """
@@ -152,12 +156,12 @@ def ramp(
         if time.monotonic() > deadline:
             console.print("[yellow]time budget of the ramp used up; stopping[/]")
             break
-        for attempt in range(2):
+        for attempt in range(RETRIES + 1):
             r = measure_step(
                 pool,
                 tracker,
                 server,
-                step=10 + 2 * k + attempt,
+                step=10 + (RETRIES + 1) * k + attempt,
                 rate=rate,
                 duration=seconds,
                 **common,
@@ -165,7 +169,8 @@ def ramp(
             )
             if r["passed"] or not r["load_stalled"] or r["unexpected_closes"]:
                 break
-            console.print(f"  {rate:g} msg/s failed while the load generator stalled; again")
+            if attempt < RETRIES:
+                console.print(f"  {rate:g} msg/s failed while the load generator stalled; again")
         steps.append(r)
         console.print(
             f"  {rate:>8g} msg/s: {r['deliveries_per_s']:>10,.0f} deliveries/s, "
