@@ -534,6 +534,7 @@ def connect_clients(
         }
         for k, n in enumerate(shares)
     ]
+    t0 = time.monotonic()
     with Progress(
         "[progress.description]{task.description}",
         BarColumn(),
@@ -553,6 +554,11 @@ def connect_clients(
 
         replies = pool.call("connect", args, indices=idx, on_progress=on_progress, timeout=900)
     opened = sum(r["opened"] for r in replies)
+    elapsed = time.monotonic() - t0
+    if count > 1:
+        console.print(
+            f"[dim]{opened:,} {prefix} clients connected to {server.label} in {elapsed:.1f} s[/]"
+        )
     if opened < count:
         fails = [f for r in replies for f in r["failures"]]
         raise RuntimeError(f"only {opened}/{count} clients connected to {server.label}: {fails}")

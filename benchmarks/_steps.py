@@ -115,10 +115,45 @@ def measure_step(
     return result
 
 
-def setup_room(pool: LoadPool, server: Server, receivers: int, room: str = "bench") -> None:
-    """Receivers on workers 1.., one publisher (not measured) on worker 0, all in ``room``."""
+def setup_room(
+    pool: LoadPool, server: Server, receivers: int, room: str = "bench"
+) -> dict[str, float]:
+    """Receivers on workers 1.., one publisher (not measured) on worker 0, all in ``room``;
+    then wait until the server has digested the joins (see `settle`).
+
+    Returns the setup's cost: seconds to connect and settle, server CPU seconds.
+    """
+    cpu0 = server.cpu_seconds()
+    t0 = time.monotonic()
     connect_clients(pool, server, receivers, "r", [room], indices=list(range(1, len(pool))))
     connect_clients(pool, server, 1, "pub", [room], indices=[0], measure=False)
+    connected = time.monotonic() - t0
+    settle(server)
+    return {
+        "connect_s": connected,
+        "setup_s": time.monotonic() - t0,
+        "setup_server_cpu_s": server.cpu_seconds() - cpu0,
+    }
+
+
+def settle(server: Server, busy_pct: float = 10.0, max_seconds: float = 300.0) -> float:
+    """Wait until the server's CPU use drops below ``busy_pct`` % for one second.
+
+    Joins are not free: each one sends the room's member list to the newcomer and a
+    presence event to every member, so R joins cost O(R^2) deliveries, still being written
+    after the last ``joined`` reply. Measuring before they are done would charge them to
+    the window. Returns the seconds waited.
+    """
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < max_seconds:
+        cpu0 = server.cpu_seconds()
+        time.sleep(1.0)
+        if 100 * (server.cpu_seconds() - cpu0) < busy_pct:
+            break
+    waited = time.monotonic() - t0
+    if waited > 2:
+        console.print(f"[yellow]server busy for {waited:.0f} s after the joins[/]")
+    return waited
 
 
 def idle_cpu(server: Server, seconds: float = 2.0) -> float:

@@ -18,7 +18,6 @@ from _harness import (
     Results,
     Server,
     base_parser,
-    connect_clients,
     console,
     parse_servers,
     pinning,
@@ -28,15 +27,13 @@ from _harness import (
     start_server,
 )
 from _loadgen import LoadPool
-from _steps import measure_step, ramp, rates
+from _steps import measure_step, ramp, rates, setup_room
 
 
 def run_one(
     server: Server, pool: LoadPool, receivers: int, args: Any, load_cpus: list[int] | None
 ) -> dict[str, Any]:
-    recv_workers = list(range(1, len(pool)))
-    connect_clients(pool, server, receivers, "r", ["bench"], indices=recv_workers)
-    connect_clients(pool, server, 1, "pub", ["bench"], indices=[0], measure=False)
+    setup = setup_room(pool, server, receivers)
     tracker = LoadTracker(pool)
     common = {
         "receivers": receivers,
@@ -72,6 +69,7 @@ def run_one(
         "server": server.kind,
         "label": server.label,
         "receivers": receivers,
+        "setup": setup,
         "fixed": fixed,
         "ramp": steps,
         "max_deliveries_per_s": best["deliveries_per_s"] if best else 0.0,

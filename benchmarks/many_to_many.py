@@ -26,7 +26,7 @@ from _harness import (
     start_server,
 )
 from _loadgen import LoadPool
-from _steps import measure_step
+from _steps import measure_step, settle
 
 
 def main() -> None:
@@ -50,6 +50,7 @@ def main() -> None:
         try:
             console.rule(f"{server.label}: {args.clients} clients x {args.rate:g} msg/s")
             connect_clients(pool, server, args.clients, "m", ["bench"])
+            settle(server)
             tracker = LoadTracker(pool)
             common: dict[str, Any] = {
                 "receivers": args.clients,

@@ -55,7 +55,7 @@ def main() -> None:
         server = start_server(kind, results.logs, pin=pin)
         try:
             console.rule(f"{server.label}: {args.receivers} receivers x {args.rate:g} msg/s")
-            setup_room(pool, server, args.receivers)
+            setup = setup_room(pool, server, args.receivers)
             tracker = LoadTracker(pool)
             common: dict[str, Any] = {
                 "receivers": args.receivers,
@@ -78,7 +78,7 @@ def main() -> None:
             pool.call("close")
         finally:
             server.stop()
-        run = {"server": kind, "label": server.label, "idle_cpu_pct": idle, **r}
+        run = {"server": kind, "label": server.label, "idle_cpu_pct": idle, "setup": setup, **r}
         results.add(run)
         note = []
         if r["load_saturated"]:
