@@ -30,6 +30,7 @@ from _harness import (
     start_server,
 )
 from _loadgen import LoadPool
+from _steps import settle
 
 
 def main() -> None:
@@ -67,6 +68,7 @@ def main() -> None:
             connect_clients(pool, server, n, "i", rooms)
             connect_s = time.monotonic() - t0
             connect_cpu = server.cpu_seconds() - cpu0
+            settle(server)
             sleep_with_progress(args.settle, "settling")
             after = server.rss_bytes()
             cpu1 = server.cpu_seconds()
