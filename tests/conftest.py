@@ -65,7 +65,7 @@ async def start_server(nursery: trio.Nursery, settings: Settings) -> Server:
     return Server(app, http_url, ws, http_url.replace("http://", "ws://") + "/ws", shutdown)
 
 
-def test_settings(tmp_path: Path, **overrides: Any) -> Settings:
+def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
     base: dict[str, Any] = {
         "data_dir": tmp_path,
         "ws_bind": ("127.0.0.1", 0),
@@ -78,7 +78,7 @@ def test_settings(tmp_path: Path, **overrides: Any) -> Settings:
 
 @pytest.fixture
 async def server(nursery: trio.Nursery, tmp_path: Path) -> Server:
-    return await start_server(nursery, test_settings(tmp_path))
+    return await start_server(nursery, make_settings(tmp_path))
 
 
 @pytest.fixture(params=["chat_socket", "fallback"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import urllib.parse
 from typing import TYPE_CHECKING, Any
 
@@ -131,9 +132,9 @@ async def test_text_rules(server: Server, transport: str, connect: Any) -> None:
 async def test_join_twice_and_too_many_rooms(
     tmp_path: Any, nursery: trio.Nursery, connect: Any
 ) -> None:
-    from conftest import start_server, test_settings
+    from conftest import start_server, make_settings
 
-    server = await start_server(nursery, test_settings(tmp_path, max_rooms=2))
+    server = await start_server(nursery, make_settings(tmp_path, max_rooms=2))
     async with connect(server.chat_socket_url, "alice") as alice:
         await alice.join("a")
         await alice.send(type="join", room="a")
@@ -219,10 +220,10 @@ async def test_foreign_origin_is_refused(server: Server, transport: str, connect
 
 
 async def test_listed_origin_is_allowed(tmp_path: Any, nursery: trio.Nursery) -> None:
-    from conftest import start_server, test_settings
+    from conftest import start_server, make_settings
 
     server = await start_server(
-        nursery, test_settings(tmp_path, allowed_origins=frozenset({"https://chat.example.com"}))
+        nursery, make_settings(tmp_path, allowed_origins=frozenset({"https://chat.example.com"}))
     )
     headers = [(b"Origin", b"https://chat.example.com")]
     async with open_websocket_url(server.chat_socket_url, extra_headers=headers) as ws:
@@ -234,6 +235,7 @@ async def test_nothing_of_a_client_remains_after_it_goes(
 ) -> None:
     url = server.url(transport)
     node = server.node
+    fds = len(os.listdir("/proc/self/fd"))
     async with connect(url, "watcher") as watcher:
         await watcher.join("general")
         async with connect(url, "clean") as clean:
@@ -255,3 +257,6 @@ async def test_nothing_of_a_client_remains_after_it_goes(
         lambda: not node.statistics().connections and not node.hub.statistics().subscriptions
     )
     assert not node.chat_socket.connections
+    if transport == "chat_socket":
+        # every socket of the four connections was closed, not left to the collector
+        await eventually(lambda: len(os.listdir("/proc/self/fd")) <= fds)

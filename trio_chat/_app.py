@@ -200,7 +200,7 @@ def _message_json(m: Any) -> dict[str, Any]:
 
 async def _serve_fallback(node: Node) -> None:
     """Run a session over hypercorn's WebSocket: the one-port path (slower)."""
-    transport = AsgiTransport(websocket.remote_addr or "?", node.settings.backlog)
+    transport = AsgiTransport(websocket.remote_addr or "?", node.settings.backlog, node.count_slow)
     session = Session(node, transport, websocket.args.get("name"))
     node.register(session)
     max_frame = node.settings.max_frame
@@ -229,8 +229,6 @@ async def _serve_fallback(node: Node) -> None:
             with trio.move_on_after(node.settings.shutdown_grace, shield=True):
                 await transport.done.wait()
         finally:
-            if transport.slow:
-                node.slow_disconnects += 1
             nursery.cancel_scope.cancel()
 
 

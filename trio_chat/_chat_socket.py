@@ -40,6 +40,3 @@ async def handle_chat_socket(
         await session.run(conn.receive_message_untrusted)
     except ConnectionClosed:
         pass
-    finally:
-        if conn.slow:
-            node.slow_disconnects += 1

@@ -102,7 +102,7 @@ class Node:
         self._commits = 0
         self._committed = 0
         self._duplicates = 0
-        self.slow_disconnects = 0
+        self._fallback_slow = 0
         self.errors: collections.Counter[str] = collections.Counter()
 
     # -- names --------------------------------------------------------------------------
@@ -250,6 +250,10 @@ class Node:
 
     # -- accounting ---------------------------------------------------------------------
 
+    def count_slow(self) -> None:
+        """Count a ``/ws`` client closed as slow (the chat socket counts its own)."""
+        self._fallback_slow += 1
+
     def count_error(self, code: str) -> None:
         self.errors[code] += 1
 
@@ -260,7 +264,7 @@ class Node:
             commits=self._commits,
             committed=self._committed,
             duplicates=self._duplicates,
-            slow_disconnects=self.slow_disconnects,
+            slow_disconnects=self._fallback_slow + self.chat_socket.statistics().slow_closes,
             errors=dict(self.errors),
         )
 

@@ -29,11 +29,13 @@ class AsgiTransport:
     Args:
       remote: the client's address, for logs.
       limit: bytes of unsent text the client may hold before it is closed as slow.
+      on_slow: called when the client is closed as slow (for statistics).
     """
 
-    def __init__(self, remote: str, limit: int) -> None:
+    def __init__(self, remote: str, limit: int, on_slow: Callable[[], None]) -> None:
         self.remote = remote
         self._limit = limit
+        self._on_slow = on_slow
         self._queue: collections.deque[str | tuple[int, str]] = collections.deque()
         self._queued_bytes = 0
         self._wakeup = trio.Event()
@@ -64,6 +66,7 @@ class AsgiTransport:
             self._queue.clear()
             self._queued_bytes = 0
             self.slow = True
+            self._on_slow()
             self.close_nowait(CLOSE_SLOW, "slow")
         self._wakeup.set()
 

@@ -58,6 +58,9 @@ _MAX_HANDSHAKE: Final = 16 * 1024
 _HANDSHAKE_TIMEOUT: Final = 10.0
 # A slow client's close frame gets this long to drain before the socket is cut.
 _SLOW_CLOSE_GRACE: Final = 2.0
+# The kernel's send buffer per connection. Linux would grow it to 4 MiB for a reader
+# that stalls; fixed, a slow client's cost is bounded by this plus its backlog.
+_SNDBUF: Final = 128 * 1024
 # sendmsg takes at most IOV_MAX buffers; 64 is plenty to fill a socket buffer.
 _MAX_IOV: Final = 64
 
@@ -84,6 +87,26 @@ class ConnectionClosed(Exception):
 
 
 @dataclasses.dataclass
+class _Counters:
+    """Write-path counters shared by all connections of a server."""
+
+    partial_writes: int = 0
+    peak_backlog: int = 0
+    slow_closes: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class ChatSocketStatistics:
+    connections: int
+    #: Bytes waiting in all backlogs now, and the most one connection ever held.
+    backlog_bytes: int
+    peak_backlog: int
+    #: Writes the kernel took only part of (the rest went to a backlog).
+    partial_writes: int
+    slow_closes: int
+
+
+@dataclasses.dataclass
 class HandshakeRequest:
     """What a client asked for when it opened the WebSocket."""
 
@@ -101,9 +124,16 @@ class WebSocketConnection:
     """
 
     def __init__(
-        self, sock: socket.socket, nursery: trio.Nursery, *, max_message: int, backlog_limit: int
+        self,
+        sock: socket.socket,
+        nursery: trio.Nursery,
+        *,
+        max_message: int,
+        backlog_limit: int,
+        counters: _Counters,
     ) -> None:
         self._sock = sock
+        self._counters = counters
         self._nursery = nursery
         self._ws = WSConnection(ConnectionType.SERVER)
         self._max_message = max_message
@@ -155,11 +185,14 @@ class WebSocketConnection:
                 return
             if sent == len(data):
                 return
+            self._counters.partial_writes += 1
             self._backlog.append(memoryview(data)[sent:])
             self._backlog_bytes += len(data) - sent
         else:
             self._backlog.append(data)
             self._backlog_bytes += len(data)
+        if self._backlog_bytes > self._counters.peak_backlog:
+            self._counters.peak_backlog = self._backlog_bytes
         if self._backlog_bytes > self._backlog_limit:
             self._overflow()
         else:
@@ -216,6 +249,7 @@ class WebSocketConnection:
             self._backlog.append(head)
             self._backlog_bytes = len(head)
         self.slow = True
+        self._counters.slow_closes += 1
         log.info(
             "closing %s: backlog over %d bytes (slow client)", self.remote, self._backlog_limit
         )
@@ -440,6 +474,7 @@ class WebSocketServer:
         self._backlog_limit = backlog_limit
         self._keepalive_interval = keepalive_interval
         self._accepting = trio.CancelScope()
+        self._counters = _Counters()
         self.connections: set[WebSocketConnection] = set()
         self.port: int | None = None
 
@@ -501,6 +536,15 @@ class WebSocketServer:
                     log.info("cutting %s: no answer to a ping", conn.remote)
                     conn.abort()
 
+    def statistics(self) -> ChatSocketStatistics:
+        return ChatSocketStatistics(
+            connections=len(self.connections),
+            backlog_bytes=sum(c.backlog_bytes for c in self.connections),
+            peak_backlog=self._counters.peak_backlog,
+            partial_writes=self._counters.partial_writes,
+            slow_closes=self._counters.slow_closes,
+        )
+
     async def shutdown(self, code: int, reason: str, grace: float) -> None:
         """Stop accepting; close every connection with ``code``; wait up to ``grace``."""
         self._accepting.cancel()
@@ -513,9 +557,14 @@ class WebSocketServer:
     async def _run_connection(self, sock: socket.socket) -> None:
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SNDBUF)
         async with trio.open_nursery() as nursery:
             conn = WebSocketConnection(
-                sock, nursery, max_message=self._max_message, backlog_limit=self._backlog_limit
+                sock,
+                nursery,
+                max_message=self._max_message,
+                backlog_limit=self._backlog_limit,
+                counters=self._counters,
             )
             self.connections.add(conn)
             try:

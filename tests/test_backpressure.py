@@ -1,0 +1,173 @@
+"""Slow readers: the server's memory stays bounded, frames never tear, others get all.
+
+These clients are raw sockets with a tiny receive buffer, speaking WebSocket through
+wsproto, so the test decides exactly when (and whether) bytes are read.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import socket
+import urllib.parse
+from typing import TYPE_CHECKING, Any
+
+import trio
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import AcceptConnection, CloseConnection, Request, TextMessage
+
+from conftest import eventually, start_server, make_settings
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from conftest import Server
+
+MESSAGES = 10_000
+BACKLOG = 64 * 1024
+
+
+class RawClient:
+    """A WebSocket client on a raw trio socket with a small receive buffer."""
+
+    def __init__(self, sock: trio.socket.SocketType) -> None:
+        self.sock = sock
+        self.ws = WSConnection(ConnectionType.CLIENT)
+        self.events: list[dict[str, Any]] = []
+        self.partial: list[str] = []
+        self.count: collections.Counter[str] = collections.Counter()
+        self.close_code: int | None = None
+
+    @classmethod
+    async def connect(cls, url: str, name: str, rcvbuf: int = 4096) -> RawClient:
+        parts = urllib.parse.urlsplit(url)
+        sock = trio.socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        await sock.connect((parts.hostname, parts.port))
+        client = cls(sock)
+        await client._send(Request(host=parts.netloc, target=f"{parts.path}?name={name}"))
+        while not any(isinstance(e, AcceptConnection) for e in await client._receive_events()):
+            pass
+        return client
+
+    async def _send(self, event: Any) -> None:
+        data = self.ws.send(event)
+        while data:
+            sent = await self.sock.send(data)
+            data = data[sent:]
+
+    async def send(self, **command: Any) -> None:
+        await self._send(TextMessage(data=json.dumps(command)))
+
+    async def _receive_events(self, size: int = 65536) -> list[Any]:
+        data = await self.sock.recv(size)
+        self.ws.receive_data(data or None)
+        events = list(self.ws.events())
+        for event in events:
+            if isinstance(event, TextMessage):
+                # wsproto hands over a frame's data as it arrives
+                self.partial.append(event.data)
+                if event.message_finished:
+                    # json.loads fails on a torn or interleaved frame
+                    text, self.partial = "".join(self.partial), []
+                    for line in text.split("\n"):
+                        event = json.loads(line)
+                        self.events.append(event)
+                        self.count[event["type"]] += 1
+            elif isinstance(event, CloseConnection):
+                self.close_code = event.code
+        if not data:
+            self.close_code = self.close_code or 1006
+        return events
+
+    async def read_until(self, done: Any, chunk: int = 65536) -> None:
+        while not done() and self.close_code is None:
+            await self._receive_events(chunk)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def messages(client: RawClient) -> list[dict[str, Any]]:
+    return [e for e in client.events if e["type"] == "message"]
+
+
+async def publish(url: str, count: int, size: int = 200) -> None:
+    publisher = await RawClient.connect(url, "publisher")
+    try:
+        await publisher.send(type="join", room="flood")
+        for i in range(count):
+            await publisher.send(type="send", room="flood", text=f"{i:06d} " + "x" * size)
+        # Read everything before closing: closing with unread data resets the
+        # connection, and the server would lose frames still in flight.
+        await publisher.read_until(lambda: publisher.count["ack"] >= count)
+    finally:
+        publisher.close()
+
+
+async def test_slow_reader_is_closed_4008_while_others_get_everything(
+    nursery: trio.Nursery, tmp_path: Path, transport: str
+) -> None:
+    server: Server = await start_server(
+        nursery, make_settings(tmp_path, rate_limit=0.0, backlog=BACKLOG, store="memory")
+    )
+    url = server.url(transport)
+    slow = await RawClient.connect(url, "slow", rcvbuf=2048)
+    await slow.send(type="join", room="flood")
+    readers = [await RawClient.connect(url, f"reader{i}") for i in range(3)]
+    for reader in readers:
+        await reader.send(type="join", room="flood")
+        await reader.read_until(lambda r=reader: r.count["joined"] > 0)
+    publisher = readers[0]
+    async with trio.open_nursery() as inner:
+        # As soon as the server gives up on the slow client, it reads what it was sent.
+        inner.start_soon(read_when_dropped, server, slow)
+        # Publish in windows and let the readers catch up after each: they stay within
+        # their backlog, while the slow client, which reads nothing, falls behind.
+        window = 200
+        for start in range(0, MESSAGES, window):
+            for i in range(start, start + window):
+                await publisher.send(type="send", room="flood", text=f"{i:06d} " + "x" * 200)
+            for reader in readers:
+                await reader.read_until(lambda r=reader, n=start + window: r.count["message"] >= n)
+    for reader in readers:
+        texts = [m["text"][:6] for m in messages(reader)]
+        assert texts == [f"{i:06d}" for i in range(MESSAGES)]
+        reader.close()
+    assert server.node.statistics().slow_disconnects == 1
+    if transport == "chat_socket":
+        stats = server.node.chat_socket.statistics()
+        # a backlog never outgrows its bound by more than the frame that crossed it
+        assert BACKLOG < stats.peak_backlog < BACKLOG + 16 * 1024
+        assert stats.slow_closes == 1
+    # what the slow client did get is whole frames, then the close code
+    assert slow.close_code == 4008
+    assert 0 < len(messages(slow)) < MESSAGES
+    slow.close()
+    await eventually(lambda: server.node.hub.statistics().subscribers == 0)
+
+
+async def read_when_dropped(server: Server, slow: RawClient) -> None:
+    await eventually(lambda: server.node.statistics().slow_disconnects == 1)
+    await slow.read_until(lambda: False)
+
+
+async def test_partial_writes_never_tear_a_frame(
+    nursery: trio.Nursery, tmp_path: Path, transport: str
+) -> None:
+    server: Server = await start_server(nursery, make_settings(tmp_path, rate_limit=0.0))
+    url = server.url(transport)
+    node = server.node
+    sipper = await RawClient.connect(url, "sipper", rcvbuf=2048)
+    await sipper.send(type="join", room="flood")
+    await sipper.read_until(lambda: sipper.count["joined"] > 0)
+    # 900 KB: more than the kernel takes for a reader that waits, less than the backlog
+    count = 450
+    await publish(url, count, 2000)
+    # now sip a few hundred bytes at a time: the server's writes resume mid-frame
+    await sipper.read_until(lambda: sipper.count["message"] >= count, 300)
+    assert [m["text"][:6] for m in messages(sipper)] == [f"{i:06d}" for i in range(count)]
+    if transport == "chat_socket":
+        assert node.chat_socket.statistics().partial_writes > 0
+    sipper.close()
