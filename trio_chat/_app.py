@@ -12,13 +12,16 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
+import msgspec
 import trio
 from quart import Response, abort, jsonify, request, send_from_directory, websocket
 from quart_trio import QuartTrio
 
+from ._cluster import HEAL_HEADER, check_heal_signature, link_config
 from ._config import Settings
 from ._errors import ConfigError, ProtocolError
 from ._identity import NodeIdentity, claim_identity
@@ -77,6 +80,9 @@ class ChatApp:
         try:
             settings = self._settings or Settings.from_env()
             identity = claim_identity(settings.data_dir)
+            link = None
+            if settings.cluster != "off":
+                link = link_config(settings, identity, http_url=settings.http_url or "")
             store = open_store(settings)
         except (ConfigError, OSError) as exc:
             log.error("cannot start: %s", exc)
@@ -87,7 +93,7 @@ class ChatApp:
         started = False
         try:
             async with trio.open_nursery() as nursery:
-                node = Node(settings, identity.node_id, store)
+                node = Node(settings, identity.node_id, store, link)
                 await nursery.start(node.run)
                 self.node = node
                 log.info(
@@ -174,6 +180,21 @@ def _make_quart(chat: ChatApp) -> QuartTrio:
         except ProtocolError as exc:
             return jsonify(code=exc.code, message=exc.message), 404
         return jsonify(room=room, messages=[_message_json(m) for m in page], more=more)
+
+    @quart.get("/api/cluster/messages")
+    async def cluster_messages() -> Response | tuple[str, int]:
+        """Messages one node accepted, for a peer healing a gap (signed requests only)."""
+        n = node()
+        origin = request.args.get("origin", "")
+        after = request.args.get("after", "")
+        signature = request.headers.get(HEAL_HEADER, "")
+        if n.cluster is None or not check_heal_signature(
+            n.cluster.secret, origin, after, signature, time.time()
+        ):
+            return "a signed request from a cluster peer is required\n", 403
+        limit = min(int(request.args.get("limit", "1000") or 0) or 1, 1000)
+        found = await n.read_store(n.store.from_origin, origin, after, limit)
+        return Response(msgspec.json.encode(found), content_type="application/json")
 
     @quart.websocket("/ws")
     async def ws() -> tuple[str, int] | None:

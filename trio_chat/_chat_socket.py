@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import urllib.parse
 from typing import TYPE_CHECKING
@@ -36,7 +37,5 @@ async def handle_chat_socket(
     conn.accept()
     session = Session(node, conn, names[0] if names else None)
     node.register(session)
-    try:
+    with contextlib.suppress(ConnectionClosed):
         await session.run(conn.receive_message_untrusted)
-    except ConnectionClosed:
-        pass

@@ -49,4 +49,15 @@ def render_metrics(node: Node) -> str:
         "Error frames and refusals, by code.",
         [(f'{{code="{code}"}}', n) for code, n in sorted(stats.errors.items())],
     )
+    if node.cluster is not None:
+        for name, value in node.cluster.statistics().items():
+            metric(
+                f"cluster_{name}",
+                "gauge" if name in _CLUSTER_GAUGES else "counter",
+                f"Cluster link: {name.replace('_', ' ')}.",
+                [("", value)],
+            )
     return "\n".join(lines) + "\n"
+
+
+_CLUSTER_GAUGES = {"peers", "buffer_packets", "buffer_bytes", "reorder_packets", "rcvbuf"}

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Final, NoReturn, TypeVar, TypeVarTuple
 import trio
 
 from ._chat_socket import handle_chat_socket
+from ._cluster import Cluster
 from ._errors import ProtocolError
 from ._hub import Hub
 from ._ids import IdClock
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from ._config import Settings
+    from ._link import LinkConfig
     from ._protocol import Send, TypingEvent
     from ._session import Session
 
@@ -54,6 +56,7 @@ DEDUPE_WINDOW: Final = 600.0
 @dataclasses.dataclass(slots=True)
 class _Pending:
     message: Message
+    #: The local session that sent it; None for a message from another node.
     sender: Session | None
 
 
@@ -75,13 +78,17 @@ class Node:
       settings: the validated settings.
       node_id: this node's stable id (see `claim_node_id`).
       store: the history engine; `open_store` picks it from the settings.
+      link: the cluster link's configuration, or None to run alone.
     """
 
-    def __init__(self, settings: Settings, node_id: str, store: Store) -> None:
+    def __init__(
+        self, settings: Settings, node_id: str, store: Store, link: LinkConfig | None = None
+    ) -> None:
         self.settings = settings
         self.node_id = node_id
         self.store = store
         self.hub = Hub()
+        self.cluster = Cluster(self, link) if link is not None else None
         self.ids = IdClock(node_id)
         self.sessions: set[Session] = set()
         self._names: set[str] = set()
@@ -129,10 +136,14 @@ class Node:
         """Subscribe ``session`` to ``room`` and tell the room (cluster-wide) it arrived."""
         self.hub.subscribe(room, session)
         self._presence(room, Presence(room=room, joined=session.name), session)
+        if self.cluster is not None:
+            self.cluster.send_presence(room, session.name, joined=True)
 
     def leave(self, room: str, session: Session) -> None:
         if self.hub.unsubscribe(room, session):
             self._presence(room, Presence(room=room, left=session.name), session)
+            if self.cluster is not None:
+                self.cluster.send_presence(room, session.name, joined=False)
 
     def _presence(self, room: str, event: Presence, session: Session) -> None:
         # Presence is state, not history: when the queue is full the event is dropped
@@ -140,10 +151,16 @@ class Node:
         self.hub.publish_nowait(room, event, exclude=session)
 
     def members(self, room: str) -> list[str]:
-        return self.hub.members(room)
+        """Who is in ``room``: here first, then on other nodes."""
+        local = self.hub.members(room)
+        if self.cluster is None:
+            return local
+        return list(dict.fromkeys(local + self.cluster.members(room)))
 
     def typing(self, room: str, event: TypingEvent, session: Session) -> None:
         self.hub.publish_nowait(room, event, exclude=session)
+        if self.cluster is not None:
+            self.cluster.send_typing(room, session.name)
 
     def register(self, session: Session) -> None:
         self.sessions.add(session)
@@ -167,7 +184,7 @@ class Node:
         dedupe = None
         if command.cid is not None:
             dedupe = f"{session.requested_name}\0{command.cid}"
-            existing = self._in_flight.get(dedupe) or await self._read(
+            existing = self._in_flight.get(dedupe) or await self.read_store(
                 self.store.find_dedupe, dedupe, time.time() - DEDUPE_WINDOW
             )
             if existing is not None:
@@ -200,12 +217,22 @@ class Node:
             self._committed += len(batch)
             for pending in batch:
                 message = pending.message
+                if pending.sender is not None and self.cluster is not None:
+                    self.cluster.send_message(message)
                 await self.hub.publish(message.room, message.event())
                 if pending.sender is not None:
                     ack = Ack(id=message.id, cid=message.cid)
                     await self.hub.publish_to(pending.sender, message.room, ack)
                 if message.dedupe is not None:
                     self._in_flight.pop(message.dedupe, None)
+
+    async def deliver_remote(self, message: Message) -> None:
+        """Store and broadcast a message another node accepted.
+
+        Cancellation: a checkpoint; waits while the commit queue is full.
+        """
+        self.ids.witness(message.id)
+        await self._commit_send.send(_Pending(message, None))
 
     async def replay(self, room: str, since: str | None) -> tuple[list[Message], bool]:
         """What a client joining ``room`` gets first, and whether it must reset.
@@ -216,13 +243,13 @@ class Node:
         """
         latest = self.settings.history_on_join
         if since is None:
-            return await self._read(self.store.latest, room, latest), False
-        if not await self._read(self.store.contains, room, since):
-            return await self._read(self.store.latest, room, latest), True
+            return await self.read_store(self.store.latest, room, latest), False
+        if not await self.read_store(self.store.contains, room, since):
+            return await self.read_store(self.store.latest, room, latest), True
         bound = self.settings.resume_max
-        missed = await self._read(self.store.after, room, since, bound + 1)
+        missed = await self.read_store(self.store.after, room, since, bound + 1)
         if len(missed) > bound:
-            return await self._read(self.store.latest, room, latest), True
+            return await self.read_store(self.store.latest, room, latest), True
         return missed, False
 
     async def page(self, room: str, before: str | None, limit: int) -> tuple[list[Message], bool]:
@@ -231,9 +258,9 @@ class Node:
         Raises:
           ProtocolError: ``before`` is not a message of ``room`` (``unknown_id``).
         """
-        if before is not None and not await self._read(self.store.contains, room, before):
+        if before is not None and not await self.read_store(self.store.contains, room, before):
             raise ProtocolError("unknown_id", f"{room!r} has no message {before!r}")
-        messages = await self._read(self.store.before, room, before, limit + 1)
+        messages = await self.read_store(self.store.before, room, before, limit + 1)
         return messages[-limit:], len(messages) > limit
 
     async def _write(self, messages: list[Message]) -> None:
@@ -242,7 +269,7 @@ class Node:
         else:
             self.store.write(messages)
 
-    async def _read(self, fn: Callable[[*_Args], _R], *args: *_Args) -> _R:
+    async def read_store(self, fn: Callable[[*_Args], _R], *args: *_Args) -> _R:
         if self.store.blocking:
             return await trio.to_thread.run_sync(fn, *args, limiter=self._read_limiter)
         await trio.lowlevel.checkpoint()
@@ -273,10 +300,12 @@ class Node:
     async def run(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> NoReturn:
-        """Run the hub, the commit task and the chat socket until cancelled."""
+        """Run the hub, the commit task, the cluster link and the chat socket until cancelled."""
         async with trio.open_nursery() as nursery:
             await nursery.start(self.hub.run)
             nursery.start_soon(self._run_commits)
+            if self.cluster is not None:
+                await nursery.start(self.cluster.run)
             if self.settings.ws_bind is not None:
                 host, port = self.settings.ws_bind
                 self.chat_socket_port = await nursery.start(self.chat_socket.serve, host, port)
