@@ -121,8 +121,9 @@ async def test_bad_commands_get_error_frames(
 async def test_text_rules(server: Server, transport: str, connect: Any) -> None:
     async with connect(server.url(transport), "alice") as alice:
         await alice.join("general")
-        await alice.send(type="send", room="general", text="   ")
-        await alice.expect("error", code="empty_text")
+        await alice.send(type="send", room="general", text="   ", cid="c-9")
+        # errors name the room and cid of what they refuse
+        await alice.expect("error", code="empty_text", room="general", cid="c-9")
         await alice.send(type="send", room="general", text="x" * 4001)
         await alice.expect("error", code="text_too_long")
         await alice.send(type="send", room="general", text="x" * 4000)

@@ -180,9 +180,12 @@ class Pong(msgspec.Struct, tag="pong", tag_field="type", frozen=True):
     pass
 
 
-class ErrorEvent(msgspec.Struct, tag="error", tag_field="type", frozen=True):
+class ErrorEvent(msgspec.Struct, tag="error", tag_field="type", frozen=True, omit_defaults=True):
     code: str
     message: str
+    #: The room and cid of the command refused, when it had them.
+    room: str | None = None
+    cid: str | None = None
 
 
 Event = (

@@ -137,10 +137,6 @@ class Session:
     def send(self, event: Event) -> None:
         self.transport.send_payload_nowait(encode_event(event))
 
-    def send_error(self, code: str, message: str) -> None:
-        self.node.count_error(code)
-        self.send(ErrorEvent(code=code, message=message))
-
     def close(self, code: int, reason: str) -> None:
         if not self.closed:
             self.closed = True
@@ -159,22 +155,30 @@ class Session:
         """
         self.send(Welcome(name=self.name, node=self.node.node_id))
         if self._bad_name:
-            self.send_error(
-                "bad_name", f"names are 1-32 letters, digits, '_', '.', '-'; you are {self.name}"
-            )
+            reason = f"names are 1-32 letters, digits, '_', '.', '-'; you are {self.name}"
+            self._refuse(ProtocolError("bad_name", reason), None)
         try:
             while not self.closed:
+                command = None
                 try:
                     command = decode_command_untrusted(await receive())
                     await self._handle(command)
                 except ProtocolError as exc:
-                    self._refuse(exc)
+                    self._refuse(exc, command)
         finally:
             self.node.release(self)
 
-    def _refuse(self, exc: ProtocolError) -> None:
+    def _refuse(self, exc: ProtocolError, command: object) -> None:
         log.info("%s (%s): %s: %s", self.transport.remote, self.name, exc.code, exc.message)
-        self.send_error(exc.code, exc.message)
+        self.node.count_error(exc.code)
+        self.send(
+            ErrorEvent(
+                code=exc.code,
+                message=exc.message,
+                room=getattr(command, "room", None),
+                cid=getattr(command, "cid", None),
+            )
+        )
         if exc.close_code is not None:
             self.close(exc.close_code, exc.code)
 
