@@ -16,7 +16,7 @@ import trio
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, CloseConnection, Request, TextMessage
 
-from conftest import eventually, start_server, make_settings
+from conftest import eventually, make_settings, start_server
 
 if TYPE_CHECKING:
     from pathlib import Path

@@ -11,7 +11,7 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed, open_websocket_url
 
-from conftest import eventually
+from conftest import eventually, make_settings, start_server
 
 if TYPE_CHECKING:
     from conftest import Server
@@ -133,8 +133,6 @@ async def test_text_rules(server: Server, transport: str, connect: Any) -> None:
 async def test_join_twice_and_too_many_rooms(
     tmp_path: Any, nursery: trio.Nursery, connect: Any
 ) -> None:
-    from conftest import start_server, make_settings
-
     server = await start_server(nursery, make_settings(tmp_path, max_rooms=2))
     async with connect(server.chat_socket_url, "alice") as alice:
         await alice.join("a")
@@ -221,8 +219,6 @@ async def test_foreign_origin_is_refused(server: Server, transport: str, connect
 
 
 async def test_listed_origin_is_allowed(tmp_path: Any, nursery: trio.Nursery) -> None:
-    from conftest import start_server, make_settings
-
     server = await start_server(
         nursery, make_settings(tmp_path, allowed_origins=frozenset({"https://chat.example.com"}))
     )
