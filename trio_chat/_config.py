@@ -51,8 +51,8 @@ class Settings:
     #: Bytes of unsent frames a client may hold before it is closed with 4008 "slow".
     backlog: int = 1 * MIB
     allowed_origins: frozenset[str] = frozenset()
+    #: Every interval each client is pinged; one that sent nothing since the last is cut.
     keepalive_interval: float = 20 * SECONDS
-    keepalive_timeout: float = 20 * SECONDS
     #: How long connections get to close on shutdown before they are cut.
     shutdown_grace: float = 3 * SECONDS
     cluster: ClusterMode = "host"
@@ -83,7 +83,13 @@ class Settings:
             try:
                 values[field.name] = parse(raw.strip())
             except ValueError as exc:
-                raise ConfigError(f"{var}={raw!r}: {exc}") from None
+                reason = str(exc)
+                if reason.startswith(("could not convert", "invalid literal")):
+                    reason = "must be a number"
+                raise ConfigError(f"{var}={raw!r}: {reason}") from None
+        if values.get("cluster") == "lan":
+            # LAN mode reaches the segment unless told otherwise.
+            values.setdefault("cluster_ttl", 1)
         settings = cls(**values)  # type: ignore[arg-type]
         settings.check()
         return settings
@@ -101,6 +107,11 @@ class Settings:
             )
         if self.cluster == "lan" and self.cluster_ttl < 1:
             raise ConfigError("TRIO_CHAT_CLUSTER_TTL must be at least 1 in LAN mode")
+        if self.cluster == "lan" and self.cluster_interface.startswith("127."):
+            raise ConfigError(
+                "TRIO_CHAT_CLUSTER=lan needs TRIO_CHAT_CLUSTER_INTERFACE: the address of"
+                " this host on the LAN (multicast leaves through that interface)"
+            )
         if self.rate_limit > 0 and self.rate_burst < 1:
             raise ConfigError("TRIO_CHAT_RATE_BURST must be at least 1 when rate limiting is on")
 
@@ -217,7 +228,6 @@ _PARSERS: Final[dict[str, Callable[[str], object]]] = {
     "backlog": _size,
     "allowed_origins": _origins,
     "keepalive_interval": _positive_float,
-    "keepalive_timeout": _positive_float,
     "shutdown_grace": _non_negative_float,
     "cluster": _choice("off", "host", "lan"),
     "cluster_group": str,

@@ -1,0 +1,77 @@
+"""Settings: every bad value stops the server with a message naming the variable."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from trio_chat import ConfigError, Settings
+
+
+def test_defaults() -> None:
+    settings = Settings.from_env({})
+    assert settings.ws_bind == ("127.0.0.1", 8001)
+    assert settings.rate_limit == 10
+    assert settings.rate_burst == 20
+    assert settings.max_text == 4000
+    assert settings.backlog == 1024 * 1024
+    assert settings.data_dir == Path("data")
+    assert settings.cluster == "host"
+    assert settings.cluster_ttl == 0
+
+
+def test_values_are_parsed() -> None:
+    settings = Settings.from_env(
+        {
+            "TRIO_CHAT_WS_BIND": "off",
+            "TRIO_CHAT_RATE_LIMIT": "0",
+            "TRIO_CHAT_BACKLOG": "256K",
+            "TRIO_CHAT_ALLOWED_ORIGINS": "https://a.example, https://b.example/",
+            "TRIO_CHAT_CLUSTER": "lan",
+            "TRIO_CHAT_CLUSTER_INTERFACE": "192.0.2.10",
+            "TRIO_CHAT_CLUSTER_SECRET": "a secret of enough length",
+        }
+    )
+    assert settings.ws_bind is None
+    assert settings.rate_limit == 0
+    assert settings.backlog == 256 * 1024
+    assert settings.allowed_origins == {"https://a.example", "https://b.example"}
+    assert settings.cluster_ttl == 1  # LAN mode reaches the segment
+
+
+@pytest.mark.parametrize(
+    ("env", "words"),
+    [
+        ({"TRIO_CHAT_RATE_LIMIT": "abc"}, ["TRIO_CHAT_RATE_LIMIT", "number"]),
+        ({"TRIO_CHAT_RATE_LIMIT": "-1"}, ["TRIO_CHAT_RATE_LIMIT", "0 or above"]),
+        ({"TRIO_CHAT_RATE_BURST": "0"}, ["TRIO_CHAT_RATE_BURST", "above 0"]),
+        ({"TRIO_CHAT_MAX_TEXT": "many"}, ["TRIO_CHAT_MAX_TEXT", "number"]),
+        ({"TRIO_CHAT_WS_BIND": "nonsense"}, ["TRIO_CHAT_WS_BIND", "HOST:PORT"]),
+        ({"TRIO_CHAT_WS_BIND": "127.0.0.1:99999"}, ["TRIO_CHAT_WS_BIND", "port"]),
+        ({"TRIO_CHAT_WS_PUBLIC_URL": "http://x"}, ["TRIO_CHAT_WS_PUBLIC_URL", "ws://"]),
+        ({"TRIO_CHAT_BACKLOG": "12"}, ["TRIO_CHAT_BACKLOG", "1K"]),
+        ({"TRIO_CHAT_ALLOWED_ORIGINS": "evil.example"}, ["TRIO_CHAT_ALLOWED_ORIGINS", "origin"]),
+        ({"TRIO_CHAT_STORE": "postgres"}, ["TRIO_CHAT_STORE", "sqlite"]),
+        ({"TRIO_CHAT_CLUSTER": "galaxy"}, ["TRIO_CHAT_CLUSTER", "lan"]),
+        ({"TRIO_CHAT_CLUSTER_TTL": "300"}, ["TRIO_CHAT_CLUSTER_TTL", "255"]),
+        ({"TRIO_CHAT_CLUSTER_SECRET": "short"}, ["TRIO_CHAT_CLUSTER_SECRET", "16"]),
+        ({"TRIO_CHAT_CLUSTER": "lan"}, ["TRIO_CHAT_CLUSTER_SECRET"]),
+        (
+            {"TRIO_CHAT_CLUSTER": "lan", "TRIO_CHAT_CLUSTER_SECRET": "0123456789abcdef"},
+            ["TRIO_CHAT_CLUSTER_INTERFACE"],
+        ),
+    ],
+)
+def test_bad_values_are_refused_by_name(env: dict[str, str], words: list[str]) -> None:
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env(env)
+    for word in words:
+        assert word in str(info.value)
+
+
+def test_chat_socket_url_follows_the_page_host() -> None:
+    settings = Settings.from_env({"TRIO_CHAT_WS_BIND": "0.0.0.0:9001"})
+    assert settings.chat_socket_url("chat.example.com:8000") == "ws://chat.example.com:9001/ws"
+    behind_proxy = Settings.from_env({"TRIO_CHAT_WS_PUBLIC_URL": "wss://chat.example.com/socket"})
+    assert behind_proxy.chat_socket_url("anything") == "wss://chat.example.com/socket"
