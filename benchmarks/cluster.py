@@ -13,7 +13,8 @@ Example: ``python benchmarks/cluster.py --workers 2 --receivers 1000``
 
 from __future__ import annotations
 
-from typing import Any
+import urllib.request
+from typing import TYPE_CHECKING, Any
 
 from _harness import (
     LoadTracker,
@@ -28,6 +29,9 @@ from _harness import (
 )
 from _loadgen import LoadPool
 from _steps import measure_step, ramp, rates
+
+if TYPE_CHECKING:
+    from _harness import Server
 
 
 def discover_nodes(pool: LoadPool, url: str, workers: int) -> list[str]:
@@ -44,6 +48,29 @@ def discover_nodes(pool: LoadPool, url: str, workers: int) -> list[str]:
         if len(seen) >= workers:
             break
     return sorted(seen)
+
+
+def link_metrics(server: Server, scrapes: int = 12) -> dict[str, float]:
+    """The ``trio_chat_cluster_*`` counters of /metrics, highest value seen per counter.
+
+    Each scrape reaches whichever worker the kernel picks on the shared HTTP port, so this
+    is the worst worker seen (the metrics carry no node label).
+    """
+    worst: dict[str, float] = {}
+    for _ in range(scrapes):
+        try:
+            with urllib.request.urlopen(
+                f"http://127.0.0.1:{server.http_port}/metrics", timeout=2
+            ) as r:
+                text = r.read().decode()
+        except OSError:
+            continue
+        for line in text.splitlines():
+            if line.startswith("trio_chat_cluster_"):
+                name, _, value = line.rpartition(" ")
+                key = name.removeprefix("trio_chat_cluster_")
+                worst[key] = max(worst.get(key, 0.0), float(value))
+    return worst
 
 
 def spread(total: int, parts: int) -> list[int]:
@@ -141,6 +168,7 @@ def main() -> None:
             common=common,
             what=f"{args.workers} workers",
         )
+        link = link_metrics(server)
         pool.call("close")
     finally:
         server.stop()
@@ -154,6 +182,7 @@ def main() -> None:
         "ramp": steps,
         "max_deliveries_per_s": best["deliveries_per_s"] if best else 0.0,
         "client_bound": bool(steps and steps[-1]["load_saturated"]),
+        "link_metrics_worst_worker": link,
     }
     results.add(run)
     rows = []
@@ -178,6 +207,11 @@ def main() -> None:
         ["receivers", "count", "delivered %", "p50 ms", "p99 ms", "p99.9 ms"],
         rows,
     )
+    if link:
+        console.print(
+            "cluster link counters (worst worker seen): "
+            + ", ".join(f"{k}={v:g}" for k, v in sorted(link.items()))
+        )
     plot(results, run)
     console.print(f"JSON and plots in {results.folder}")
 
