@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
@@ -43,6 +44,9 @@ WEB_DIR: Final = Path(
 )
 
 _Scope = dict[str, Any]
+# After SIGTERM, how long a worker waits for hypercorn's shutdown: its graceful timeout
+# for HTTP connections (3 s by default) plus room to start.
+_SUPERVISOR_WAIT: Final = 10.0
 
 
 class ChatApp:
@@ -51,10 +55,13 @@ class ChatApp:
     Args:
       settings: the settings to run with; by default they are read from the environment
         when the server starts (so a bad value stops it with a clear message).
+      take_sigterm: handle SIGTERM in this process (`_close_on_sigterm`); for the
+        server's own worker processes, not for an app embedded in tests.
     """
 
-    def __init__(self, settings: Settings | None = None) -> None:
+    def __init__(self, settings: Settings | None = None, *, take_sigterm: bool = False) -> None:
         self._settings = settings
+        self._take_sigterm = take_sigterm
         self.node: Node | None = None
         self.quart = _make_quart(self)
 
@@ -95,6 +102,8 @@ class ChatApp:
             async with trio.open_nursery() as nursery:
                 node = Node(settings, identity.node_id, store, link)
                 await nursery.start(node.run)
+                if self._take_sigterm:
+                    nursery.start_soon(_close_on_sigterm, node)
                 self.node = node
                 log.info(
                     "node %s ready; chat socket %s",
@@ -118,6 +127,26 @@ class ChatApp:
             self.node = None
             store.close()
             identity.release()
+
+
+async def _close_on_sigterm(node: Node) -> None:
+    """Close every client with 1001 when this worker gets SIGTERM, then let it end.
+
+    Hypercorn's supervisor handles SIGTERM, but its spawned workers keep the default
+    action, so a signal to the whole process group (a service manager's usual stop)
+    would kill a worker mid-write and its clients would see 1006. Here the worker
+    closes its clients first. The supervisor's own shutdown then follows; if it does not
+    (the signal was for this worker alone), the worker ends as SIGTERM would have.
+    """
+    with trio.open_signal_receiver(signal.SIGTERM) as signals:
+        async for _ in signals:
+            log.info("SIGTERM: closing every client with 1001")
+            await node.shutdown()
+            break
+    await trio.sleep(_SUPERVISOR_WAIT)
+    log.warning("no shutdown from hypercorn after SIGTERM: ending this worker")
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _make_quart(chat: ChatApp) -> QuartTrio:
@@ -253,4 +282,4 @@ async def _serve_fallback(node: Node) -> None:
             nursery.cancel_scope.cancel()
 
 
-app: Final = ChatApp()
+app: Final = ChatApp(take_sigterm=True)

@@ -314,11 +314,14 @@ class Node:
         raise AssertionError("unreachable")
 
     async def shutdown(self) -> None:
-        """Stop accepting, close every chat-socket client with 1001, wait a grace period.
+        """Stop accepting, close every client with 1001, wait a grace period.
 
-        Cancellation: bounded by ``settings.shutdown_grace``; whatever is still open
-        then is cut when the node's nursery is cancelled.
+        May be called more than once. Cancellation: bounded by
+        ``settings.shutdown_grace``; whatever is still open then is cut when the node's
+        nursery is cancelled.
         """
+        for session in list(self.sessions):
+            session.close(CLOSE_GOING_AWAY, "server shutting down")
         await self.chat_socket.shutdown(
             CLOSE_GOING_AWAY, "server shutting down", self.settings.shutdown_grace
         )
