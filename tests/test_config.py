@@ -72,6 +72,9 @@ def test_bad_values_are_refused_by_name(env: dict[str, str], words: list[str]) -
 
 def test_chat_socket_url_follows_the_page_host() -> None:
     settings = Settings.from_env({"TRIO_CHAT_WS_BIND": "0.0.0.0:9001"})
-    assert settings.chat_socket_url("chat.example.com:8000") == "ws://chat.example.com:9001/ws"
+    assert (
+        settings.chat_socket_url("chat.example.com:8000", 9001) == "ws://chat.example.com:9001/ws"
+    )
+    assert settings.chat_socket_url("chat.example.com", None) is None
     behind_proxy = Settings.from_env({"TRIO_CHAT_WS_PUBLIC_URL": "wss://chat.example.com/socket"})
-    assert behind_proxy.chat_socket_url("anything") == "wss://chat.example.com/socket"
+    assert behind_proxy.chat_socket_url("anything", 9001) == "wss://chat.example.com/socket"

@@ -177,7 +177,7 @@ def _make_quart(chat: ChatApp) -> QuartTrio:
     async def config() -> Response:
         n = node()
         return jsonify(
-            ws_url=n.settings.chat_socket_url(request.host),
+            ws_url=n.settings.chat_socket_url(request.host, n.chat_socket_port),
             fallback_ws_url="/ws",
             node=n.node_id,
             max_text=n.settings.max_text,

@@ -115,14 +115,17 @@ class Settings:
         if self.rate_limit > 0 and self.rate_burst < 1:
             raise ConfigError("TRIO_CHAT_RATE_BURST must be at least 1 when rate limiting is on")
 
-    def chat_socket_url(self, page_host: str) -> str | None:
-        """The chat socket URL for a page served from ``page_host`` (host[:port])."""
+    def chat_socket_url(self, page_host: str, port: int | None) -> str | None:
+        """The chat socket URL for a page served from ``page_host`` (host[:port]).
+
+        ``port`` is the port the chat socket is bound to (None when it is off).
+        """
         if self.ws_public_url is not None:
             return self.ws_public_url
-        if self.ws_bind is None:
+        if port is None:
             return None
         host = page_host.rsplit(":", 1)[0] if not page_host.endswith("]") else page_host
-        return f"ws://{host}:{self.ws_bind[1]}/ws"
+        return f"ws://{host}:{port}/ws"
 
 
 def _positive_float(raw: str) -> float:
