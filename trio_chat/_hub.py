@@ -172,23 +172,29 @@ class Hub:
                     break
             self._batches += 1
             writes = 0
-            for room, exclude, only, events in _runs(batch):
+            for room, only, items in _runs(batch):
                 if only is not None:
-                    only.deliver_nowait(Outgoing(room, events))
+                    only.deliver_nowait(Outgoing(room, [item.event for item in items]))
                     continue
                 subs = self._rooms.get(room)
                 if not subs:
                     continue
-                out = Outgoing(room, events)
+                shared = Outgoing(room, [item.event for item in items])
+                # Events meant for all but one (typing, presence) share the frame; only
+                # the subscribers they exclude get a frame of their own without them.
+                excluded = {item.exclude for item in items if item.exclude is not None}
                 self._frames += 1
                 for sub in list(subs):
-                    if sub is exclude:
-                        continue
-                    sub.deliver_nowait(out)
+                    if sub not in excluded:
+                        sub.deliver_nowait(shared)
+                    else:
+                        own = _without(room, items, sub)
+                        if own.events:
+                            sub.deliver_nowait(own)
                     writes += 1
                     if writes % _WRITES_PER_CHECKPOINT == 0:
                         await trio.lowlevel.checkpoint()
-                self._deliveries += len(subs) - (exclude in subs)
+                self._deliveries += len(subs)
             await trio.lowlevel.checkpoint()
 
     def statistics(self) -> HubStatistics:
@@ -203,16 +209,21 @@ class Hub:
         )
 
 
-_Run = tuple[str, "Subscriber | None", "Subscriber | None", list[Event]]
+_Run = tuple[str, "Subscriber | None", list[_Item]]
 
 
 def _runs(batch: Iterable[_Item]) -> list[_Run]:
-    """Group a batch per room, in order, into runs with the same recipients."""
+    """Group a batch per room, in order, into runs for the room or for one subscriber."""
     per_room: dict[str, list[_Run]] = {}
     for item in batch:
         runs = per_room.setdefault(item.room, [])
-        if runs and runs[-1][1] is item.exclude and runs[-1][2] is item.only:
-            runs[-1][3].append(item.event)
+        if runs and runs[-1][1] is item.only:
+            runs[-1][2].append(item)
         else:
-            runs.append((item.room, item.exclude, item.only, [item.event]))
+            runs.append((item.room, item.only, [item]))
     return [run for runs in per_room.values() for run in runs]
+
+
+def _without(room: str, items: list[_Item], sub: Subscriber) -> Outgoing:
+    """The run's events but those that exclude ``sub``."""
+    return Outgoing(room, [item.event for item in items if item.exclude is not sub])

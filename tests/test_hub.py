@@ -1,0 +1,66 @@
+"""The hub's fan-out, with recording subscribers: who gets which frame, in what order."""
+
+from __future__ import annotations
+
+import trio
+import trio.testing
+
+from trio_chat._hub import Hub, Outgoing
+from trio_chat._protocol import Ack, MessageEvent, Presence, TypingEvent, decode_events
+
+
+class Recorder:
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.frames: list[Outgoing] = []
+
+    def deliver_nowait(self, out: Outgoing) -> None:
+        self.frames.append(out)
+
+    def events(self) -> list[object]:
+        return [e for out in self.frames for e in decode_events(out.payload)]
+
+
+def message(n: int) -> MessageEvent:
+    return MessageEvent(room="r", id=f"{n:016x}-n", sender="x", text=f"m{n}", ts=0.0)
+
+
+async def test_one_shared_frame_and_personal_frames_only_for_the_excluded(
+    nursery: trio.Nursery,
+) -> None:
+    hub = Hub()
+    a, b, c, d = (Recorder(n) for n in "abcd")
+    for sub in (a, b, c, d):
+        hub.subscribe("r", sub)
+    hub.subscribe("other", d)
+    joined, typing = Presence(room="r", joined="a"), TypingEvent(room="r", sender="b")
+    # queued before the fan-out task runs, so they form one batch
+    await hub.publish("r", message(1))
+    hub.publish_nowait("r", joined, exclude=a)
+    hub.publish_nowait("r", typing, exclude=b)
+    await hub.publish_to(a, "r", Ack(id=message(1).id, cid="c"))
+    await nursery.start(hub.run)
+    await trio.testing.wait_all_tasks_blocked()
+    assert a.events() == [message(1), typing, Ack(id=message(1).id, cid="c")]
+    assert b.events() == [message(1), joined]
+    assert c.events() == [message(1), joined, typing]
+    # c and d share one encoded frame; nothing went to the room d did not hear from
+    assert c.frames == d.frames
+    assert c.frames[0] is d.frames[0]
+    stats = hub.statistics()
+    assert stats.frames == 1
+    assert stats.batches == 1
+
+
+async def test_unsubscribed_and_empty_rooms_get_nothing(nursery: trio.Nursery) -> None:
+    hub = Hub()
+    a = Recorder("a")
+    hub.subscribe("r", a)
+    assert hub.unsubscribe("r", a)
+    assert not hub.unsubscribe("r", a)
+    await nursery.start(hub.run)
+    await hub.publish("r", message(1))
+    await trio.testing.wait_all_tasks_blocked()
+    assert a.frames == []
+    assert hub.statistics().subscriptions == 0
+    assert hub.room_names() == []
