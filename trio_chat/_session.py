@@ -244,6 +244,10 @@ class Session:
         try:
             self.node.join(room, self)
             replay, reset = await self.node.replay(room, command.since)
+        except BaseException:
+            # Not joined after all (cancelled, or the store failed): leave no subscription.
+            self.node.leave(room, self)
+            raise
         finally:
             del self._held[room]
         if reset:
