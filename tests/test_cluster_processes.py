@@ -43,22 +43,27 @@ def new_secret() -> str:
 
 
 async def members_on_distinct_nodes(
-    nursery: trio.Nursery, server: ChatServer, count: int, attempts: int = 60
+    nursery: trio.Nursery, server: ChatServer, count: int, limit: float = 15.0
 ) -> list[Member]:
     """Connect until ``count`` clients sit on ``count`` different workers.
 
-    The chat socket is bound by every worker with SO_REUSEPORT: the kernel picks a worker
-    per connection (by address hash), so a few connections reach them all.
+    The chat socket is bound by every worker with SO_REUSEPORT: the kernel picks one of
+    the workers already listening per connection (by address hash), so a few connections
+    reach them all; a worker still starting is reached once it listens.
     """
     found: dict[str, Member] = {}
-    for attempt in range(attempts):
-        member = await connect_member(nursery, server.host, server.ws_port, f"u{attempt}")
-        if member.node in found:
+    attempts = 0
+    with trio.move_on_after(limit):
+        while True:
+            attempts += 1
+            member = await connect_member(nursery, server.host, server.ws_port, f"u{attempts}")
+            if member.node not in found:
+                found[member.node] = member
+                if len(found) == count:
+                    return list(found.values())
+                continue
             await member.close()
-        else:
-            found[member.node] = member
-            if len(found) == count:
-                return list(found.values())
+            await trio.sleep(0.01)  # poll interval, bounded by limit
     raise AssertionError(f"{attempts} connections reached only the workers {sorted(found)}")
 
 
@@ -263,6 +268,8 @@ async def test_cluster_check_lists_the_running_peers(tmp_path: Path) -> None:
     try:
         await server.start()
         await server.wait_ready()
+        # Whichever worker answers, one peer means both workers are up.
+        await server.wait_metric("trio_chat_cluster_peers", lambda v: v == 1)
         host_id = (tmp_path / "data" / "node" / "host-id").read_text().strip()
         result = await trio.run_process(
             [str(BIN / "trio-chat"), "cluster", "--seconds", "3"],
