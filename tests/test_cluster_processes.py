@@ -210,11 +210,6 @@ async def test_three_processes_failure_detection_and_restart(tmp_path: Path) -> 
             await server.stop()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="server bug: a restarted node with its own store never fetches what it missed "
-    "while down; a join with `since` replays nothing and sends no reset (issue 4)",
-)
 @pytest.mark.timeout(45)
 async def test_messages_sent_while_a_process_was_down_reach_it(tmp_path: Path) -> None:
     servers = three_servers(tmp_path, cluster_env(free_udp_port(), new_secret()))

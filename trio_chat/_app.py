@@ -82,6 +82,11 @@ class ChatApp:
         send: Callable[[dict[str, Any]], Awaitable[None]],
     ) -> None:
         await receive()  # lifespan.startup
+        if not logging.getLogger().handlers:
+            # Under plain hypercorn nothing configures logging: show ours on stderr.
+            logging.basicConfig(
+                level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+            )
         identity: NodeIdentity | None = None
         store: Store | None = None
         try:

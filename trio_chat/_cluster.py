@@ -36,6 +36,8 @@ if TYPE_CHECKING:
     from ._node import Node
 
 log = logging.getLogger("trio_chat.cluster")
+# One line per heal request is noise; failures are logged here.
+logging.getLogger("httpx").setLevel(logging.WARNING)
 
 # Ids of remote messages recently delivered; a repair or a heal that brings one again
 # is dropped. Far more than a gap can span.
@@ -201,6 +203,7 @@ class Cluster:
                     case PeerUp(node=peer):
                         log.info("peer %s is up", peer)
                         self._send_snapshot()
+                        nursery.start_soon(self._catch_up, peer)
                     case PeerDown(node=peer, reason=reason):
                         log.info("peer %s is down (%s)", peer, reason)
                         self._forget(peer)
@@ -208,7 +211,7 @@ class Cluster:
                         log.warning(
                             "gap from %s (seq %d-%d): healing from history", origin, first, last
                         )
-                        await self._heal(origin)
+                        nursery.start_soon(self._heal, origin)
         raise AssertionError("the link's event channel closed")
 
     async def _announce_forever(self) -> NoReturn:
@@ -276,6 +279,17 @@ class Cluster:
 
     # -- healing ------------------------------------------------------------------------
 
+    async def _catch_up(self, origin: str) -> None:
+        """A peer came up: get what it accepted that we never stored.
+
+        The link delivers a peer's messages from the first heartbeat we hear on; what it
+        sent before (while we were down, or before we started) comes from history, from
+        just after the newest message of it we stored.
+        """
+        newest = await self.node.read_store(self.node.store.newest_from, origin) or ""
+        self._last_from[origin] = max(self._last_from.get(origin, ""), newest)
+        await self._heal(origin)
+
     async def _heal(self, origin: str) -> None:
         after = self._last_from.get(origin, "")
         healed = 0
@@ -284,7 +298,8 @@ class Cluster:
                 healed += await self._deliver(message)
         self.gaps_healed += 1
         self.healed_messages += healed
-        log.info("healed %d messages from %s", healed, origin)
+        if healed:
+            log.info("healed %d messages from %s", healed, origin)
 
     async def _from_store(self, origin: str, after: str) -> list[Message]:
         return await self.node.read_store(self.node.store.from_origin, origin, after, _HEAL_PAGE)

@@ -71,6 +71,9 @@ class Store(Protocol):
     def from_origin(self, origin: str, after: str, limit: int) -> list[Message]:
         """Up to ``limit`` messages accepted by node ``origin`` with ids above ``after``."""
 
+    def newest_from(self, origin: str) -> str | None:
+        """The newest id stored from node ``origin``, if any."""
+
     def close(self) -> None:
         """Release the engine's resources."""
 
@@ -175,6 +178,13 @@ class SqliteStore:
             (origin, after, limit),
         )
 
+    def newest_from(self, origin: str) -> str | None:
+        with self._read_lock:
+            row = self._reader.execute(
+                "SELECT max(id) FROM messages WHERE origin = ?", (origin,)
+            ).fetchone()
+        return None if row[0] is None else str(row[0])
+
     def close(self) -> None:
         self._writer.close()
         self._reader.close()
@@ -236,6 +246,12 @@ class MemoryStore:
             key=lambda x: x.id,
         )
         return found[:limit]
+
+    def newest_from(self, origin: str) -> str | None:
+        return max(
+            (m.id for msgs in self._rooms.values() for m in msgs if m.origin == origin),
+            default=None,
+        )
 
     def close(self) -> None:
         self._rooms.clear()
