@@ -14,6 +14,7 @@ import urllib.parse
 from typing import TYPE_CHECKING, Final, Protocol
 
 from ._errors import ProtocolError
+from ._hub import Outgoing
 from ._protocol import (
     ErrorEvent,
     Event,
@@ -24,6 +25,7 @@ from ._protocol import (
     Joined,
     Leave,
     Left,
+    MessageEvent,
     Ping,
     Pong,
     Reset,
@@ -40,7 +42,6 @@ from ._protocol import (
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
 
-    from ._hub import Outgoing
     from ._node import Node
 
 log = logging.getLogger("trio_chat.session")
@@ -121,6 +122,9 @@ class Session:
         self._strikes = 0
         #: Rooms being joined: live broadcasts wait here until history is sent.
         self._held: dict[str, list[Outgoing]] = {}
+        #: Ids just replayed per room, until live traffic has passed them (see
+        #: `_without_replayed`).
+        self._replayed: dict[str, set[str]] = {}
         self.closed = False
 
     # -- hub subscriber -----------------------------------------------------------------
@@ -129,8 +133,29 @@ class Session:
         held = self._held.get(out.room)
         if held is not None:
             held.append(out)
-        else:
-            self.transport.deliver_nowait(out)
+            return
+        if out.room in self._replayed:
+            fresh = self._without_replayed(out)
+            if fresh is None:
+                return
+            out = fresh
+        self.transport.deliver_nowait(out)
+
+    def _without_replayed(self, out: Outgoing) -> Outgoing | None:
+        """``out`` minus the messages this client just got from history.
+
+        A message committed before the join's history read can still be on its way
+        through the hub after the hold ended. Messages reach the hub in commit order, so
+        once a live message history did not have arrives, no replayed one can follow.
+        """
+        replayed = self._replayed[out.room]
+        ids = out.message_ids()
+        if any(i not in replayed for i in ids):
+            del self._replayed[out.room]
+        if not replayed.intersection(ids):
+            return out
+        events = [e for e in out.events if not (isinstance(e, MessageEvent) and e.id in replayed)]
+        return Outgoing(out.room, events) if events else None
 
     # -- sending ------------------------------------------------------------------------
 
@@ -252,18 +277,12 @@ class Session:
             del self._held[room]
         if reset:
             self.send(Reset(room=room))
-        replayed = {m.id for m in replay}
         if replay:
             self.transport.send_payload_nowait(encode_events([m.event() for m in replay]))
+            self._replayed[room] = {m.id for m in replay}
         self.send(Joined(room=room, members=self.node.members(room)))
         for out in held:
-            ids = out.message_ids()
-            if not replayed.intersection(ids):
-                self.transport.deliver_nowait(out)
-            else:
-                fresh = [e for e in out.events if getattr(e, "id", None) not in replayed]
-                if fresh:
-                    self.transport.send_payload_nowait(encode_events(fresh))
+            self.deliver_nowait(out)
 
     async def _history(self, command: HistoryRequest) -> None:
         messages, more = await self.node.page(command.room, command.before, command.limit)
