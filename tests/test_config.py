@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from trio_chat import ConfigError, Settings
+from trio_chat._cluster import cluster_secret
 
 
 def test_defaults() -> None:
@@ -78,3 +79,21 @@ def test_chat_socket_url_follows_the_page_host() -> None:
     assert settings.chat_socket_url("chat.example.com", None) is None
     behind_proxy = Settings.from_env({"TRIO_CHAT_WS_PUBLIC_URL": "wss://chat.example.com/socket"})
     assert behind_proxy.chat_socket_url("anything", 9001) == "wss://chat.example.com/socket"
+
+
+def test_host_mode_makes_one_owner_only_cluster_key(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path)
+    first = cluster_secret(settings)
+    assert len(first) >= 32
+    assert (tmp_path / "cluster.key").stat().st_mode & 0o777 == 0o600
+    assert cluster_secret(settings) == first  # every worker reads the same key
+    assert [p.name for p in tmp_path.iterdir()] == ["cluster.key"]  # no drafts left
+
+
+def test_unreadable_or_short_key_files_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        cluster_secret(Settings(cluster_key_file=tmp_path / "missing"))
+    short = tmp_path / "short"
+    short.write_text("tiny")
+    with pytest.raises(ConfigError, match="shorter than 16"):
+        cluster_secret(Settings(cluster_key_file=short))

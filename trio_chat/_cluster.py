@@ -15,7 +15,6 @@ import dataclasses
 import hashlib
 import hmac
 import logging
-import os
 import secrets
 import time
 from typing import TYPE_CHECKING, Final, NoReturn
@@ -25,6 +24,7 @@ import msgspec
 import trio
 
 from ._errors import ConfigError
+from ._identity import create_once
 from ._link import ClusterLink, LinkConfig
 from ._link_state import Delivered, Gap, PeerDown, PeerStatus, PeerUp
 from ._protocol import Presence, TypingEvent
@@ -88,19 +88,8 @@ def cluster_secret(settings: Settings) -> bytes:
     path = settings.cluster_key_file
     if path is None:
         path = settings.data_dir / "cluster.key"
-        if not path.exists():
-            # Made aside with owner-only permissions and linked into place, so that
-            # workers starting together agree on one key.
-            draft = path.with_name(f"cluster.key.{os.getpid()}")
-            fd = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w") as f:
-                f.write(secrets.token_urlsafe(32))
-            try:
-                os.link(draft, path)
-            except FileExistsError:
-                pass
-            finally:
-                draft.unlink()
+        # Readable by the owner only: whoever reads it can join the cluster.
+        create_once(path, secrets.token_urlsafe(32), 0o600)
     try:
         secret = path.read_bytes().strip()
     except OSError as exc:

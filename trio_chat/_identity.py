@@ -33,6 +33,26 @@ class NodeIdentity:
             self._lock_fd = -1
 
 
+def create_once(path: Path, text: str, mode: int) -> str:
+    """Create ``path`` holding ``text`` unless it exists; return what it holds.
+
+    The file is written aside and linked into place, so processes starting together
+    agree on one content and none reads a half-written file.
+    """
+    if not path.exists():
+        draft = path.with_name(f"{path.name}.{os.getpid()}")
+        fd = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        try:
+            os.link(draft, path)
+        except FileExistsError:
+            pass
+        finally:
+            draft.unlink()
+    return path.read_text().strip()
+
+
 def claim_identity(data_dir: Path) -> NodeIdentity:
     """Claim a free worker slot in ``data_dir`` and return the identity that goes with it.
 
@@ -41,19 +61,7 @@ def claim_identity(data_dir: Path) -> NodeIdentity:
     """
     folder = data_dir / "node"
     folder.mkdir(parents=True, exist_ok=True)
-    host_file = folder / "host-id"
-    if not host_file.exists():
-        # Written aside and linked into place, so that workers starting together agree
-        # on one id and none reads a half-written file.
-        draft = folder / f"host-id.{os.getpid()}"
-        draft.write_text(secrets.token_hex(3))
-        try:
-            os.link(draft, host_file)
-        except FileExistsError:
-            pass
-        finally:
-            draft.unlink()
-    host_id = host_file.read_text().strip()
+    host_id = create_once(folder / "host-id", secrets.token_hex(3), 0o644)
     for slot in range(_MAX_SLOTS):
         lock_fd = os.open(folder / f"slot-{slot}.lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
