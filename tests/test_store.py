@@ -99,19 +99,7 @@ def test_latest_after_before_order_and_bounds(store: Store) -> None:
     assert _ids(store.before(ROOM, between, 2)) == ids[3:5]
 
 
-@pytest.mark.parametrize(
-    "kind",
-    [
-        "sqlite",
-        pytest.param(
-            "memory",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="MemoryStore.latest(room, 0) slices [-0:] and returns the whole room",
-            ),
-        ),
-    ],
-)
+@pytest.mark.parametrize("kind", ["sqlite", "memory"])
 def test_latest_with_limit_zero_is_empty(kind: str, tmp_path: Path) -> None:
     """``TRIO_CHAT_HISTORY_ON_JOIN=0`` is a valid setting: a join then replays nothing."""
     store = _open(kind, tmp_path)
@@ -394,11 +382,6 @@ async def test_cid_retry_before_ack_across_reconnect(fast_server: Server, connec
     assert {m.cid: m.id for m in stored} == acks
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Node.submit looks the cid up (awaiting a store read) before it records the send"
-    " in _in_flight: two sends of one cid that arrive together both miss and both are stored",
-)
 async def test_cid_retry_while_the_first_is_in_flight(fast_server: Server, connect: Any) -> None:
     """Connections of one user (an old one not yet gone) race the same cids: one id each."""
     url = fast_server.chat_socket_url

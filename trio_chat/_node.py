@@ -95,7 +95,8 @@ class Node:
         self._commit_send, self._commit_receive = trio.open_memory_channel[_Pending](_COMMIT_QUEUE)
         # Sends accepted but not yet committed, by dedupe key: a retry arriving before the
         # commit must not be stored twice either.
-        self._in_flight: dict[str, str] = {}
+        self._in_flight: dict[str, tuple[str, trio.Event]] = {}
+        self._dedupe_locks: dict[str, trio.Lock] = {}
         self._read_limiter = trio.CapacityLimiter(1)
         self._write_limiter = trio.CapacityLimiter(1)
         self.chat_socket = WebSocketServer(
@@ -181,16 +182,36 @@ class Node:
         the message was not accepted (no ack is sent; the client retries with its cid).
         """
         self._messages_in += 1
-        dedupe = None
-        if command.cid is not None:
-            dedupe = f"{session.requested_name}\0{command.cid}"
-            existing = self._in_flight.get(dedupe) or await self.read_store(
-                self.store.find_dedupe, dedupe, time.time() - DEDUPE_WINDOW
-            )
-            if existing is not None:
-                self._duplicates += 1
-                session.send(Ack(id=existing, cid=command.cid, duplicate=True))
-                return
+        if command.cid is None:
+            await self._accept(session, command, None)
+            return
+        dedupe = f"{session.requested_name}\0{command.cid}"
+        # One send per key at a time: two copies of a cid arriving together must not
+        # both miss the lookup and both be stored.
+        lock = self._dedupe_locks.setdefault(dedupe, trio.Lock())
+        try:
+            async with lock:
+                existing = await self._find_sent(dedupe)
+                if existing is None:
+                    await self._accept(session, command, dedupe)
+                    return
+        finally:
+            if not lock.locked() and lock.statistics().tasks_waiting == 0:
+                self._dedupe_locks.pop(dedupe, None)
+        self._duplicates += 1
+        session.send(Ack(id=existing, cid=command.cid, duplicate=True))
+
+    async def _find_sent(self, dedupe: str) -> str | None:
+        """The id of an earlier send with this key, once it is committed."""
+        in_flight = self._in_flight.get(dedupe)
+        if in_flight is not None:
+            message_id, committed = in_flight
+            # Its ack, like every ack, must mean "stored".
+            await committed.wait()
+            return message_id
+        return await self.read_store(self.store.find_dedupe, dedupe, time.time() - DEDUPE_WINDOW)
+
+    async def _accept(self, session: Session, command: Send, dedupe: str | None) -> None:
         message = Message(
             id=self.ids.next_id(time.time_ns() // 1_000_000),
             room=command.room,
@@ -201,8 +222,14 @@ class Node:
             dedupe=dedupe,
         )
         if dedupe is not None:
-            self._in_flight[dedupe] = message.id
-        await self._commit_send.send(_Pending(message, session))
+            self._in_flight[dedupe] = (message.id, trio.Event())
+        try:
+            await self._commit_send.send(_Pending(message, session))
+        except BaseException:
+            # Not accepted: a retry must not wait for a commit that will never come.
+            if dedupe is not None:
+                self._in_flight.pop(dedupe)[1].set()
+            raise
 
     async def _run_commits(self) -> NoReturn:
         while True:
@@ -223,8 +250,8 @@ class Node:
                 if pending.sender is not None:
                     ack = Ack(id=message.id, cid=message.cid)
                     await self.hub.publish_to(pending.sender, message.room, ack)
-                if message.dedupe is not None:
-                    self._in_flight.pop(message.dedupe, None)
+                if message.dedupe is not None and pending.sender is not None:
+                    self._in_flight.pop(message.dedupe)[1].set()
 
     async def deliver_remote(self, message: Message) -> None:
         """Store and broadcast a message another node accepted.

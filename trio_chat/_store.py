@@ -214,7 +214,7 @@ class MemoryStore:
                 self._dedupe[m.dedupe] = m
 
     def latest(self, room: str, limit: int) -> list[Message]:
-        return self._rooms.get(room, [])[-limit:]
+        return self.before(room, None, limit)
 
     def after(self, room: str, since: str, limit: int) -> list[Message]:
         msgs = self._rooms.get(room, [])
