@@ -13,18 +13,14 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import httpx
 import pytest
 import trio
 from trio_websocket import open_websocket_url
+
+from _server_process import Server, free_port
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -43,91 +39,12 @@ CHROMIUM_ARGS = [
     "--disable-sync",
     "--no-first-run",
 ]
-BIN = Path(sys.executable).parent
 OUTPUT = Path(__file__).resolve().parent.parent / "test-output"
-READY_TIMEOUT = 20.0
 #: Upper bound for any single wait in the page (Playwright actions and expectations).
 STEP_TIMEOUT_MS = 15_000
 
 
 # --------------------------------------------------------------------------- server process
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Server:
-    """``hypercorn trio_chat:app`` as a subprocess that can be stopped and started again."""
-
-    def __init__(self, data_dir: Path, log_path: Path, env: dict[str, str]) -> None:
-        self.data_dir = data_dir
-        self.log_path = log_path
-        self.extra_env = env
-        self.http_port = _free_port()
-        self.ws_port = _free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def base(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
-
-    @property
-    def chat_url(self) -> str:
-        return f"ws://127.0.0.1:{self.ws_port}/ws"
-
-    def start(self) -> None:
-        env = {
-            **os.environ,
-            "TRIO_CHAT_WS_BIND": f"127.0.0.1:{self.ws_port}",
-            "TRIO_CHAT_DATA_DIR": str(self.data_dir),
-            "TRIO_CHAT_CLUSTER": "off",
-            **self.extra_env,
-        }
-        args = [str(BIN / "hypercorn"), "trio_chat:app", "--worker-class", "trio"]
-        args += ["--bind", f"127.0.0.1:{self.http_port}"]
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + READY_TIMEOUT
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                pytest.fail(f"server exited with {self.proc.returncode}:\n{self.log()}")
-            try:
-                ok = httpx.get(self.base + "/healthz", timeout=1.0).status_code == 200
-                with socket.create_connection(("127.0.0.1", self.ws_port), timeout=1.0):
-                    pass
-            except (httpx.HTTPError, OSError):
-                ok = False
-            if ok:
-                return
-            time.sleep(0.05)  # poll interval, bounded by the deadline
-        pytest.fail(f"server not ready after {READY_TIMEOUT}s:\n{self.log()}")
-
-    def stop(self) -> None:
-        proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            pytest.fail(f"server did not exit within 15s of SIGTERM:\n{self.log()}")
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-4000:]
-        except OSError:
-            return "(no log)"
-
-    def stored(self, room: str) -> list[dict[str, Any]]:
-        resp = httpx.get(f"{self.base}/api/rooms/{room}/messages", params={"limit": 200})
-        resp.raise_for_status()
-        messages: list[dict[str, Any]] = resp.json()["messages"]
-        return messages
 
 
 def _make_server(tmp_path: Path, **env: str) -> Iterator[Server]:
@@ -152,7 +69,7 @@ def unlimited_server(tmp_path: Path) -> Iterator[Server]:
 @pytest.fixture
 def server_with_dead_chat_socket(tmp_path: Path) -> Iterator[Server]:
     """/api/config names a chat socket nobody listens on (a proxy that drops it, say)."""
-    yield from _make_server(tmp_path, TRIO_CHAT_WS_PUBLIC_URL=f"ws://127.0.0.1:{_free_port()}/ws")
+    yield from _make_server(tmp_path, TRIO_CHAT_WS_PUBLIC_URL=f"ws://127.0.0.1:{free_port()}/ws")
 
 
 def send_as(url: str, name: str, room: str, texts: list[str]) -> None:

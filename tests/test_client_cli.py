@@ -10,121 +10,24 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
-import sys
-import time
-from pathlib import Path
 from typing import TYPE_CHECKING
 
-import httpx
 import pytest
 import trio
 
+from _server_process import BIN, Server
+
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Iterator
+    from pathlib import Path
 
 pytestmark = pytest.mark.slow
 
-BIN = Path(sys.executable).parent
-READY_TIMEOUT = 20.0
 LINE_TIMEOUT = 15.0
 
 
 # --------------------------------------------------------------------------- server process
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Server:
-    """``hypercorn trio_chat:app`` as a subprocess that can be stopped and started again."""
-
-    def __init__(self, data_dir: Path, log_path: Path) -> None:
-        self.data_dir = data_dir
-        self.log_path = log_path
-        self.http_port = _free_port()
-        self.ws_port = _free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def base(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
-
-    @property
-    def chat_url(self) -> str:
-        return f"ws://127.0.0.1:{self.ws_port}/ws"
-
-    @property
-    def fallback_url(self) -> str:
-        return f"ws://127.0.0.1:{self.http_port}/ws"
-
-    def start(self) -> None:
-        env = {
-            **os.environ,
-            "TRIO_CHAT_WS_BIND": f"127.0.0.1:{self.ws_port}",
-            "TRIO_CHAT_DATA_DIR": str(self.data_dir),
-            "TRIO_CHAT_CLUSTER": "off",
-        }
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [
-                    str(BIN / "hypercorn"),
-                    "trio_chat:app",
-                    "--worker-class",
-                    "trio",
-                    "--bind",
-                    f"127.0.0.1:{self.http_port}",
-                ],
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        self._wait_ready()
-
-    def _wait_ready(self) -> None:
-        deadline = time.monotonic() + READY_TIMEOUT
-        while time.monotonic() < deadline:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                pytest.fail(f"server exited with {self.proc.returncode}:\n{self.log()}")
-            try:
-                ok = httpx.get(self.base + "/healthz", timeout=1.0).status_code == 200
-                with socket.create_connection(("127.0.0.1", self.ws_port), timeout=1.0):
-                    pass
-            except (httpx.HTTPError, OSError):
-                ok = False
-            if ok:
-                return
-            time.sleep(0.05)  # poll interval, bounded by the deadline
-        pytest.fail(f"server not ready after {READY_TIMEOUT}s:\n{self.log()}")
-
-    def stop(self) -> None:
-        if self.proc is None:
-            return
-        proc, self.proc = self.proc, None
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-                pytest.fail(f"server did not exit within 15s of SIGTERM:\n{self.log()}")
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-4000:]
-        except OSError:
-            return "(no log)"
-
-    def stored_texts(self, room: str) -> list[str]:
-        resp = httpx.get(f"{self.base}/api/rooms/{room}/messages", params={"limit": 200})
-        resp.raise_for_status()
-        return [m["text"] for m in resp.json()["messages"]]
 
 
 @pytest.fixture

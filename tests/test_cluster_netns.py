@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 import trio
+
 from _netns import (
     ChatServer,
     Lan,

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 import trio
+
 from _netns import BIN, ChatServer, Member, connect_member, free_port, free_udp_port
 
 if TYPE_CHECKING:
