@@ -149,12 +149,15 @@ class Session:
         once a live message history did not have arrives, no replayed one can follow.
         """
         replayed = self._replayed[out.room]
-        ids = out.message_ids()
-        if any(i not in replayed for i in ids):
-            del self._replayed[out.room]
-        if not replayed.intersection(ids):
+        events: list[Event] = []
+        for event in out.events:
+            if isinstance(event, MessageEvent) and out.room in self._replayed:
+                if event.id in replayed:
+                    continue
+                del self._replayed[out.room]
+            events.append(event)
+        if len(events) == len(out.events):
             return out
-        events = [e for e in out.events if not (isinstance(e, MessageEvent) and e.id in replayed)]
         return Outgoing(out.room, events) if events else None
 
     # -- sending ------------------------------------------------------------------------
