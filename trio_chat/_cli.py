@@ -5,8 +5,12 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from typing import Final
+
+import trio
+from hypercorn.config import Config
 
 from ._config import Settings
 from ._errors import ConfigError
@@ -89,8 +93,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from hypercorn.config import Config
     from hypercorn.run import run
+    from hypercorn.utils import LifespanFailureError
 
     for flag, var, _ in _SETTING_FLAGS:
         value = getattr(args, flag.lstrip("-").replace("-", "_"))
@@ -103,21 +107,54 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"trio-chat: {exc}", file=sys.stderr)
         return 2
     config = Config()
-    config.application_path = "trio_chat:app"
-    config.worker_class = "trio"
     config.bind = [args.bind]
-    config.workers = args.workers
     config.accesslog = None
     config.errorlog = "-"
     print(
         f"trio-chat: http://{args.bind}/ (chat socket {os.environ.get('TRIO_CHAT_WS_BIND', '127.0.0.1:8001')})"
     )
-    return run(config)
+    if args.workers > 1:
+        config.application_path = "trio_chat:app"
+        config.worker_class = "trio"
+        config.workers = args.workers
+        return run(config)
+    failure = None
+    try:
+        trio.run(_serve_in_process, config)
+    except* LifespanFailureError as group:
+        failure = group.exceptions[0]
+    if failure is not None:
+        print(f"trio-chat: could not start: {failure}", file=sys.stderr)
+        return 1
+    return 0
+
+
+async def _serve_in_process(config: Config) -> None:
+    """One worker, in this process: hypercorn without its supervisor.
+
+    Hypercorn's supervisor hides a worker that failed to start (it exits 0) and its
+    shutdown reaches the app only after it has cut the ``/ws`` connections. Serving
+    in-process, a failure to start raises, and SIGTERM/SIGINT first close every client
+    of both sockets with 1001, then stop hypercorn.
+    """
+    from hypercorn.trio import serve
+
+    from ._app import ChatApp
+
+    app = ChatApp()
+
+    async def shutdown_trigger() -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for _ in signals:
+                break
+        if app.node is not None:
+            await app.node.shutdown()
+
+    # ChatApp is typed with plain dicts for scopes and messages, hypercorn with TypedDicts.
+    await serve(app, config, shutdown_trigger=shutdown_trigger)  # type: ignore[arg-type]
 
 
 def _cluster_check(args: argparse.Namespace) -> int:
-    import trio
-
     from ._cluster import link_config
     from ._identity import claim_identity
     from ._link_diag import run_cluster_check
