@@ -271,6 +271,7 @@ class WsConn(asyncio.Protocol):
         if not found:
             return
         steps = self.worker.steps
+        name = self.name
         last = b""
         data = None
         for step_b, sent_b in found:
@@ -287,8 +288,8 @@ class WsConn(asyncio.Protocol):
             buckets = data.buckets
             buckets[lat] = buckets.get(lat, 0) + 1
             data.count += 1
-        assert data is not None
-        data.per_conn[self.name] = data.per_conn.get(self.name, 0) + len(found)
+            # Per receiver and step, to tell duplicate deliveries from extra sends.
+            data.per_conn[name] = data.per_conn.get(name, 0) + 1
 
     def _write(self, data: bytes) -> None:
         if self.transport is not None and not self.closed:
@@ -332,9 +333,7 @@ class WsConn(asyncio.Protocol):
                 buckets = data.buckets
                 buckets[lat] = buckets.get(lat, 0) + 1
                 data.count += 1
-            # Per-receiver count (once per frame), to tell duplicates from extra sends.
-            assert data is not None
-            data.per_conn[self.name] = data.per_conn.get(self.name, 0) + len(found)
+                data.per_conn[self.name] = data.per_conn.get(self.name, 0) + 1
         elif self.dialect == "socketio":
             if payload == b"2":
                 self._write(encode_frame(1, b"3"))
