@@ -2,7 +2,7 @@
 ``summary.md`` there: the tables ``docs/benchmarks.md`` quotes.
 
 ``--quick`` shrinks every scenario (about 5 minutes in all) to check that everything
-works; the default is the issue's full size (about 30 minutes on a 2-core machine).
+works; the default is the issue's full size (about 20 minutes on a 2-core machine).
 ``--summarize FOLDER`` only rebuilds ``summary.md`` from the JSON files of an earlier run.
 
 Example: ``python benchmarks/run_all.py --only server_cost,idle``
