@@ -120,22 +120,26 @@ def test_contains(store: Store) -> None:
     assert not store.contains("random", msgs[1].id)
 
 
-def test_find_dedupe_window(store: Store) -> None:
-    old = Message(
-        id="0000000003e80000-n-0",
-        room=ROOM,
-        sender="a",
-        text="x",
-        ts=100.0,
-        cid="c",
-        dedupe="alice\0c",
-    )
-    store.write([old])
-    assert store.find_dedupe("alice\0c", 100.0) == old.id
-    assert store.find_dedupe("alice\0c", 50.0) == old.id
-    assert store.find_dedupe("alice\0c", 100.5) is None  # outside the window
-    assert store.find_dedupe("bob\0c", 0.0) is None
-    assert store.find_dedupe("alice\0d", 0.0) is None
+def test_a_taken_dedupe_key_is_reported_not_stored(store: Store) -> None:
+    def sent(n: int, dedupe: str) -> Message:
+        return Message(
+            id=f"{n:016x}-n-0",
+            room=ROOM,
+            sender="a",
+            text=f"t{n}",
+            ts=float(n),
+            cid="c",
+            dedupe=dedupe,
+        )
+
+    first, retry, other = sent(1, "alice\0c"), sent(2, "alice\0c"), sent(3, "bob\0c")
+    assert store.write([first]) == {}
+    # a retry in a later transaction, and one in the same transaction as its first
+    assert store.write([retry, other]) == {retry.id: first.id}
+    again = sent(4, "carol\0c")
+    assert store.write([again, sent(5, "carol\0c")]) == {sent(5, "carol\0c").id: again.id}
+    assert [m.id for m in store.latest(ROOM, 10)] == [first.id, other.id, again.id]
+    assert store.write([first]) == {}  # the same message again (a cluster repeat) is no retry
 
 
 def test_from_origin(store: Store) -> None:

@@ -49,8 +49,6 @@ _R = TypeVar("_R")
 _COMMIT_QUEUE: Final = 8192
 # Most messages per transaction: bounds one commit's latency.
 _MAX_COMMIT_BATCH: Final = 2000
-# A retried send (same name and cid) within this window gets the original ack.
-DEDUPE_WINDOW: Final = 600.0
 
 
 @dataclasses.dataclass(slots=True)
@@ -93,10 +91,6 @@ class Node:
         self.sessions: set[Session] = set()
         self._names: set[str] = set()
         self._commit_send, self._commit_receive = trio.open_memory_channel[_Pending](_COMMIT_QUEUE)
-        # Sends accepted but not yet committed, by dedupe key: a retry arriving before the
-        # commit must not be stored twice either.
-        self._in_flight: dict[str, tuple[str, trio.Event]] = {}
-        self._dedupe_locks: dict[str, trio.Lock] = {}
         self._read_limiter = trio.CapacityLimiter(1)
         self._write_limiter = trio.CapacityLimiter(1)
         self.chat_socket = WebSocketServer(
@@ -182,36 +176,9 @@ class Node:
         the message was not accepted (no ack is sent; the client retries with its cid).
         """
         self._messages_in += 1
-        if command.cid is None:
-            await self._accept(session, command, None)
-            return
-        dedupe = f"{session.requested_name}\0{command.cid}"
-        # One send per key at a time: two copies of a cid arriving together must not
-        # both miss the lookup and both be stored.
-        lock = self._dedupe_locks.setdefault(dedupe, trio.Lock())
-        try:
-            async with lock:
-                existing = await self._find_sent(dedupe)
-                if existing is None:
-                    await self._accept(session, command, dedupe)
-                    return
-        finally:
-            if not lock.locked() and lock.statistics().tasks_waiting == 0:
-                self._dedupe_locks.pop(dedupe, None)
-        self._duplicates += 1
-        session.send(Ack(id=existing, cid=command.cid, duplicate=True))
-
-    async def _find_sent(self, dedupe: str) -> str | None:
-        """The id of an earlier send with this key, once it is committed."""
-        in_flight = self._in_flight.get(dedupe)
-        if in_flight is not None:
-            message_id, committed = in_flight
-            # Its ack, like every ack, must mean "stored".
-            await committed.wait()
-            return message_id
-        return await self.read_store(self.store.find_dedupe, dedupe, time.time() - DEDUPE_WINDOW)
-
-    async def _accept(self, session: Session, command: Send, dedupe: str | None) -> None:
+        # A retried cid is caught by the store, in the commit's own transaction: no
+        # lookup per send, and two copies arriving together cannot both be stored.
+        dedupe = None if command.cid is None else f"{session.requested_name}\0{command.cid}"
         message = Message(
             id=self.ids.next_id(time.time_ns() // 1_000_000),
             room=command.room,
@@ -221,15 +188,7 @@ class Node:
             cid=command.cid,
             dedupe=dedupe,
         )
-        if dedupe is not None:
-            self._in_flight[dedupe] = (message.id, trio.Event())
-        try:
-            await self._commit_send.send(_Pending(message, session))
-        except BaseException:
-            # Not accepted: a retry must not wait for a commit that will never come.
-            if dedupe is not None:
-                self._in_flight.pop(dedupe)[1].set()
-            raise
+        await self._commit_send.send(_Pending(message, session))
 
     async def _run_commits(self) -> NoReturn:
         while True:
@@ -239,19 +198,24 @@ class Node:
                     batch.append(self._commit_receive.receive_nowait())
                 except trio.WouldBlock:
                     break
-            await self._write([p.message for p in batch])
+            duplicates = await self._write([p.message for p in batch])
             self._commits += 1
-            self._committed += len(batch)
+            self._committed += len(batch) - len(duplicates)
             for pending in batch:
                 message = pending.message
+                first = duplicates.get(message.id)
+                if first is not None:
+                    self._duplicates += 1
+                    if pending.sender is not None:
+                        ack = Ack(id=first, cid=message.cid, duplicate=True)
+                        await self.hub.publish_to(pending.sender, message.room, ack)
+                    continue
                 if pending.sender is not None and self.cluster is not None:
                     self.cluster.send_message(message)
                 await self.hub.publish(message.room, message.event())
                 if pending.sender is not None:
                     ack = Ack(id=message.id, cid=message.cid)
                     await self.hub.publish_to(pending.sender, message.room, ack)
-                if message.dedupe is not None and pending.sender is not None:
-                    self._in_flight.pop(message.dedupe)[1].set()
 
     async def deliver_remote(self, message: Message) -> None:
         """Store and broadcast a message another node accepted.
@@ -290,11 +254,12 @@ class Node:
         messages = await self.read_store(self.store.before, room, before, limit + 1)
         return messages[-limit:], len(messages) > limit
 
-    async def _write(self, messages: list[Message]) -> None:
+    async def _write(self, messages: list[Message]) -> dict[str, str]:
         if self.store.blocking:
-            await trio.to_thread.run_sync(self.store.write, messages, limiter=self._write_limiter)
-        else:
-            self.store.write(messages)
+            return await trio.to_thread.run_sync(
+                self.store.write, messages, limiter=self._write_limiter
+            )
+        return self.store.write(messages)
 
     async def read_store(self, fn: Callable[[*_Args], _R], *args: *_Args) -> _R:
         if self.store.blocking:

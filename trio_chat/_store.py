@@ -50,8 +50,13 @@ class Store(Protocol):
     #: Whether calls must go to a worker thread.
     blocking: bool
 
-    def write(self, messages: list[Message]) -> None:
-        """Insert ``messages`` in one transaction, ignoring ids already present."""
+    def write(self, messages: list[Message]) -> dict[str, str]:
+        """Insert ``messages`` in one transaction, ignoring ids already present.
+
+        Returns:
+          For each message not stored because another one already has its dedupe key
+          (a retried send), its id mapped to the id of the one stored first.
+        """
 
     def latest(self, room: str, limit: int) -> list[Message]:
         """The newest ``limit`` messages of ``room``, oldest first."""
@@ -64,9 +69,6 @@ class Store(Protocol):
 
     def contains(self, room: str, message_id: str) -> bool:
         """Whether ``room`` has the message ``message_id``."""
-
-    def find_dedupe(self, dedupe: str, not_before: float) -> str | None:
-        """The id of a message with this dedupe key sent at or after ``not_before``."""
 
     def from_origin(self, origin: str, after: str, limit: int) -> list[Message]:
         """Up to ``limit`` messages accepted by node ``origin`` with ids above ``after``."""
@@ -91,9 +93,13 @@ CREATE TABLE IF NOT EXISTS messages (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS messages_room ON messages (room, id);
 CREATE INDEX IF NOT EXISTS messages_origin ON messages (origin, id);
-CREATE INDEX IF NOT EXISTS messages_dedupe ON messages (dedupe) WHERE dedupe IS NOT NULL;
+CREATE UNIQUE INDEX IF NOT EXISTS messages_dedupe_key ON messages (dedupe) WHERE dedupe IS NOT NULL;
 """
 _COLUMNS: Final = "id, room, sender, text, ts, cid, dedupe"
+
+
+def _row(m: Message) -> tuple[object, ...]:
+    return (m.id, m.room, m.sender, m.text, m.ts, m.cid, m.dedupe, m.origin)
 
 
 class SqliteStore:
@@ -123,18 +129,27 @@ class SqliteStore:
         conn.execute("PRAGMA synchronous=NORMAL")
         return conn
 
-    def write(self, messages: list[Message]) -> None:
-        rows = [(m.id, m.room, m.sender, m.text, m.ts, m.cid, m.dedupe, m.origin) for m in messages]
+    def write(self, messages: list[Message]) -> dict[str, str]:
+        insert = "INSERT OR IGNORE INTO messages VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+        duplicates: dict[str, str] = {}
         with self._write_lock:
-            self._writer.execute("BEGIN IMMEDIATE")
+            db = self._writer
+            db.execute("BEGIN IMMEDIATE")
             try:
-                self._writer.executemany(
-                    "INSERT OR IGNORE INTO messages VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows
-                )
+                db.executemany(insert, [_row(m) for m in messages if m.dedupe is None])
+                # One at a time: a send whose key is taken must learn the first one's id.
+                for m in messages:
+                    if m.dedupe is not None and db.execute(insert, _row(m)).rowcount == 0:
+                        (first,) = db.execute(
+                            "SELECT id FROM messages WHERE dedupe = ?", (m.dedupe,)
+                        ).fetchone()
+                        if first != m.id:
+                            duplicates[m.id] = first
             except BaseException:
-                self._writer.execute("ROLLBACK")
+                db.execute("ROLLBACK")
                 raise
-            self._writer.execute("COMMIT")
+            db.execute("COMMIT")
+        return duplicates
 
     def _query(self, sql: str, args: tuple[object, ...]) -> list[Message]:
         with self._read_lock:
@@ -165,13 +180,6 @@ class SqliteStore:
             ).fetchone()
         return row is not None
 
-    def find_dedupe(self, dedupe: str, not_before: float) -> str | None:
-        with self._read_lock:
-            row = self._reader.execute(
-                "SELECT id FROM messages WHERE dedupe = ? AND ts >= ? LIMIT 1", (dedupe, not_before)
-            ).fetchone()
-        return None if row is None else str(row[0])
-
     def from_origin(self, origin: str, after: str, limit: int) -> list[Message]:
         return self._query(
             f"SELECT {_COLUMNS} FROM messages WHERE origin = ? AND id > ? ORDER BY id LIMIT ?",
@@ -200,18 +208,23 @@ class MemoryStore:
         self._ids: set[str] = set()
         self._dedupe: dict[str, Message] = {}
 
-    def write(self, messages: list[Message]) -> None:
+    def write(self, messages: list[Message]) -> dict[str, str]:
+        duplicates: dict[str, str] = {}
         for m in messages:
             if m.id in self._ids:
                 continue
+            if m.dedupe is not None:
+                first = self._dedupe.setdefault(m.dedupe, m)
+                if first is not m:
+                    duplicates[m.id] = first.id
+                    continue
             self._ids.add(m.id)
             room = self._rooms.setdefault(m.room, [])
             if not room or room[-1].id < m.id:
                 room.append(m)
             else:
                 bisect.insort(room, m, key=lambda x: x.id)
-            if m.dedupe is not None:
-                self._dedupe[m.dedupe] = m
+        return duplicates
 
     def latest(self, room: str, limit: int) -> list[Message]:
         return self.before(room, None, limit)
@@ -230,10 +243,6 @@ class MemoryStore:
         msgs = self._rooms.get(room, [])
         i = bisect.bisect_left(msgs, message_id, key=lambda x: x.id)
         return i < len(msgs) and msgs[i].id == message_id
-
-    def find_dedupe(self, dedupe: str, not_before: float) -> str | None:
-        m = self._dedupe.get(dedupe)
-        return m.id if m is not None and m.ts >= not_before else None
 
     def from_origin(self, origin: str, after: str, limit: int) -> list[Message]:
         found = sorted(
