@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 from wsproto import ConnectionType, WSConnection
-from wsproto.events import AcceptConnection, CloseConnection, Request, TextMessage
+from wsproto.events import AcceptConnection, CloseConnection, Ping, Request, TextMessage
 
 from conftest import eventually, make_settings, start_server
 
@@ -37,6 +37,7 @@ class RawClient:
         self.partial: list[str] = []
         self.count: collections.Counter[str] = collections.Counter()
         self.close_code: int | None = None
+        self.answer_pings = True
 
     @classmethod
     async def connect(cls, url: str, name: str, rcvbuf: int = 4096) -> RawClient:
@@ -75,6 +76,10 @@ class RawClient:
                         event = json.loads(line)
                         self.events.append(event)
                         self.count[event["type"]] += 1
+            elif isinstance(event, Ping):
+                self.count["ping"] += 1
+                if self.answer_pings:
+                    await self._send(event.response())
             elif isinstance(event, CloseConnection):
                 self.close_code = event.code
         if not data:
@@ -171,3 +176,26 @@ async def test_partial_writes_never_tear_a_frame(
     if transport == "chat_socket":
         assert node.chat_socket.statistics().partial_writes > 0
     sipper.close()
+
+
+async def test_keepalive_cuts_silent_clients_and_keeps_answering_ones(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    server: Server = await start_server(nursery, make_settings(tmp_path, keepalive_interval=0.05))
+    node = server.node
+    silent = await RawClient.connect(server.chat_socket_url, "silent")
+    silent.answer_pings = False
+    lively = await RawClient.connect(server.chat_socket_url, "lively")
+    async with trio.open_nursery() as inner:
+        # the lively one answers every ping, and stays past the silent one's end
+        inner.start_soon(
+            lively.read_until, lambda: lively.count["ping"] >= 5 and silent.close_code is not None
+        )
+        # the silent one is pinged, does not answer, and is cut (its socket sees the end)
+        await silent.read_until(lambda: False)
+    assert silent.count["ping"] >= 1
+    assert silent.close_code == 1006
+    assert lively.close_code is None
+    assert node.statistics().connections == 1
+    silent.close()
+    lively.close()

@@ -19,6 +19,7 @@ import collections
 import dataclasses
 import errno
 import logging
+import math
 import socket
 import struct
 from typing import TYPE_CHECKING, Final, NoReturn
@@ -61,6 +62,8 @@ _SLOW_CLOSE_GRACE: Final = 2.0
 # The kernel's send buffer per connection. Linux would grow it to 4 MiB for a reader
 # that stalls; fixed, a slow client's cost is bounded by this plus its backlog.
 _SNDBUF: Final = 128 * 1024
+# Connections pinged together by the keepalive sweep.
+_PING_GROUP: Final = 50
 # sendmsg takes at most IOV_MAX buffers; 64 is plenty to fill a socket buffer.
 _MAX_IOV: Final = 64
 
@@ -524,17 +527,22 @@ class WebSocketServer:
 
     async def _keepalive(self) -> NoReturn:
         # One sweep for all connections instead of a task each: an idle connection
-        # costs no task. A client silent for a whole interval after a ping is cut.
+        # costs no task. A client silent for a whole interval after a ping is cut. The
+        # pings go out in small groups spread over the interval: thousands of pongs
+        # arriving at once would hold up every room's fan-out.
         while True:
-            await trio.sleep(self._keepalive_interval)
-            for conn in list(self.connections):
-                if not conn.accepted:
-                    continue
-                if conn.received_since_ping:
-                    conn.ping_nowait()
-                else:
-                    log.info("cutting %s: no answer to a ping", conn.remote)
-                    conn.abort()
+            conns = list(self.connections)
+            groups = max(1, math.ceil(len(conns) / _PING_GROUP))
+            for start in range(0, groups * _PING_GROUP, _PING_GROUP):
+                await trio.sleep(self._keepalive_interval / groups)
+                for conn in conns[start : start + _PING_GROUP]:
+                    if not conn.accepted or conn.closed:
+                        continue
+                    if conn.received_since_ping:
+                        conn.ping_nowait()
+                    else:
+                        log.info("cutting %s: no answer to a ping", conn.remote)
+                        conn.abort()
 
     def statistics(self) -> ChatSocketStatistics:
         return ChatSocketStatistics(
