@@ -16,8 +16,8 @@ import trio
 import trio.testing
 
 from trio_chat._link import EVENT_BUFFER, ClusterLink, LinkConfig
+from trio_chat._link_events import Delivered, Gap, LinkEvent, PeerDown, PeerStatus, PeerUp
 from trio_chat._link_packet import Data, PacketCodec
-from trio_chat._link_state import Delivered, Gap, LinkEvent, PeerDown, PeerStatus, PeerUp
 
 SECRET = b"fakelan secret, 32 bytes long..."
 CLUSTER = "fakelan"

@@ -18,7 +18,7 @@ import trio
 from trio_chat._errors import ConfigError
 from trio_chat._link import ClusterLink, LinkConfig, MulticastTransport, new_incarnation
 from trio_chat._link_diag import run_cluster_check
-from trio_chat._link_state import Delivered, PeerDown, PeerUp
+from trio_chat._link_events import Delivered, PeerDown, PeerUp
 
 
 def free_udp_port() -> int:

@@ -29,7 +29,7 @@ from trio_chat._link_packet import (
 
 SECRET = b"0123456789abcdef0123456789abcdef"
 NOW = 1_700_000_000.0
-PURE_MODULES = ("_link_packet.py", "_link_state.py")
+PURE_MODULES = ("_link_packet.py", "_link_events.py", "_link_state.py")
 
 
 def codec(node: str = "a", *, secret: bytes = SECRET, cluster: str = "test") -> PacketCodec:

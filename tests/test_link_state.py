@@ -11,18 +11,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from trio_chat._errors import ConfigError
-from trio_chat._link_packet import MAX_PACKET_SIZE, Data, Heartbeat, PacketCodec
-from trio_chat._link_state import (
+from trio_chat._link_events import (
     MAX_PAYLOAD,
     Delivered,
     Gap,
     LinkEvent,
     LinkSettings,
-    LinkState,
     PeerDown,
     PeerStatus,
     PeerUp,
 )
+from trio_chat._link_packet import MAX_PACKET_SIZE, Data, Heartbeat, PacketCodec
+from trio_chat._link_state import LinkState
 
 SECRET = b"0123456789abcdef0123456789abcdef"
 START = 1_700_000_000.0

@@ -4,7 +4,7 @@
 so the node lives in a nursery inside it: the chat socket, the hub and the commit task
 start before the first request and stop after the last. If a node task fails, the
 lifespan reports a failure and hypercorn stops the worker: it never runs on silently
-without its socket or its store. Quart-trio's own lifespan (``app.nursery``, background
+without its socket or its store. Quart-trio's own lifespan (its nursery, background
 tasks, serving hooks) is not used: nothing here runs outside a nursery we own.
 """
 

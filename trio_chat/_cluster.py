@@ -26,7 +26,7 @@ import trio
 from ._errors import ConfigError
 from ._identity import create_once
 from ._link import ClusterLink, LinkConfig
-from ._link_state import Delivered, Gap, PeerDown, PeerStatus, PeerUp
+from ._link_events import Delivered, Gap, PeerDown, PeerStatus, PeerUp
 from ._protocol import Presence, TypingEvent
 from ._store import Message
 

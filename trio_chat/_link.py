@@ -17,13 +17,14 @@ from typing import TYPE_CHECKING, Final, NoReturn, Protocol
 import trio
 
 from ._errors import ChatError, ConfigError
+from ._link_events import Delivered, Gap, LinkEvent, LinkSettings, LinkStatistics
 from ._link_packet import MAX_PACKET_SIZE, PacketCodec
-from ._link_state import Delivered, Gap, LinkEvent, LinkSettings, LinkState, LinkStatistics
+from ._link_state import LinkState
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from ._link_state import PeerInfo
+    from ._link_events import PeerInfo
 
 log = logging.getLogger(__name__)
 
