@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Final, NoReturn, Protocol
 
 import trio
 
-from ._protocol import Event, MessageEvent, encode_events
+from ._protocol import Event, encode_events
 from ._websocket import encode_text_frame
 
 if TYPE_CHECKING:
@@ -51,9 +51,6 @@ class Outgoing:
     def text(self) -> str:
         """The payload as text, for transports that send str (the ASGI fallback)."""
         return self.payload.decode()
-
-    def message_ids(self) -> list[str]:
-        return [e.id for e in self.events if isinstance(e, MessageEvent)]
 
 
 class Subscriber(Protocol):

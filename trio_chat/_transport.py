@@ -40,7 +40,6 @@ class AsgiTransport:
         self._queued_bytes = 0
         self._wakeup = trio.Event()
         self._closed = False
-        self.slow = False
         self.done = trio.Event()
 
     def send_payload_nowait(self, payload: bytes) -> None:
@@ -65,7 +64,6 @@ class AsgiTransport:
             log.info("closing %s: backlog over %d bytes (slow client)", self.remote, self._limit)
             self._queue.clear()
             self._queued_bytes = 0
-            self.slow = True
             self._on_slow()
             self.close_nowait(CLOSE_SLOW, "slow")
         self._wakeup.set()

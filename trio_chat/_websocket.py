@@ -148,7 +148,6 @@ class WebSocketConnection:
         self._output_closed = False
         self._close_code: int | None = None
         self._done = trio.Event()
-        self.slow = False
         self.accepted = False
         self.received_since_ping = True
         try:
@@ -251,7 +250,6 @@ class WebSocketConnection:
         if partial:
             self._backlog.append(head)
             self._backlog_bytes = len(head)
-        self.slow = True
         self._counters.slow_closes += 1
         log.info(
             "closing %s: backlog over %d bytes (slow client)", self.remote, self._backlog_limit
