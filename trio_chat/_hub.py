@@ -32,13 +32,14 @@ _WRITES_PER_CHECKPOINT: Final = 256
 class Outgoing:
     """One encoded run of events for one room, shared by every recipient."""
 
-    __slots__ = ("_frame", "events", "payload", "room")
+    __slots__ = ("_frame", "_text", "events", "payload", "room")
 
     def __init__(self, room: str, events: list[Event]) -> None:
         self.room = room
         self.events = events
         self.payload = encode_events(events)
         self._frame: bytes | None = None
+        self._text: str | None = None
 
     @property
     def frame(self) -> bytes:
@@ -50,7 +51,9 @@ class Outgoing:
     @property
     def text(self) -> str:
         """The payload as text, for transports that send str (the ASGI fallback)."""
-        return self.payload.decode()
+        if self._text is None:
+            self._text = self.payload.decode()
+        return self._text
 
 
 class Subscriber(Protocol):
