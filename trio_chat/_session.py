@@ -269,6 +269,7 @@ class Session:
             )
         held: list[Outgoing] = []
         self._held[room] = held
+        self._replayed.pop(room, None)
         try:
             self.node.join(room, self)
             replay, reset = await self.node.replay(room, command.since)
