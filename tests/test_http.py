@@ -5,8 +5,19 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import httpx
+import pytest
+import trio
+from hypercorn.config import Config
+from hypercorn.trio import serve
+from hypercorn.utils import LifespanFailureError
+
+from trio_chat import ChatApp
+
+from conftest import make_settings
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from conftest import Server
 
 
@@ -76,3 +87,15 @@ async def test_cluster_heal_api_needs_a_signature(server: Server) -> None:
     async with httpx.AsyncClient(base_url=server.http_url) as http:
         response = await http.get("/api/cluster/messages", params={"origin": "x", "after": ""})
         assert response.status_code == 403
+
+
+async def test_a_store_that_cannot_open_stops_the_server(tmp_path: Path) -> None:
+    """Not OSError nor ConfigError: hypercorn must still hear of the failure, not serve on."""
+    (tmp_path / "history.sqlite3").write_bytes(b"not a database, " * 512)
+    config = Config()
+    config.bind = ["127.0.0.1:0"]
+    with pytest.RaisesGroup(LifespanFailureError, flatten_subgroups=True):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(serve, ChatApp(make_settings(tmp_path)), config)
+            # serving on without the node would never end: the test's bound would fail it
+            await trio.sleep_forever()

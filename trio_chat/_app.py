@@ -96,8 +96,13 @@ class ChatApp:
             if settings.cluster != "off":
                 link = link_config(settings, identity, http_url=settings.http_url or "")
             store = open_store(settings)
-        except (ConfigError, OSError) as exc:
-            log.error("cannot start: %s", exc)
+        except Exception as exc:
+            # Anything at all: an exception escaping the lifespan would make hypercorn
+            # serve on without it (and without a node) instead of stopping the worker.
+            if isinstance(exc, (ConfigError, OSError)):
+                log.error("cannot start: %s", exc)
+            else:
+                log.critical("cannot start", exc_info=exc)
             if identity is not None:
                 identity.release()
             await send({"type": "lifespan.startup.failed", "message": str(exc)})

@@ -9,6 +9,7 @@ process of a host may write every message it sees into one shared file.
 from __future__ import annotations
 
 import bisect
+import fcntl
 import sqlite3
 import threading
 from typing import TYPE_CHECKING, Final, Protocol
@@ -115,8 +116,11 @@ class SqliteStore:
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
-        self._writer = self._connect()
-        with self._writer:
+        # Workers starting together would race to switch a new file to WAL, and SQLite
+        # answers that race with "database is locked" at once, whatever the timeout.
+        with open(path.with_name(path.name + ".init-lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            self._writer = self._connect()
             self._writer.executescript(_SCHEMA)
         self._reader = self._connect()
         self._read_lock = threading.Lock()
