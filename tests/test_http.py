@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import sqlite3
 from typing import TYPE_CHECKING, Any
 
 import httpx
@@ -10,6 +12,7 @@ import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve
 from hypercorn.utils import LifespanFailureError
+from trio_websocket import open_websocket_url
 
 from trio_chat import ChatApp
 
@@ -99,3 +102,24 @@ async def test_a_store_that_cannot_open_stops_the_server(tmp_path: Path) -> None
             nursery.start_soon(serve, ChatApp(make_settings(tmp_path)), config)
             # serving on without the node would never end: the test's bound would fail it
             await trio.sleep_forever()
+
+
+async def test_a_node_task_that_fails_stops_the_server(tmp_path: Path) -> None:
+    """The commit task dies (the disk failed): the worker stops loudly, it does not limp on."""
+    app = ChatApp(make_settings(tmp_path))
+    config = Config()
+    config.bind = ["127.0.0.1:0"]
+
+    def broken_disk(messages: object) -> dict[str, str]:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    with pytest.RaisesGroup(LifespanFailureError, flatten_subgroups=True):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(serve, app, config)
+            assert app.node is not None
+            app.node.store.write = broken_disk  # type: ignore[method-assign]
+            url = f"ws://127.0.0.1:{app.node.chat_socket_port}/ws?name=alice"
+            async with open_websocket_url(url) as ws:
+                await ws.send_message(json.dumps({"type": "join", "room": "r"}))
+                await ws.send_message(json.dumps({"type": "send", "room": "r", "text": "hi"}))
+                await trio.sleep_forever()
