@@ -44,6 +44,8 @@ from ._errors import ProtocolError
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
 
+    from wsproto.connection import Connection
+
     from ._hub import Outgoing
 
 log = logging.getLogger("trio_chat.websocket")
@@ -138,7 +140,7 @@ class WebSocketConnection:
         self._sock = sock
         self._counters = counters
         self._nursery = nursery
-        self._ws = WSConnection(ConnectionType.SERVER)
+        self._ws: WSConnection | Connection = WSConnection(ConnectionType.SERVER)
         self._max_message = max_message
         self._backlog_limit = backlog_limit
         self._backlog: collections.deque[bytes | memoryview] = collections.deque()
@@ -332,6 +334,10 @@ class WebSocketConnection:
         """Accept the handshake (no extensions, no subprotocol)."""
         self.accepted = True
         self.send_nowait(self._ws.send(AcceptConnection()))
+        # From here on only the frame protocol is needed: dropping the handshake's HTTP
+        # state (an h11 connection and its buffers) makes every idle connection smaller.
+        if isinstance(self._ws, WSConnection) and self._ws.connection is not None:
+            self._ws = self._ws.connection
 
     def _reject(self, status: int, body: str) -> None:
         data = body.encode()
