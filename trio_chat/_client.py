@@ -225,6 +225,9 @@ class ChatClient:
         self._rooms: dict[str, _Room] = {r: _Room(r) for r in dict.fromkeys(rooms)}
         self._current: str | None = rooms[0] if rooms else None
         self._outbox: dict[str, _Pending] = {}
+        # Held while outbox messages go out, so a line typed during a flush after a
+        # (re)join is sent after the queued ones, never between them.
+        self._send_order = trio.Lock()
         self._cids = itertools.count(1)
         self._cid_prefix = f"t-{os.getpid():x}-{random.getrandbits(32):08x}"
         self._ws: WebSocketConnection | None = None
@@ -320,10 +323,11 @@ class ChatClient:
         while True:
             await trio.sleep(RETRY_INTERVAL)
             now = time.monotonic()
-            for p in list(self._outbox.values()):
-                room = self._rooms.get(p.room)
-                if room is not None and room.joined and now - p.sent_at > RETRY_INTERVAL:
-                    await self._send_pending(ws, p)
+            async with self._send_order:
+                for p in list(self._outbox.values()):
+                    room = self._rooms.get(p.room)
+                    if room is not None and room.joined and now - p.sent_at > RETRY_INTERVAL:
+                        await self._send_pending(ws, p)
 
     def _went_offline(self) -> None:
         self._online = False
@@ -356,9 +360,10 @@ class ChatClient:
             room.joined = True
             members = ", ".join(_safe(m) for m in frame.get("members", []))
             self._say(f"* joined #{room.name}: {members}")
-            for p in list(self._outbox.values()):
-                if p.room == room.name:
-                    await self._send_pending(ws, p)
+            async with self._send_order:
+                for p in list(self._outbox.values()):
+                    if p.room == room.name:
+                        await self._send_pending(ws, p)
         elif kind == "reset" and room is not None:
             # Our `since` is older than the server keeps; it follows with the latest page.
             self._say(f"* #{room.name}: too much missed; showing the latest messages")
@@ -456,7 +461,8 @@ class ChatClient:
             self._outbox_empty = trio.Event()
         room = self._rooms[self._current]
         if self._ws is not None and room.joined:
-            await self._send_pending(self._ws, pending)
+            async with self._send_order:
+                await self._send_pending(self._ws, pending)
         else:
             self._say(f"* offline: queued for #{room.name}")
 
