@@ -267,7 +267,10 @@ class WsConn(asyncio.Protocol):
             del buf[:pos]
 
     def _count_markers(self, buf: bytearray, end: int, now: int) -> None:
-        found = MARK.findall(buf, 0, end)
+        self._record(MARK.findall(buf, 0, end), now)
+
+    def _record(self, found: list[tuple[bytes, bytes]], now: int) -> None:
+        """Count the latency of every marker found, into its step's buckets."""
         if not found:
             return
         steps = self.worker.steps
@@ -316,24 +319,7 @@ class WsConn(asyncio.Protocol):
             return
         found = MARK.findall(payload) if self.measure else None
         if found:
-            steps = self.worker.steps
-            last = b""
-            data = None
-            for step_b, sent_b in found:
-                if step_b != last:
-                    last = step_b
-                    data = steps.get(int(step_b))
-                    if data is None:
-                        data = steps[int(step_b)] = StepData()
-                assert data is not None
-                lat = (now - int(sent_b)) // 1000
-                if lat >= 2048:
-                    shift = lat.bit_length() - 11
-                    lat = (lat >> shift) << shift
-                buckets = data.buckets
-                buckets[lat] = buckets.get(lat, 0) + 1
-                data.count += 1
-                data.per_conn[self.name] = data.per_conn.get(self.name, 0) + 1
+            self._record(found, now)
         elif self.dialect == "socketio":
             if payload == b"2":
                 self._write(encode_frame(1, b"3"))

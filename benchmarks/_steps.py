@@ -17,6 +17,8 @@ from _harness import (
 from _loadgen import new_histogram
 
 if TYPE_CHECKING:
+    import argparse
+
     from _harness import Server
     from _loadgen import LoadPool
 
@@ -161,6 +163,45 @@ def idle_cpu(server: Server, seconds: float = 2.0) -> float:
     cpu0 = server.cpu_seconds()
     time.sleep(seconds)
     return 100 * (server.cpu_seconds() - cpu0) / seconds
+
+
+def fixed_then_ramp(
+    pool: LoadPool,
+    tracker: LoadTracker,
+    server: Server,
+    args: argparse.Namespace,
+    common: dict[str, Any],
+    what: str,
+) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any] | None]:
+    """A warm-up (not recorded), the fixed-rate window, then the ramp.
+
+    ``args`` holds the scripts' shared options (fixed rate and seconds, ramp start,
+    factor, steps, step seconds, minutes). Returns the fixed window, every ramp step and
+    the best passing one.
+    """
+    # Warm-up: caches, JIT (Node), first-time paths.
+    measure_step(pool, tracker, server, step=1, rate=10, duration=2, **common, drain=0.5)
+    fixed = measure_step(
+        pool,
+        tracker,
+        server,
+        step=2,
+        rate=args.fixed_rate,
+        duration=args.fixed_seconds,
+        **common,
+        description=f"{what}, fixed {args.fixed_rate:g} msg/s",
+    )
+    steps, best = ramp(
+        pool,
+        tracker,
+        server,
+        rates=rates(args.start_rate, args.factor, args.max_steps),
+        seconds=args.step_seconds,
+        max_minutes=args.max_minutes,
+        common=common,
+        what=what,
+    )
+    return fixed, steps, best
 
 
 def rates(start: float, factor: float, steps: int) -> list[float]:

@@ -28,7 +28,7 @@ from _harness import (
     start_server,
 )
 from _loadgen import LoadPool
-from _steps import measure_step, ramp, rates
+from _steps import fixed_then_ramp
 
 if TYPE_CHECKING:
     from _harness import Server
@@ -147,26 +147,8 @@ def main() -> None:
             "size": args.size,
             "groups": {"local": ([1], args.local), "remote": (remote_workers, args.receivers)},
         }
-        measure_step(pool, tracker, server, step=1, rate=10, duration=2, **common, drain=0.5)
-        fixed = measure_step(
-            pool,
-            tracker,
-            server,
-            step=2,
-            rate=args.fixed_rate,
-            duration=args.fixed_seconds,
-            **common,
-            description=f"fixed {args.fixed_rate:g} msg/s",
-        )
-        steps, best = ramp(
-            pool,
-            tracker,
-            server,
-            rates=rates(args.start_rate, args.factor, args.max_steps),
-            seconds=args.step_seconds,
-            max_minutes=args.max_minutes,
-            common=common,
-            what=f"{args.workers} workers",
+        fixed, steps, best = fixed_then_ramp(
+            pool, tracker, server, args, common, f"{args.workers} workers"
         )
         link = link_metrics(server)
         pool.call("close")

@@ -27,7 +27,7 @@ from _harness import (
     start_server,
 )
 from _loadgen import LoadPool
-from _steps import measure_step, ramp, rates, setup_room
+from _steps import fixed_then_ramp, setup_room
 
 
 def run_one(
@@ -41,27 +41,8 @@ def run_one(
         "load_cpus": load_cpus,
         "size": args.size,
     }
-    # Warm-up: caches, JIT (Node), first-time paths; not recorded.
-    measure_step(pool, tracker, server, step=1, rate=10, duration=2, **common, drain=0.5)
-    fixed = measure_step(
-        pool,
-        tracker,
-        server,
-        step=2,
-        rate=args.fixed_rate,
-        duration=args.fixed_seconds,
-        **common,
-        description=f"{receivers} receivers, fixed {args.fixed_rate:g} msg/s",
-    )
-    steps, best = ramp(
-        pool,
-        tracker,
-        server,
-        rates=rates(args.start_rate, args.factor, args.max_steps),
-        seconds=args.step_seconds,
-        max_minutes=args.max_minutes,
-        common=common,
-        what=f"{receivers} receivers",
+    fixed, steps, best = fixed_then_ramp(
+        pool, tracker, server, args, common, f"{receivers} receivers"
     )
     pool.call("close")
     last = steps[-1] if steps else None
