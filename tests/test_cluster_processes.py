@@ -163,20 +163,27 @@ async def wait_peers(servers: list[ChatServer], count: int) -> None:
             nursery.start_soon(server.wait_metric, "trio_chat_cluster_peers", lambda v: v == count)
 
 
+async def one_member_each_chatting(
+    nursery: trio.Nursery, servers: list[ChatServer]
+) -> list[Member]:
+    """Once the servers see each other: a client on each, all in ROOM, one round of chat."""
+    await wait_peers(servers, len(servers) - 1)
+    members = [
+        await connect_member(nursery, s.host, s.ws_port, f"p{i}") for i, s in enumerate(servers)
+    ]
+    assert len({m.node for m in members}) == len(servers)
+    await all_join(members)
+    await chat_round(members, "hello")
+    return members
+
+
 @pytest.mark.timeout(60)
 async def test_three_processes_failure_detection_and_restart(tmp_path: Path) -> None:
     servers = three_servers(tmp_path, cluster_env(free_udp_port(), new_secret()))
     try:
         await start_all(servers)
-        await wait_peers(servers, 2)
         async with trio.open_nursery() as nursery:
-            members = [
-                await connect_member(nursery, s.host, s.ws_port, f"p{i}")
-                for i, s in enumerate(servers)
-            ]
-            assert len({m.node for m in members}) == 3
-            await all_join(members)
-            await chat_round(members, "hello")
+            members = await one_member_each_chatting(nursery, servers)
             *alive, victim = members
             alive_names = {m.name for m in alive}
 
@@ -216,14 +223,8 @@ async def test_messages_sent_while_a_process_was_down_reach_it(tmp_path: Path) -
     servers = three_servers(tmp_path, cluster_env(free_udp_port(), new_secret()))
     try:
         await start_all(servers)
-        await wait_peers(servers, 2)
         async with trio.open_nursery() as nursery:
-            members = [
-                await connect_member(nursery, s.host, s.ws_port, f"p{i}")
-                for i, s in enumerate(servers)
-            ]
-            await all_join(members)
-            await chat_round(members, "hello")
+            members = await one_member_each_chatting(nursery, servers)
             *alive, victim = members
             last_seen = victim.messages(ROOM)[-1]["id"]
 
