@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Final
 import trio
 from trio_websocket import ConnectionClosed, wrap_client_stream
 
+from _server_process import kill_group, log_tail
 from conftest import Client, _close
 
 if TYPE_CHECKING:
@@ -235,18 +236,11 @@ class ChatServer:
     async def stop(self) -> None:
         """Kill the process group and reap hypercorn. Safe to call twice."""
         proc, self.proc = self.proc, None
-        if proc is None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        with trio.move_on_after(5, shield=True):
-            await proc.wait()
+        if proc is not None:
+            await kill_group(proc)
 
     def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-6000:]
-        except OSError:
-            return "(no log)"
+        return log_tail(self.log_path)
 
 
 # -- clients ------------------------------------------------------------------------------

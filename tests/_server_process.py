@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -13,6 +14,7 @@ from typing import Any
 
 import httpx
 import pytest
+import trio
 
 BIN = Path(sys.executable).parent
 READY_TIMEOUT = 20.0
@@ -100,3 +102,19 @@ class Server:
 
     def stored_texts(self, room: str) -> list[str]:
         return [m["text"] for m in self.stored(room)]
+
+
+async def kill_group(proc: trio.Process) -> None:
+    """SIGKILL a server's whole process group (hypercorn and its workers) and reap it."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    with trio.move_on_after(5, shield=True):
+        await proc.wait()
+
+
+def log_tail(path: Path, size: int = 6000) -> str:
+    """The end of a server's log, for failure messages."""
+    try:
+        return path.read_text(errors="replace")[-size:]
+    except OSError:
+        return "(no log)"

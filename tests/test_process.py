@@ -23,6 +23,8 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed, open_websocket_url
 
+from _server_process import kill_group, log_tail
+
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Mapping
 
@@ -147,18 +149,11 @@ class ServerProcess:
     async def kill(self) -> None:
         """SIGKILL the whole process group (server and worker) and reap the server."""
         proc, self.proc = self.proc, None
-        if proc is None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        with trio.move_on_after(5, shield=True):
-            await proc.wait()
+        if proc is not None:
+            await kill_group(proc)
 
     def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-6000:]
-        except OSError:
-            return "(no log)"
+        return log_tail(self.log_path)
 
 
 @contextlib.asynccontextmanager
