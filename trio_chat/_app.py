@@ -28,7 +28,7 @@ from ._errors import ConfigError, ProtocolError
 from ._identity import NodeIdentity, claim_identity
 from ._metrics import render_metrics
 from ._node import Node, open_store
-from ._protocol import ID_PATTERN, MAX_HISTORY_LIMIT, ROOM_PATTERN
+from ._protocol import ROOM_PATTERN, History, encode_event, history_request_untrusted
 from ._session import Session, origin_allowed
 from ._transport import AsgiTransport
 
@@ -201,24 +201,16 @@ def _make_quart(chat: ChatApp) -> QuartTrio:
 
     @quart.get("/api/rooms/<room>/messages")
     async def messages(room: str) -> Response | tuple[Response, int]:
-        import re
-
-        before = request.args.get("before") or None
         try:
-            limit = int(request.args.get("limit", "50"))
-        except ValueError:
-            limit = 0
-        if not re.match(ROOM_PATTERN, room):
-            return jsonify(code="bad_room", message="not a room name"), 400
-        if before is not None and not re.match(ID_PATTERN, before):
-            return jsonify(code="bad_id", message="`before` is not a message id"), 400
-        if not 1 <= limit <= MAX_HISTORY_LIMIT:
-            return jsonify(code="bad_limit", message=f"limit is 1 to {MAX_HISTORY_LIMIT}"), 400
-        try:
-            page, more = await node().page(room, before, limit)
+            page_request = history_request_untrusted(
+                room, request.args.get("before") or None, request.args.get("limit", "50")
+            )
+            page, more = await node().page(room, page_request.before, page_request.limit)
         except ProtocolError as exc:
-            return jsonify(code=exc.code, message=exc.message), 404
-        return jsonify(room=room, messages=[_message_json(m) for m in page], more=more)
+            status = 404 if exc.code == "unknown_id" else 400
+            return jsonify(code=exc.code, message=exc.message), status
+        body = encode_event(History(room=room, messages=[m.event() for m in page], more=more))
+        return Response(body, content_type="application/json")
 
     @quart.get("/api/cluster/messages")
     async def cluster_messages() -> Response | tuple[str, int]:
@@ -249,13 +241,6 @@ def _make_quart(chat: ChatApp) -> QuartTrio:
         return None
 
     return quart
-
-
-def _message_json(m: Any) -> dict[str, Any]:
-    out = {"id": m.id, "room": m.room, "from": m.sender, "text": m.text, "ts": m.ts}
-    if m.cid is not None:
-        out["cid"] = m.cid
-    return out
 
 
 async def _serve_fallback(node: Node) -> None:

@@ -105,15 +105,30 @@ def decode_command_untrusted(data: bytes | str) -> Command:
     try:
         return _command_decoder.decode(data)
     except msgspec.ValidationError as exc:
-        detail = str(exc)
-        path = detail.rpartition(" - at `")[2].rstrip("`") if " - at `" in detail else ""
-        if "missing required field `type`" in detail:
-            code = "unknown_type"
-        else:
-            code = _FIELD_CODES.get(path, "bad_field")
-        raise ProtocolError(code, detail) from None
+        raise _refusal(exc) from None
     except (msgspec.DecodeError, UnicodeDecodeError):
         raise ProtocolError("bad_json", "the frame is not a JSON object") from None
+
+
+def history_request_untrusted(room: str, before: str | None, limit: str) -> HistoryRequest:
+    """Validate a history page asked for over HTTP, by the socket protocol's own rules.
+
+    Raises:
+      ProtocolError: ``bad_room``, ``bad_id`` or ``bad_limit``, as on the socket.
+    """
+    fields = {"room": room, "before": before, "limit": limit}
+    try:
+        return msgspec.convert(fields, HistoryRequest, strict=False)
+    except msgspec.ValidationError as exc:
+        raise _refusal(exc) from None
+
+
+def _refusal(exc: msgspec.ValidationError) -> ProtocolError:
+    detail = str(exc)
+    path = detail.rpartition(" - at `")[2].rstrip("`") if " - at `" in detail else ""
+    if "missing required field `type`" in detail:
+        return ProtocolError("unknown_type", detail)
+    return ProtocolError(_FIELD_CODES.get(path, "bad_field"), detail)
 
 
 def is_valid_name(name: str) -> bool:
