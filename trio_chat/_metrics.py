@@ -49,6 +49,15 @@ def render_metrics(node: Node) -> str:
         "Error frames and refusals, by code.",
         [(f'{{code="{code}"}}', n) for code, n in sorted(stats.errors.items())],
     )
+    metric(
+        "client_failures_total",
+        "counter",
+        "Unexpected exceptions that closed one client (and nothing else), by place and type.",
+        [
+            (f'{{where="{where}",type="{kind}"}}', n)
+            for (where, kind), n in sorted(node.failures.statistics().contained.items())
+        ],
+    )
     if node.cluster is not None:
         for name, value in node.cluster.statistics().items():
             metric(

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Final, NoReturn, TypeVar, TypeVarTuple
 
 import trio
 
+from ._boundary import FailureBoundary
 from ._chat_socket import handle_chat_socket
 from ._cluster import Cluster
 from ._errors import ProtocolError
@@ -86,6 +87,8 @@ class Node:
         self.node_id = node_id
         self.store = store
         self.hub = Hub()
+        #: Where exceptions from serving one client are counted and logged (rate-limited).
+        self.failures = FailureBoundary()
         self.cluster = Cluster(self, link) if link is not None else None
         self.ids = IdClock(node_id)
         self.sessions: set[Session] = set()
