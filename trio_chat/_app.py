@@ -47,6 +47,7 @@ _Scope = dict[str, Any]
 # After SIGTERM, how long a worker waits for hypercorn's shutdown: its graceful timeout
 # for HTTP connections (3 s by default) plus room to start.
 _SUPERVISOR_WAIT: Final = 10.0
+_CLOSE_INTERNAL_ERROR: Final = 1011
 
 
 class ChatApp:
@@ -159,8 +160,33 @@ async def _close_on_sigterm(node: Node) -> None:
     os.kill(os.getpid(), signal.SIGTERM)
 
 
+class _ChatQuart(QuartTrio):
+    """Quart-trio with the failure boundary of every HTTP request.
+
+    Quart hands whatever escapes a view to `handle_exception`; its own version logs
+    every traceback (a client that can trigger a bug could fill the disk) and answers
+    with an HTML page. Here the exception is counted and logged by the node's
+    `FailureBoundary` (rate-limited), and the client gets a short 500.
+    """
+
+    def __init__(self, chat: ChatApp) -> None:
+        super().__init__(__name__, static_folder=None)
+        self._chat = chat
+
+    async def handle_exception(self, error: Exception) -> Response:
+        if self._chat.node is not None:
+            self._chat.node.failures.record("http", error, request.remote_addr or "?")
+        else:
+            log.error("an HTTP request failed while the node was down", exc_info=error)
+        if request.path.startswith("/api/"):
+            response = jsonify(code="internal_error", message="internal error")
+            response.status_code = 500
+            return response
+        return Response("internal error\n", 500, content_type="text/plain; charset=utf-8")
+
+
 def _make_quart(chat: ChatApp) -> QuartTrio:
-    quart = QuartTrio(__name__, static_folder=None)
+    quart = _ChatQuart(chat)
 
     def node() -> Node:
         if chat.node is None:
@@ -246,8 +272,6 @@ def _make_quart(chat: ChatApp) -> QuartTrio:
 async def _serve_fallback(node: Node) -> None:
     """Run a session over hypercorn's WebSocket: the one-port path (slower)."""
     transport = AsgiTransport(websocket.remote_addr or "?", node.settings.backlog, node.count_slow)
-    session = Session(node, transport, websocket.args.get("name"))
-    node.register(session)
     max_frame = node.settings.max_frame
 
     async def receive() -> str:
@@ -269,7 +293,17 @@ async def _serve_fallback(node: Node) -> None:
             transport.run_writer, websocket.send, websocket.close, nursery.cancel_scope
         )
         try:
-            await session.run(receive)
+            try:
+                session = Session(node, transport, websocket.args.get("name"))
+                node.register(session)
+                await session.run(receive)
+            except Exception as exc:
+                # The failure boundary of one /ws client (DESIGN.md §4): a bug in serving
+                # it closes this client only, with 1011, and is counted and logged
+                # (rate-limited). Left to Quart, it would log every traceback and close
+                # the client with 1000 as if all were well.
+                node.failures.record("ws_fallback", exc, transport.remote)
+                transport.close_nowait(_CLOSE_INTERNAL_ERROR, "internal error")
             # The session closed the connection: let the writer send the close frame.
             with trio.move_on_after(node.settings.shutdown_grace, shield=True):
                 await transport.done.wait()
