@@ -27,9 +27,9 @@ if TYPE_CHECKING:
 async def test_healthz_config_and_page(server: Server) -> None:
     async with httpx.AsyncClient(base_url=server.http_url) as http:
         assert (await http.get("/healthz")).text == "ok\n"
-        config = (await http.get("/api/config", headers={"Host": "chat.example.com:8000"})).json()
+        config = (await http.get("/api/config", headers={"Host": "localhost:8000"})).json()
         port = server.node.chat_socket_port
-        assert config["ws_url"] == f"ws://chat.example.com:{port}/ws"
+        assert config["ws_url"] == f"ws://localhost:{port}/ws"
         assert config["fallback_ws_url"] == "/ws"
         page = await http.get("/")
         assert page.status_code == 200

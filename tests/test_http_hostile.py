@@ -1,18 +1,69 @@
-"""The HTTP side against hostile input, over real sockets: failure boundaries."""
+"""The HTTP side against hostile input, over real sockets: failure boundaries, the Host
+check (DNS rebinding), and request targets too long to serve."""
 
 from __future__ import annotations
 
 import logging
 from typing import TYPE_CHECKING, Any
 
+import h11
 import httpx
 import pytest
+import trio
 from trio_websocket import ConnectionClosed
 
+from trio_chat import Settings
+from trio_chat._errors import ConfigError
+from trio_chat._hosts import host_allowed
 from trio_chat._session import Session
 
+from conftest import make_settings, start_server
+
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from conftest import Server
+
+WS_HEADERS = [
+    ("Upgrade", "websocket"),
+    ("Connection", "Upgrade"),
+    ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
+    ("Sec-WebSocket-Version", "13"),
+]
+
+
+async def raw_get(
+    port: int, target: str, host: str, *, websocket: bool = False, origin: str | None = None
+) -> tuple[int, bytes]:
+    """One GET (or WebSocket handshake) on a fresh connection: the status and body.
+
+    The request is written as is, whatever its target and Host; h11 parses the answer.
+    """
+    headers = [("Host", host), *(WS_HEADERS if websocket else [])]
+    headers += [("Origin", origin)] if origin else []
+    client = h11.Connection(h11.CLIENT)
+    request = client.send(h11.Request(method="GET", target=target, headers=headers))
+    assert request is not None
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        await stream.send_all(request + (client.send(h11.EndOfMessage()) or b""))
+        status, body = 0, b""
+        while True:
+            event = client.next_event()
+            if event is h11.NEED_DATA:
+                client.receive_data(await stream.receive_some(65536))
+            elif isinstance(event, h11.InformationalResponse):
+                return event.status_code, b""
+            elif isinstance(event, h11.Response):
+                status = event.status_code
+            elif isinstance(event, h11.Data):
+                body += event.data
+            elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
+                return status, body
+
+
+def port_of(url: str) -> int:
+    return int(url.rsplit(":", 1)[1].split("/")[0])
 
 
 async def read_until_closed(client: Any) -> None:
@@ -22,6 +73,10 @@ async def read_until_closed(client: Any) -> None:
 
 def samples(metrics: str) -> dict[str, str]:
     return dict(line.rsplit(" ", 1) for line in metrics.splitlines() if not line.startswith("#"))
+
+
+def warnings_and_worse(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
 
 
 # -- failure boundaries -------------------------------------------------------------------
@@ -98,3 +153,139 @@ async def test_a_failing_fallback_session_is_closed_with_1011_alone(
         key = 'trio_chat_client_failures_total{where="ws_fallback",type="RuntimeError"}'
         assert metrics[key] == "1"
         assert metrics["trio_chat_connections"] == "3"
+
+
+# -- Host check ---------------------------------------------------------------------------
+
+
+async def test_a_dns_rebinding_host_is_refused_on_every_socket(
+    server: Server, caplog: pytest.LogCaptureFixture
+) -> None:
+    http_port = port_of(server.http_url)
+    ws_port = server.node.chat_socket_port
+    evil = "evil.example"
+    for port, target, websocket in [
+        (http_port, "/", False),
+        (http_port, "/app.js", False),
+        (http_port, "/api/config", False),
+        (http_port, "/api/rooms/general/messages", False),
+        (http_port, "/healthz", False),
+        (http_port, "/ws", True),
+        (ws_port, "/ws", True),
+    ]:
+        for host in (evil, f"{evil}:{port}", "localhost.evil.example", "127.0.0.1.evil.example"):
+            status, body = await raw_get(
+                port, target, host, websocket=websocket, origin=f"http://{host}"
+            )
+            assert (status, body) == (400, b"bad host\n"), (port, target, host)
+    assert server.node.statistics().errors["bad_host"] == 7 * 4
+    assert warnings_and_worse(caplog) == []
+
+
+async def test_loopback_names_are_served_by_default(server: Server) -> None:
+    http_port = port_of(server.http_url)
+    ws_port = server.node.chat_socket_port
+    for host in ("localhost", "127.0.0.1", "127.1.2.3", "[::1]", "LOCALHOST", "localhost."):
+        for port in (http_port, ws_port):
+            status, _ = await raw_get(port, "/ws", f"{host}:{port}", websocket=True)
+            assert status == 101, (host, port)
+        status, body = await raw_get(http_port, "/healthz", host)
+        assert (status, body) == (200, b"ok\n"), host
+
+
+async def test_configured_host_names_replace_the_loopback_default(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    allowed = frozenset({"chat.example.com", ".example.org"})
+    server = await start_server(nursery, make_settings(tmp_path, allowed_hosts=allowed))
+    http_port = port_of(server.http_url)
+    ws_port = server.node.chat_socket_port
+    cases = {
+        "chat.example.com": 101,
+        "CHAT.example.com:443": 101,
+        "example.org": 101,
+        "a.b.example.org": 101,
+        "evil.example": 400,
+        "notexample.org": 400,
+        "example.com": 400,
+        "localhost": 400,
+    }
+    for host, expected in cases.items():
+        for port in (http_port, ws_port):
+            status, _ = await raw_get(port, "/ws", host, websocket=True)
+            assert status == expected, (host, port)
+        status, _ = await raw_get(http_port, "/healthz", host)
+        assert status == (200 if expected == 101 else 400), host
+
+
+async def test_the_start_log_says_when_any_host_is_answered(
+    nursery: trio.Nursery, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="trio_chat.app")
+    advice = "set TRIO_CHAT_ALLOWED_HOSTS"
+    await start_server(nursery, make_settings(tmp_path / "a"))
+    assert not [r for r in caplog.records if advice in r.getMessage()]
+    # The HTTP side as peers reach it is on the LAN: the server is not loopback-only.
+    public = make_settings(tmp_path / "b", http_url="http://10.0.0.5:8000")
+    server = await start_server(nursery, public)
+    assert [r.levelname for r in caplog.records if advice in r.getMessage()] == ["INFO"]
+    assert (await raw_get(port_of(server.http_url), "/healthz", "chat.example.com"))[0] == 200
+
+
+def test_the_default_follows_where_the_server_listens() -> None:
+    loopback = Settings(ws_bind=("127.0.0.1", 8001))
+    assert host_allowed("localhost:8000", loopback)
+    assert not host_allowed("evil.example", loopback)
+    assert not host_allowed("", loopback)
+    assert not host_allowed("localhost@evil.example", loopback)
+    # The chat socket off and no HTTP URL: nothing says the server is public.
+    assert not host_allowed("evil.example", Settings(ws_bind=None))
+    public = [
+        Settings(ws_bind=("0.0.0.0", 8001)),
+        Settings(ws_bind=("127.0.0.1", 8001), http_url="http://10.0.0.5:8000"),
+    ]
+    for settings in public:
+        assert host_allowed("chat.example.com", settings)
+    assert host_allowed("anything", Settings(allowed_hosts=frozenset({"*"})))
+
+
+def test_allowed_hosts_setting_is_checked() -> None:
+    settings = Settings.from_env(
+        {"TRIO_CHAT_ALLOWED_HOSTS": "Chat.Example.com, .example.org,[::1]"}
+    )
+    assert settings.allowed_hosts == frozenset({"chat.example.com", ".example.org", "::1"})
+    for bad in ("https://chat.example.com", "chat.example.com:8000", "*.example.org", ","):
+        with pytest.raises(ConfigError, match="TRIO_CHAT_ALLOWED_HOSTS"):
+            Settings.from_env({"TRIO_CHAT_ALLOWED_HOSTS": bad})
+
+
+# -- long request targets -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("target", "status"),
+    [
+        ("/" + "a" * 20_000, 414),
+        ("/api/rooms/" + "a" * 20_000 + "/messages", 414),
+        ("/healthz?" + "x=1&" * 5_000, 414),
+        ("/api/rooms/general/messages?before=" + "0" * 20_000, 414),
+        ("/" + "a" * 8_200, 414),
+        ("/" + "a" * 8_000, 404),
+        ("/" + "a" * 300, 404),
+        ("/" + "%C3%A9" * 200, 404),
+        ("/a/" * 2_500, 404),
+        ("/api/rooms/" + "a" * 5_000 + "/messages", 400),
+    ],
+)
+async def test_long_targets_are_refused_without_an_error(
+    server: Server, connect: Any, caplog: pytest.LogCaptureFixture, target: str, status: int
+) -> None:
+    port = port_of(server.http_url)
+    assert (await raw_get(port, target, "127.0.0.1"))[0] == status
+    if status == 414:
+        assert (await raw_get(port, target, "127.0.0.1", websocket=True))[0] == 414
+    assert warnings_and_worse(caplog) == []
+    assert server.node.failures.statistics().contained == {}
+    async with connect(server.fallback_url, "alice") as alice:
+        await alice.join("general")
+        await alice.chat("general", "still serving", "c-1")

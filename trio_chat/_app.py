@@ -25,6 +25,7 @@ from quart_trio import QuartTrio
 from ._cluster import HEAL_HEADER, check_heal_signature, link_config
 from ._config import Settings
 from ._errors import ConfigError, ProtocolError
+from ._hosts import bound_to_loopback, host_allowed
 from ._identity import NodeIdentity, claim_identity
 from ._metrics import render_metrics
 from ._node import Node, open_store
@@ -47,6 +48,12 @@ _Scope = dict[str, Any]
 # After SIGTERM, how long a worker waits for hypercorn's shutdown: its graceful timeout
 # for HTTP connections (3 s by default) plus room to start.
 _SUPERVISOR_WAIT: Final = 10.0
+# The longest request target (path and query, in bytes) answered; longer ones get 414.
+# nginx's default header buffer; no URL of ours comes near it.
+MAX_TARGET: Final = 8 * 1024
+# No file under web/ has a name this long, and the file system refuses longer ones
+# (ENAMETOOLONG: 255 bytes a component) with an error instead of "not found".
+_MAX_FILE_NAME: Final = 255
 _CLOSE_INTERNAL_ERROR: Final = 1011
 
 
@@ -74,8 +81,31 @@ class ChatApp:
     ) -> None:
         if scope["type"] == "lifespan":
             await self._lifespan(receive, send)
+        elif (refusal := self._refusal(scope)) is not None:
+            await _send_refusal(scope, send, *refusal)
         else:
             await self.quart(scope, receive, send)  # type: ignore[arg-type]
+
+    def _refusal(self, scope: _Scope) -> tuple[int, str] | None:
+        """What every HTTP request and ``/ws`` handshake passes before Quart sees it.
+
+        Returns the status and text of a refusal, or None. A refusal is the client's
+        mistake (or an attack): it is logged at DEBUG and counted in ``/metrics``.
+        """
+        settings = self._settings
+        if settings is None:
+            return 503, "starting\n"
+        if len(scope["raw_path"]) + len(scope["query_string"]) > MAX_TARGET:
+            code, refusal = "uri_too_long", (414, "request target too long\n")
+        else:
+            host = dict(scope["headers"]).get(b"host", b"").decode("latin-1")
+            if host_allowed(host, settings):
+                return None
+            code, refusal = "bad_host", (400, "bad host\n")
+        log.debug("refused a request from %s: %s", (scope.get("client") or ["?"])[0], code)
+        if self.node is not None:
+            self.node.count_error(code)
+        return refusal
 
     async def _lifespan(
         self,
@@ -91,7 +121,7 @@ class ChatApp:
         identity: NodeIdentity | None = None
         store: Store | None = None
         try:
-            settings = self._settings or Settings.from_env()
+            settings = self._settings = self._settings or Settings.from_env()
             identity = claim_identity(settings.data_dir)
             link = None
             if settings.cluster != "off":
@@ -121,6 +151,11 @@ class ChatApp:
                     node.node_id,
                     f"on port {node.chat_socket_port}" if node.chat_socket_port else "off",
                 )
+                if settings.allowed_hosts is None and not bound_to_loopback(settings):
+                    log.info(
+                        "answering any Host name: set TRIO_CHAT_ALLOWED_HOSTS to the names"
+                        " clients use, so that DNS-rebinding pages are refused"
+                    )
                 started = True
                 await send({"type": "lifespan.startup.complete"})
                 await receive()  # lifespan.shutdown
@@ -158,6 +193,26 @@ async def _close_on_sigterm(node: Node) -> None:
     log.warning("no shutdown from hypercorn after SIGTERM: ending this worker")
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     os.kill(os.getpid(), signal.SIGTERM)
+
+
+async def _send_refusal(
+    scope: _Scope, send: Callable[[dict[str, Any]], Awaitable[None]], status: int, text: str
+) -> None:
+    """Answer a request, or refuse a WebSocket handshake, with a plain-text HTTP error."""
+    kind = "http.response"
+    if scope["type"] == "websocket":
+        if "websocket.http.response" not in scope.get("extensions", {}):
+            # An ASGI server without the extension can only answer 403.
+            await send({"type": "websocket.close"})
+            return
+        kind = "websocket.http.response"
+    body = text.encode()
+    headers = [
+        (b"content-type", b"text/plain; charset=utf-8"),
+        (b"content-length", b"%d" % len(body)),
+    ]
+    await send({"type": f"{kind}.start", "status": status, "headers": headers})
+    await send({"type": f"{kind}.body", "body": body})
 
 
 class _ChatQuart(QuartTrio):
@@ -199,6 +254,8 @@ def _make_quart(chat: ChatApp) -> QuartTrio:
 
     @quart.get("/<path:name>")
     async def static(name: str) -> Response:
+        if len(name.encode()) > _MAX_FILE_NAME:
+            abort(404)
         return await send_from_directory(WEB_DIR, name)
 
     @quart.get("/healthz")
@@ -259,7 +316,7 @@ def _make_quart(chat: ChatApp) -> QuartTrio:
         if not origin_allowed(
             websocket.headers.get("Origin"), websocket.host, n.settings.allowed_origins
         ):
-            log.warning("refused /ws from origin %s", websocket.headers.get("Origin"))
+            log.debug("refused /ws from origin %s", websocket.headers.get("Origin"))
             n.count_error("origin_refused")
             return "this origin may not open /ws\n", 403
         await websocket.accept()

@@ -7,6 +7,7 @@ import logging
 import urllib.parse
 from typing import TYPE_CHECKING
 
+from ._hosts import host_allowed
 from ._session import Session, origin_allowed
 from ._websocket import ConnectionClosed
 
@@ -25,11 +26,17 @@ async def handle_chat_socket(
     Cancellation: the connection's nursery is cancelled when its socket is done; the
     session leaves its rooms in ``finally`` without awaiting.
     """
+    if not host_allowed(request.host, node.settings):
+        # A DNS-rebinding page, or a name the operator has not listed (_hosts.py).
+        log.debug("refused %s: Host %r is not allowed", conn.remote, request.host)
+        node.count_error("bad_host")
+        conn.reject(400, "bad host\n")
+        return
     if request.path != "/ws":
         conn.reject(404, "the chat socket is at /ws\n")
         return
     if not origin_allowed(request.origin, request.host, node.settings.allowed_origins):
-        log.warning("refused %s: origin %s is not allowed", conn.remote, request.origin)
+        log.debug("refused %s: origin %s is not allowed", conn.remote, request.origin)
         node.count_error("origin_refused")
         conn.reject(403, "this origin may not open the chat socket\n")
         return

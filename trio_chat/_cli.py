@@ -38,6 +38,11 @@ _SETTING_FLAGS: Final = [
         "TRIO_CHAT_ALLOWED_ORIGINS",
         "comma-separated origins allowed besides the page's",
     ),
+    (
+        "--allowed-hosts",
+        "TRIO_CHAT_ALLOWED_HOSTS",
+        "comma-separated Host names served (.example.com: and subdomains; *: any)",
+    ),
     ("--cluster", "TRIO_CHAT_CLUSTER", "off, host (default: the workers of this host) or lan"),
     ("--cluster-group", "TRIO_CHAT_CLUSTER_GROUP", "multicast group (default 239.255.77.77)"),
     ("--cluster-port", "TRIO_CHAT_CLUSTER_PORT", "multicast port (default 47477)"),

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Final, Literal
 
 from ._errors import ConfigError
+from ._hosts import parse_allowed_hosts
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
@@ -51,6 +52,9 @@ class Settings:
     #: Bytes of unsent frames a client may hold before it is closed with 4008 "slow".
     backlog: int = 1 * MIB
     allowed_origins: frozenset[str] = frozenset()
+    #: Host names the server answers to (DNS-rebinding defence; ``*``: any). None: loopback
+    #: names only when bound to loopback, else any (`trio_chat._hosts`).
+    allowed_hosts: frozenset[str] | None = None
     #: Every interval each client is pinged; one that sent nothing since the last is cut.
     keepalive_interval: float = 20 * SECONDS
     #: How long connections get to close on shutdown before they are cut.
@@ -230,6 +234,7 @@ _PARSERS: Final[dict[str, Callable[[str], object]]] = {
     "ws_public_url": _url("ws", "wss"),
     "backlog": _size,
     "allowed_origins": _origins,
+    "allowed_hosts": parse_allowed_hosts,
     "keepalive_interval": _positive_float,
     "shutdown_grace": _non_negative_float,
     "cluster": _choice("off", "host", "lan"),
