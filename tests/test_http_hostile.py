@@ -1,9 +1,11 @@
 """The HTTP side against hostile input, over real sockets: failure boundaries, the Host
-check (DNS rebinding), and request targets too long to serve."""
+check (DNS rebinding), the signed heal API, and request targets too long to serve."""
 
 from __future__ import annotations
 
 import logging
+import secrets
+import time
 from typing import TYPE_CHECKING, Any
 
 import h11
@@ -13,10 +15,12 @@ import trio
 from trio_websocket import ConnectionClosed
 
 from trio_chat import Settings
+from trio_chat._cluster import HEAL_HEADER, SIGNATURE_AGE, sign_heal_request
 from trio_chat._errors import ConfigError
 from trio_chat._hosts import host_allowed
 from trio_chat._session import Session
 
+from _netns import free_udp_port
 from conftest import make_settings, start_server
 
 if TYPE_CHECKING:
@@ -257,6 +261,64 @@ def test_allowed_hosts_setting_is_checked() -> None:
     for bad in ("https://chat.example.com", "chat.example.com:8000", "*.example.org", ","):
         with pytest.raises(ConfigError, match="TRIO_CHAT_ALLOWED_HOSTS"):
             Settings.from_env({"TRIO_CHAT_ALLOWED_HOSTS": bad})
+
+
+# -- the heal API -------------------------------------------------------------------------
+
+SECRET = secrets.token_bytes(24)
+
+
+@pytest.fixture
+async def cluster_server(nursery: trio.Nursery, tmp_path: Path) -> Server:
+    """A server with a cluster link of its own (loopback, TTL 0, its own port and secret)."""
+    settings = make_settings(
+        tmp_path, cluster="host", cluster_port=free_udp_port(), cluster_secret=SECRET
+    )
+    return await start_server(nursery, settings)
+
+
+async def heal_get(
+    http: httpx.AsyncClient, query: dict[str, str], signature: str | None
+) -> httpx.Response:
+    headers = {HEAL_HEADER: signature} if signature is not None else {}
+    return await http.get("/api/cluster/messages", params=query, headers=headers)
+
+
+async def test_heal_requests_are_signed_whole_fresh_and_single_use(
+    cluster_server: Server, connect: Any
+) -> None:
+    async with connect(cluster_server.chat_socket_url, "alice") as alice:
+        await alice.join("general")
+        ids = [(await alice.chat("general", f"m{i}", f"c{i}"))["id"] for i in range(3)]
+    origin = cluster_server.node.node_id
+    query = {"origin": origin, "after": "", "limit": "2"}
+
+    def sign(limit: str = "2", age: float = 0.0) -> str:
+        return sign_heal_request(SECRET, origin, "", limit, time.time() - age)
+
+    async with httpx.AsyncClient(base_url=cluster_server.http_url) as http:
+        signature = sign()
+        page = await heal_get(http, query, signature)
+        assert page.status_code == 200
+        assert [m[0] for m in page.json()] == ids[:2]
+        # The same request again, signature and all: a replay.
+        assert (await heal_get(http, query, signature)).status_code == 403
+        # A signed query with another limit (every row, or more rows) is not that query.
+        for limit in ("-1", "1000", "3"):
+            tampered = await heal_get(http, {**query, "limit": limit}, sign())
+            assert tampered.status_code == 403, limit
+        tampered = await heal_get(http, {**query, "after": ids[0]}, sign())
+        assert tampered.status_code == 403
+        for age in (SIGNATURE_AGE + 2, -SIGNATURE_AGE - 2):
+            assert (await heal_get(http, query, sign(age=age))).status_code == 403
+        for signature in (None, "", "garbage", "9" * 5000, f"{time.time():.0f}:x:y"):
+            assert (await heal_get(http, query, signature)).status_code == 403
+        # Signed, but not a limit: refused as a bad request, not a crash.
+        for limit in ("abc", "-1", "0", "1001", "", "1" * 5000, "\uff11"):
+            bad = await heal_get(http, {**query, "limit": limit}, sign(limit))
+            assert bad.status_code == 400, limit
+            assert "limit must be a whole number from 1 to 1000" in bad.text
+        assert "trio_chat_client_failures_total{" not in (await http.get("/metrics")).text
 
 
 # -- long request targets -----------------------------------------------------------------

@@ -22,7 +22,7 @@ import trio
 from quart import Response, abort, jsonify, request, send_from_directory, websocket
 from quart_trio import QuartTrio
 
-from ._cluster import HEAL_HEADER, check_heal_signature, link_config
+from ._cluster import HEAL_HEADER, HEAL_PAGE, link_config
 from ._config import Settings
 from ._errors import ConfigError, ProtocolError
 from ._hosts import bound_to_loopback, host_allowed
@@ -301,13 +301,21 @@ def _make_quart(chat: ChatApp) -> QuartTrio:
         n = node()
         origin = request.args.get("origin", "")
         after = request.args.get("after", "")
+        limit = request.args.get("limit", "")
         signature = request.headers.get(HEAL_HEADER, "")
-        if n.cluster is None or not check_heal_signature(
-            n.cluster.secret, origin, after, signature, time.time()
+        if n.cluster is None or not n.cluster.heal_requests.check_untrusted(
+            origin, after, limit, signature, time.time()
         ):
-            return "a signed request from a cluster peer is required\n", 403
-        limit = min(int(request.args.get("limit", "1000") or 0) or 1, 1000)
-        found = await n.read_store(n.store.from_origin, origin, after, limit)
+            log.debug("refused an unsigned, stale or replayed heal request")
+            return "a fresh signed request from a cluster peer is required\n", 403
+        if not (
+            len(limit) <= len(str(HEAL_PAGE))
+            and limit.isascii()
+            and limit.isdigit()
+            and 1 <= int(limit) <= HEAL_PAGE
+        ):
+            return f"limit must be a whole number from 1 to {HEAL_PAGE}\n", 400
+        found = await n.read_store(n.store.from_origin, origin, after, int(limit))
         return Response(msgspec.json.encode(found), content_type="application/json")
 
     @quart.websocket("/ws")

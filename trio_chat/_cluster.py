@@ -44,11 +44,19 @@ logging.getLogger("httpx").setLevel(logging.WARNING)
 _RECENT_IDS: Final = 100_000
 # Presence is re-announced this often, so a peer that missed an update converges.
 _SNAPSHOT_INTERVAL: Final = 15.0
-_HEAL_PAGE: Final = 1000
+#: Most messages one heal request asks for (and `/api/cluster/messages` gives).
+HEAL_PAGE: Final = 1000
 _HEAL_TIMEOUT: Final = 10.0
-# An authenticated heal request is accepted this long after it was signed.
-_SIGNATURE_AGE: Final = 60.0
+#: A signed heal request is accepted this many seconds either side of its time stamp
+#: (peers' clocks must agree that closely), and only once.
+SIGNATURE_AGE: Final = 30.0
+# Signatures remembered to refuse their replay. Only correctly signed requests are
+# remembered, and peers send a few a second at most: past this, something is wrong,
+# and refusing (the peer retries at the next gap) is safer than forgetting.
+_SEEN_SIGNATURES: Final = 10_000
 HEAL_HEADER: Final = "X-Trio-Chat-Cluster"
+# Digits of a signature's time stamp (Unix seconds), at most: more is not a time.
+_STAMP_DIGITS: Final = 12
 
 
 class RemoteMessage(msgspec.Struct, tag="m", array_like=True):
@@ -114,20 +122,54 @@ def link_config(settings: Settings, identity: NodeIdentity, *, http_url: str) ->
     )
 
 
-def sign_heal_request(secret: bytes, origin: str, after: str, now: float) -> str:
+def sign_heal_request(
+    secret: bytes, origin: str, after: str, limit: str, now: float, nonce: str | None = None
+) -> str:
+    """The ``X-Trio-Chat-Cluster`` header for a heal request: ``stamp:nonce:mac``.
+
+    The MAC covers the whole query (origin, after, limit), the time stamp and a random
+    nonce, so a captured request can be neither altered nor, with `HealRequests`,
+    sent again.
+    """
     stamp = f"{now:.0f}"
-    mac = hmac.new(secret, f"heal\n{stamp}\n{origin}\n{after}".encode(), hashlib.sha256)
-    return f"{stamp}:{mac.hexdigest()}"
+    nonce = secrets.token_hex(16) if nonce is None else nonce
+    signed = msgspec.json.encode(["heal", stamp, nonce, origin, after, limit])
+    return f"{stamp}:{nonce}:{hmac.new(secret, signed, hashlib.sha256).hexdigest()}"
 
 
-def check_heal_signature(secret: bytes, origin: str, after: str, header: str, now: float) -> bool:
-    stamp, _, _ = header.partition(":")
-    try:
-        age = abs(now - float(stamp))
-    except ValueError:
-        return False
-    expected = sign_heal_request(secret, origin, after, float(stamp))
-    return age <= _SIGNATURE_AGE and hmac.compare_digest(expected, header)
+class HealRequests:
+    """Checks the signatures of heal requests, and refuses each one's second use.
+
+    Args:
+      secret: the cluster secret.
+    """
+
+    def __init__(self, secret: bytes) -> None:
+        self._secret = secret
+        #: Signatures accepted, with when they stop being valid, oldest first.
+        self._seen: collections.OrderedDict[str, float] = collections.OrderedDict()
+
+    def check_untrusted(self, origin: str, after: str, limit: str, header: str, now: float) -> bool:
+        """Whether ``header`` signs this query, is fresh, and was never used before."""
+        stamp, _, rest = header.partition(":")
+        nonce, _, _ = rest.partition(":")
+        if not (len(stamp) <= _STAMP_DIGITS and stamp.isascii() and stamp.isdigit()):
+            return False
+        if abs(now - int(stamp)) > SIGNATURE_AGE:
+            return False
+        expected = sign_heal_request(self._secret, origin, after, limit, int(stamp), nonce)
+        if not hmac.compare_digest(expected.encode(), header.encode()):
+            return False
+        while self._seen and next(iter(self._seen.values())) < now:
+            self._seen.popitem(last=False)
+        if header in self._seen:
+            log.debug("refused a replayed heal request")
+            return False
+        if len(self._seen) >= _SEEN_SIGNATURES:
+            log.warning("refused a heal request: %d others in %g s", len(self._seen), SIGNATURE_AGE)
+            return False
+        self._seen[header] = int(stamp) + SIGNATURE_AGE
+        return True
 
 
 class Cluster:
@@ -141,6 +183,7 @@ class Cluster:
     def __init__(self, node: Node, config: LinkConfig) -> None:
         self.node = node
         self.secret = config.secret
+        self.heal_requests = HealRequests(config.secret)
         self.link = ClusterLink(config)
         #: Members of each room on each peer: peer -> room -> name -> connections.
         self._presence: dict[str, dict[str, collections.Counter[str]]] = {}
@@ -291,7 +334,7 @@ class Cluster:
             log.info("healed %d messages from %s", healed, origin)
 
     async def _from_store(self, origin: str, after: str) -> list[Message]:
-        return await self.node.read_store(self.node.store.from_origin, origin, after, _HEAL_PAGE)
+        return await self.node.read_store(self.node.store.from_origin, origin, after, HEAL_PAGE)
 
     async def _from_peers(self, origin: str, after: str) -> list[Message]:
         peers = [
@@ -303,8 +346,9 @@ class Cluster:
         peers.sort(key=lambda p: p.node != origin)
         for peer in peers:
             url = f"{peer.http_url}/api/cluster/messages"
-            signature = sign_heal_request(self.secret, origin, after, time.time())
-            params = {"origin": origin, "after": after, "limit": str(_HEAL_PAGE)}
+            limit = str(HEAL_PAGE)
+            signature = sign_heal_request(self.secret, origin, after, limit, time.time())
+            params = {"origin": origin, "after": after, "limit": limit}
             try:
                 with trio.fail_after(_HEAL_TIMEOUT):
                     async with httpx.AsyncClient() as client:
