@@ -15,7 +15,13 @@ import trio
 from trio_websocket import ConnectionClosed
 
 from trio_chat import Settings
-from trio_chat._cluster import HEAL_HEADER, SIGNATURE_AGE, sign_heal_request
+from trio_chat._cluster import (
+    HEAL_HEADER,
+    SEEN_SIGNATURES,
+    SIGNATURE_AGE,
+    HealRequests,
+    sign_heal_request,
+)
 from trio_chat._errors import ConfigError
 from trio_chat._hosts import host_allowed
 from trio_chat._session import Session
@@ -319,6 +325,21 @@ async def test_heal_requests_are_signed_whole_fresh_and_single_use(
             assert bad.status_code == 400, limit
             assert "limit must be a whole number from 1 to 1000" in bad.text
         assert "trio_chat_client_failures_total{" not in (await http.get("/metrics")).text
+
+
+def test_remembered_signatures_are_bounded_and_forgotten_when_stale() -> None:
+    requests = HealRequests(SECRET)
+    now = 1_800_000_000.0
+
+    def check(at: float) -> bool:
+        signature = sign_heal_request(SECRET, "o", "", "10", at)
+        return requests.check_untrusted("o", "", "10", signature, at)
+
+    assert all(check(now) for _ in range(SEEN_SIGNATURES))
+    # Full of signatures still valid: refuse rather than forget one (it could be replayed).
+    assert not check(now + 1)
+    # Once they are stale (refused as such anyway), they make room.
+    assert check(now + SIGNATURE_AGE + 1)
 
 
 # -- long request targets -----------------------------------------------------------------

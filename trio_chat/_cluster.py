@@ -50,10 +50,10 @@ _HEAL_TIMEOUT: Final = 10.0
 #: A signed heal request is accepted this many seconds either side of its time stamp
 #: (peers' clocks must agree that closely), and only once.
 SIGNATURE_AGE: Final = 30.0
-# Signatures remembered to refuse their replay. Only correctly signed requests are
-# remembered, and peers send a few a second at most: past this, something is wrong,
-# and refusing (the peer retries at the next gap) is safer than forgetting.
-_SEEN_SIGNATURES: Final = 10_000
+#: Signatures remembered to refuse their replay. Only correctly signed requests are
+#: remembered, and peers send a few a second at most: past this, something is wrong,
+#: and refusing (the peer retries at the next gap) is safer than forgetting.
+SEEN_SIGNATURES: Final = 10_000
 HEAL_HEADER: Final = "X-Trio-Chat-Cluster"
 # Digits of a signature's time stamp (Unix seconds), at most: more is not a time.
 _STAMP_DIGITS: Final = 12
@@ -165,7 +165,7 @@ class HealRequests:
         if header in self._seen:
             log.debug("refused a replayed heal request")
             return False
-        if len(self._seen) >= _SEEN_SIGNATURES:
+        if len(self._seen) >= SEEN_SIGNATURES:
             log.warning("refused a heal request: %d others in %g s", len(self._seen), SIGNATURE_AGE)
             return False
         self._seen[header] = int(stamp) + SIGNATURE_AGE
