@@ -22,6 +22,8 @@ if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable
     from pathlib import Path
 
+    from trio_chat._store import Store
+
 TIMEOUT = 10
 
 # The machines are shared and small: a slow example is not a failure, a wrong one is.
@@ -48,9 +50,11 @@ class Server:
         return self.chat_socket_url if transport == "chat_socket" else self.fallback_url
 
 
-async def start_server(nursery: trio.Nursery, settings: Settings) -> Server:
-    """Serve a ChatApp with ``settings`` on 127.0.0.1 (free ports) in ``nursery``."""
-    app = ChatApp(settings)
+async def start_server(
+    nursery: trio.Nursery, settings: Settings, store: Store | None = None
+) -> Server:
+    """Serve a ChatApp with ``settings`` (and ``store``, if given) on 127.0.0.1 (free ports)."""
+    app = ChatApp(settings, store=store)
     config = Config()
     config.bind = ["127.0.0.1:0"]
     config.accesslog = None
