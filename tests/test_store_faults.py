@@ -14,10 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import errno
-import os
 import sqlite3
-import subprocess
 import time
 from typing import TYPE_CHECKING, Any, Final
 
@@ -40,10 +37,10 @@ from trio_chat._protocol import (
 from trio_chat._session import Session
 from trio_chat._store import MemoryStore, Message, SqliteStore
 
-from conftest import TIMEOUT, Client, Server, make_settings, start_server
+from conftest import TIMEOUT, Client, Server, fill, make_settings, start_server
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Iterator
+    from collections.abc import AsyncIterator
     from pathlib import Path
 
     from trio_chat._hub import Outgoing
@@ -131,49 +128,6 @@ async def send_until_acked(client: Client, text: str, cid: str) -> dict[str, Any
 
 
 # --------------------------------------------------------------------------- a real full disk
-
-
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 2 MB tmpfs mounted for the test: a disk that really fills up."""
-    mount_point = tmp_path / "disk"
-    mount_point.mkdir()
-    in_ci = os.environ.get("CI") == "true"
-    why = None
-    if os.geteuid() != 0:
-        why = "mounting a tmpfs needs root"
-    else:
-        done = subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount_point)],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if done.returncode != 0:
-            why = f"cannot mount a tmpfs here: {done.stderr.strip()}"
-    if why is not None:
-        if in_ci:
-            pytest.fail(f"{why} (CI=true: this test must run in CI)")
-        pytest.skip(why)
-    try:
-        yield mount_point
-    finally:
-        # Lazy: the server's files may still be closing.
-        subprocess.run(["umount", "-l", str(mount_point)], check=True)
-
-
-def fill(folder: Path) -> Path:
-    """Write zeros into ``folder`` until the disk is full; the file that filled it."""
-    filler = folder / "filler"
-    chunk = b"\0" * 4096
-    with open(filler, "wb", buffering=0) as f:
-        try:
-            while True:
-                f.write(chunk)
-        except OSError as exc:
-            if exc.errno != errno.ENOSPC:
-                raise
-    return filler
 
 
 async def test_a_full_disk_refuses_sends_and_recovers_without_a_restart(
