@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
+import socket
 import sqlite3
 import time
 from typing import TYPE_CHECKING, Any, Final
@@ -22,6 +24,7 @@ import httpx
 import pytest
 import trio
 
+from trio_chat._cluster import HEAL_HEADER, sign_heal_request
 from trio_chat._errors import StoreError
 from trio_chat._ids import IdClock
 from trio_chat._node import RETRY_FIRST, RETRY_MAX, Node
@@ -295,6 +298,50 @@ async def test_a_failed_read_fails_that_request_only(
         await alice.send(type="history", room=ROOM)
         page = await alice.next_of("history")
         assert [m["text"] for m in page["messages"]] == ["hello", "still here"]
+
+
+async def test_cluster_heal_reads_that_fail_fail_alone(
+    nursery: trio.Nursery, tmp_path: Path, faults: Faults
+) -> None:
+    """The peers' history API answers 503; a heal and a catch-up survive the store."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    # Loopback only, TTL 0, a port and a secret of its own.
+    settings = make_settings(
+        tmp_path, cluster="host", cluster_port=port, cluster_secret=os.urandom(32)
+    )
+    server = await start_server(nursery, settings, faults.store(tmp_path / "history.sqlite3"))
+    node = server.node
+    cluster = node.cluster
+    peer = Message(id=IdClock("peer-1").next_id(1000), room=ROOM, sender="dora", text="hi", ts=0.0)
+    node.store.write([peer])
+    faults.read = sqlite3.DatabaseError("database disk image is malformed")
+
+    async def heal_api() -> httpx.Response:
+        signature = sign_heal_request(cluster.secret, "peer-1", "", time.time())
+        async with httpx.AsyncClient(base_url=server.http_url) as http:
+            return await http.get(
+                "/api/cluster/messages",
+                params={"origin": "peer-1", "after": ""},
+                headers={HEAL_HEADER: signature},
+            )
+
+    assert (await heal_api()).status_code == 503
+    healed = cluster.gaps_healed
+    await cluster._heal("peer-1")  # the store fails; no peer to ask: nothing, no crash
+    assert cluster.gaps_healed == healed + 1
+    async with trio.open_nursery() as catching_up:
+        catching_up.start_soon(cluster._catch_up, "peer-1")
+        failed = node.statistics().store_failures["read"]
+        with trio.fail_after(TIMEOUT):
+            while node.statistics().store_failures["read"] < failed + 2:  # noqa: ASYNC110
+                await trio.sleep(RETRY_FIRST)
+        faults.read = None  # the catch-up, still waiting, now ends
+    response = await heal_api()
+    assert response.status_code == 200
+    assert [m[0] for m in response.json()] == [peer.id]
+    assert await health(server) == (200, "ok\n")
 
 
 # --------------------------------------------------------------------------- backoff
