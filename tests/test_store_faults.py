@@ -62,6 +62,8 @@ class Faults:
     write: sqlite3.Error | None = None
     #: Raised by every SELECT.
     read: sqlite3.Error | None = None
+    #: Raised by ROLLBACK (an I/O error can fail it too).
+    rollback: sqlite3.Error | None = None
 
     def store(self, path: Path) -> SqliteStore:
         """A real SqliteStore at ``path`` whose connections obey these faults."""
@@ -70,7 +72,11 @@ class Faults:
         class FaultyConnection(sqlite3.Connection):
             def execute(self, sql: str, parameters: Any = (), /) -> sqlite3.Cursor:
                 verb = sql.lstrip().split(None, 1)[0].upper()
-                error = {"COMMIT": faults.write, "SELECT": faults.read}.get(verb)
+                error = {
+                    "COMMIT": faults.write,
+                    "SELECT": faults.read,
+                    "ROLLBACK": faults.rollback,
+                }.get(verb)
                 if error is not None:
                     raise type(error)(*error.args)
                 return super().execute(sql, parameters)
@@ -128,6 +134,29 @@ async def send_until_acked(client: Client, text: str, cid: str) -> dict[str, Any
             assert event == refusal(cid)
             # The node refuses at once until its next attempt is due (RETRY_FIRST, doubling).
             await trio.sleep(RETRY_FIRST)
+
+
+def test_a_failed_commit_stores_nothing_and_the_next_write_works(tmp_path: Path) -> None:
+    """Even when the ROLLBACK fails too, leaving the transaction open."""
+    faults = Faults(
+        write=sqlite3.OperationalError("database or disk is full"),
+        rollback=sqlite3.OperationalError("disk I/O error"),
+    )
+    store = faults.store(tmp_path / "history.sqlite3")
+    clock = IdClock("n1")
+    lost, kept = (
+        Message(id=clock.next_id(1000 + i), room=ROOM, sender="a", text=f"m{i}", ts=0.0)
+        for i in range(2)
+    )
+    with pytest.raises(StoreError, match=r"^OperationalError: disk I/O error$"):
+        store.write([lost])
+    faults.write = faults.rollback = None
+    assert store.write([kept]) == {}
+    assert store.latest(ROOM, 10) == [kept]
+    faults.read = sqlite3.DatabaseError("database disk image is malformed")
+    with pytest.raises(StoreError, match=r"^DatabaseError: database disk image is malformed$"):
+        store.latest(ROOM, 10)
+    store.close()
 
 
 # --------------------------------------------------------------------------- a real full disk
