@@ -5,6 +5,9 @@
 - A real SqliteStore whose connections fail on demand (`Faults`): writes fail at COMMIT,
   where WAL pages reach the disk, and reads fail as a corrupt page or an I/O error would.
 - The commit task's backoff, under the autojump clock.
+- Clients: the terminal client joins again after a refused join (the page's and the
+  terminal client's resends on a real full disk are in test_browser.py and
+  test_client_cli.py).
 
 Every client runs over a real socket to the in-process server, or (for timing) over a
 session on an in-memory transport.
@@ -14,7 +17,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
 import os
+import re
 import socket
 import sqlite3
 import time
@@ -24,6 +29,7 @@ import httpx
 import pytest
 import trio
 
+from trio_chat._client import ChatClient
 from trio_chat._cluster import HEAL_HEADER, sign_heal_request
 from trio_chat._errors import StoreError
 from trio_chat._ids import IdClock
@@ -327,6 +333,31 @@ async def test_a_failed_read_fails_that_request_only(
         await alice.send(type="history", room=ROOM)
         page = await alice.next_of("history")
         assert [m["text"] for m in page["messages"]] == ["hello", "still here"]
+
+
+async def test_the_terminal_client_joins_again_after_a_refused_join(
+    nursery: trio.Nursery, faulty_server: Server, faults: Faults
+) -> None:
+    out = io.StringIO()
+    client = ChatClient(faulty_server.chat_socket_url, name="alice", rooms=[ROOM], out=out)
+    faults.read = sqlite3.DatabaseError("database disk image is malformed")
+    done = trio.Event()
+
+    async def lines(send: trio.MemorySendChannel[str]) -> None:
+        async with send:
+            await done.wait()
+
+    async def shown(pattern: str) -> None:
+        with trio.fail_after(TIMEOUT):
+            while not re.search(pattern, out.getvalue(), re.MULTILINE):  # noqa: ASYNC110
+                await trio.sleep(RETRY_FIRST)
+
+    nursery.start_soon(client.run_until_quit, lines)
+    await shown(r"^! error store_unavailable: ")
+    faults.read = None
+    await shown(rf"^\* joined #{ROOM}: alice$")  # at its next retry, on the same socket
+    assert out.getvalue().count("* connected") == 1
+    done.set()
 
 
 async def test_cluster_heal_reads_that_fail_fail_alone(
