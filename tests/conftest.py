@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import functools
 import inspect
 import json
+import os
+import subprocess
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -19,8 +22,10 @@ from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket
 from trio_chat import ChatApp, Settings
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Callable
+    from collections.abc import AsyncIterator, Callable, Iterator
     from pathlib import Path
+
+    from trio_chat._store import Store
 
 TIMEOUT = 10
 
@@ -48,9 +53,11 @@ class Server:
         return self.chat_socket_url if transport == "chat_socket" else self.fallback_url
 
 
-async def start_server(nursery: trio.Nursery, settings: Settings) -> Server:
-    """Serve a ChatApp with ``settings`` on 127.0.0.1 (free ports) in ``nursery``."""
-    app = ChatApp(settings)
+async def start_server(
+    nursery: trio.Nursery, settings: Settings, store: Store | None = None
+) -> Server:
+    """Serve a ChatApp with ``settings`` (and ``store``, if given) on 127.0.0.1 (free ports)."""
+    app = ChatApp(settings, store=store)
     config = Config()
     config.bind = ["127.0.0.1:0"]
     config.accesslog = None
@@ -184,6 +191,49 @@ async def _close(ws: WebSocketConnection) -> None:
     # trio-websocket 0.12 leaves its TCP stream open when the block ends between the
     # server's close frame and the server's TCP close.
     await ws._stream.aclose()
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 2 MB tmpfs mounted for the test: a disk that really fills up."""
+    mount_point = tmp_path / "disk"
+    mount_point.mkdir()
+    in_ci = os.environ.get("CI") == "true"
+    why = None
+    if os.geteuid() != 0:
+        why = "mounting a tmpfs needs root"
+    else:
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount_point)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if done.returncode != 0:
+            why = f"cannot mount a tmpfs here: {done.stderr.strip()}"
+    if why is not None:
+        if in_ci:
+            pytest.fail(f"{why} (CI=true: this test must run in CI)")
+        pytest.skip(why)
+    try:
+        yield mount_point
+    finally:
+        # Lazy: the server's files may still be closing.
+        subprocess.run(["umount", "-l", str(mount_point)], check=True)
+
+
+def fill(folder: Path) -> Path:
+    """Write zeros into ``folder`` until the disk is full; the file that filled it."""
+    filler = folder / "filler"
+    chunk = b"\0" * 4096
+    with open(filler, "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(chunk)
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise
+    return filler
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -21,6 +21,7 @@ import trio
 from trio_websocket import open_websocket_url
 
 from _server_process import Server, free_port
+from conftest import fill
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -496,3 +497,32 @@ def test_page_falls_back_to_ws_when_the_chat_socket_is_unreachable(
     finally:
         pages.close()
     assert not pages.errors, pages.errors
+
+
+def test_page_sends_again_what_a_full_disk_refused(
+    small_disk: Path, tmp_path: Path, pages: Pages, transport: str
+) -> None:
+    from playwright.sync_api import expect
+
+    server = Server(small_disk, tmp_path / "server.log")
+    server.start()
+    try:
+        alice = pages.open(server, "alice")
+        bob = pages.open(server, "bob")
+        say(alice, "before the disk filled")
+        expect(message_with(bob, "before the disk filled")).to_have_count(1)
+        filler = fill(small_disk)
+        say(alice, "while the disk is full")
+        expect(alice.locator("#typing")).to_contain_text("store is unavailable")
+        expect(message_with(alice, "while the disk is full")).to_have_class(re.compile("pending"))
+        shot(alice, "store-unavailable", transport)
+        filler.unlink()
+        # The page sends it again by itself (same cid, after a backoff): stored once.
+        expect(message_with(bob, "while the disk is full")).to_have_count(1)
+        expect(message_with(alice, "while the disk is full")).not_to_have_class(
+            re.compile("pending")
+        )
+        stored = server.stored_texts("general")
+        assert stored == ["before the disk filled", "while the disk is full"]
+    finally:
+        server.stop()

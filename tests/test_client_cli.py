@@ -17,6 +17,7 @@ import pytest
 import trio
 
 from _server_process import BIN, Server
+from conftest import fill
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Iterator
@@ -215,3 +216,27 @@ async def test_piped_stdin_sends_then_exits_at_eof(
         with trio.fail_after(15):
             assert await piper.proc.wait() == 0
         await piper.expect(r"<piper> clear \\x1b")
+
+
+async def test_client_sends_again_what_a_full_disk_refused(
+    small_disk: Path, tmp_path: Path, clients: list[Client]
+) -> None:
+    server = Server(small_disk, tmp_path / "server.log")
+    server.start()
+    try:
+        with trio.fail_after(60):
+            alice = await start_client(clients, server.chat_url, "alice", "general")
+            await alice.expect(r"^\* joined #general")
+            await alice.say("before the disk filled")
+            await alice.expect(r"<alice> before the disk filled$")
+            filler = fill(small_disk)
+            await alice.say("while the disk is full")
+            await alice.expect(r"^! error store_unavailable: ")
+            filler.unlink()
+            # Unacked, so sent again (same cid) at the client's next retry.
+            await alice.expect(r"<alice> while the disk is full$")
+            stored = await trio.to_thread.run_sync(server.stored_texts, "general")
+            assert stored == ["before the disk filled", "while the disk is full"]
+            assert alice.count(r"^\* (dis)?connected") == 1  # the connection stayed up
+    finally:
+        server.stop()

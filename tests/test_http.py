@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sqlite3
 from typing import TYPE_CHECKING, Any
 
 import httpx
@@ -105,19 +104,23 @@ async def test_a_store_that_cannot_open_stops_the_server(tmp_path: Path) -> None
 
 
 async def test_a_node_task_that_fails_stops_the_server(tmp_path: Path) -> None:
-    """The commit task dies (the disk failed): the worker stops loudly, it does not limp on."""
+    """The commit task dies of a bug: the worker stops loudly, it does not limp on.
+
+    (A failing disk is not a bug: the store raises `StoreError` and the node degrades;
+    see test_store_faults.py.)
+    """
     app = ChatApp(make_settings(tmp_path))
     config = Config()
     config.bind = ["127.0.0.1:0"]
 
-    def broken_disk(messages: object) -> dict[str, str]:
-        raise sqlite3.OperationalError("disk I/O error")
+    def buggy_write(messages: object) -> dict[str, str]:
+        raise RuntimeError("a bug in the commit path")
 
     with pytest.RaisesGroup(LifespanFailureError, flatten_subgroups=True):
         async with trio.open_nursery() as nursery:
             await nursery.start(serve, app, config)
             assert app.node is not None
-            app.node.store.write = broken_disk  # type: ignore[method-assign]
+            app.node.store.write = buggy_write  # type: ignore[method-assign]
             url = f"ws://127.0.0.1:{app.node.chat_socket_port}/ws?name=alice"
             async with open_websocket_url(url) as ws:
                 await ws.send_message(json.dumps({"type": "join", "room": "r"}))

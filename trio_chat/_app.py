@@ -24,12 +24,18 @@ from quart_trio import QuartTrio
 
 from ._cluster import HEAL_HEADER, HEAL_PAGE, link_config
 from ._config import Settings
-from ._errors import ConfigError, ProtocolError
+from ._errors import ConfigError, ProtocolError, StoreError
 from ._hosts import bound_to_loopback, host_allowed
 from ._identity import NodeIdentity, claim_identity
 from ._metrics import render_metrics
 from ._node import Node, open_store
-from ._protocol import ROOM_PATTERN, History, encode_event, history_request_untrusted
+from ._protocol import (
+    ROOM_PATTERN,
+    STORE_UNAVAILABLE,
+    History,
+    encode_event,
+    history_request_untrusted,
+)
 from ._session import Session, origin_allowed
 from ._transport import AsgiTransport
 
@@ -65,11 +71,20 @@ class ChatApp:
         when the server starts (so a bad value stops it with a clear message).
       take_sigterm: handle SIGTERM in this process (`_close_on_sigterm`); for the
         server's own worker processes, not for an app embedded in tests.
+      store: the history engine to serve with, instead of the one the settings name
+        (tests inject failing ones); the app closes it when it stops.
     """
 
-    def __init__(self, settings: Settings | None = None, *, take_sigterm: bool = False) -> None:
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        *,
+        take_sigterm: bool = False,
+        store: Store | None = None,
+    ) -> None:
         self._settings = settings
         self._take_sigterm = take_sigterm
+        self._store = store
         self.node: Node | None = None
         self.quart = _make_quart(self)
 
@@ -126,7 +141,7 @@ class ChatApp:
             link = None
             if settings.cluster != "off":
                 link = link_config(settings, identity, http_url=settings.http_url or "")
-            store = open_store(settings)
+            store = self._store if self._store is not None else open_store(settings)
         except Exception as exc:
             # Anything at all: an exception escaping the lifespan would make hypercorn
             # serve on without it (and without a node) instead of stopping the worker.
@@ -260,7 +275,12 @@ def _make_quart(chat: ChatApp) -> QuartTrio:
 
     @quart.get("/healthz")
     async def healthz() -> tuple[str, int]:
-        return ("ok\n", 200) if chat.node is not None else ("starting\n", 503)
+        if chat.node is None:
+            return "starting\n", 503
+        # Writes fail (disk full, I/O error): the node serves on, but refuses every send.
+        if not chat.node.store_up:
+            return "degraded: store\n", 503
+        return "ok\n", 200
 
     @quart.get("/metrics")
     async def metrics() -> Response:
@@ -292,6 +312,9 @@ def _make_quart(chat: ChatApp) -> QuartTrio:
         except ProtocolError as exc:
             status = 404 if exc.code == "unknown_id" else 400
             return jsonify(code=exc.code, message=exc.message), status
+        except StoreError:
+            # Logged and counted by the node; this request alone fails.
+            return jsonify(code="store_unavailable", message=STORE_UNAVAILABLE), 503
         body = encode_event(History(room=room, messages=[m.event() for m in page], more=more))
         return Response(body, content_type="application/json")
 
@@ -315,7 +338,11 @@ def _make_quart(chat: ChatApp) -> QuartTrio:
             and 1 <= int(limit) <= HEAL_PAGE
         ):
             return f"limit must be a whole number from 1 to {HEAL_PAGE}\n", 400
-        found = await n.read_store(n.store.from_origin, origin, after, int(limit))
+        try:
+            found = await n.read_store(n.store.from_origin, origin, after, int(limit))
+        except StoreError:
+            # The peer asks another node, or heals later.
+            return "this node's store is unavailable\n", 503
         return Response(msgspec.json.encode(found), content_type="application/json")
 
     @quart.websocket("/ws")

@@ -174,6 +174,8 @@ class _Room:
     name: str
     last_id: str | None = None
     joined: bool = False
+    #: The join was refused (``store_unavailable``): join again at the next retry.
+    rejoin: bool = False
     seen: set[str] = field(default_factory=set)
     seen_order: deque[str] = field(default_factory=deque)
 
@@ -318,11 +320,15 @@ class ChatClient:
             await self._send(ws, {"type": "ping"})
 
     async def _retry_unacked(self, ws: WebSocketConnection) -> None:
-        # A send refused (rate_limited, say) or lost is not acked: try it again with the
-        # same cid, which the server stores at most once.
+        # A send refused (rate_limited, store_unavailable) or lost is not acked: try it
+        # again with the same cid, which the server stores at most once.
         while True:
             await trio.sleep(RETRY_INTERVAL)
             now = time.monotonic()
+            for refused in list(self._rooms.values()):
+                if refused.rejoin and not refused.joined:
+                    refused.rejoin = False
+                    await self._join(ws, refused)
             async with self._send_order:
                 for p in list(self._outbox.values()):
                     room = self._rooms.get(p.room)
@@ -333,6 +339,7 @@ class ChatClient:
         self._online = False
         for room in self._rooms.values():
             room.joined = False
+            room.rejoin = False  # every room is joined again on reconnect
 
     # --------------------------------------------------------------------- server frames
 
@@ -380,6 +387,8 @@ class ChatClient:
                 self._say(f"* #{room.name}: {_safe(frame['left'])} left")
         elif kind == "error":
             self._say(f"! error {_safe(frame.get('code'))}: {_safe(frame.get('message'))}")
+            if frame.get("code") == "store_unavailable" and room is not None and not room.joined:
+                room.rejoin = True
 
     def _on_message(self, frame: dict[str, Any], room: _Room | None) -> None:
         msg_id = frame.get("id")

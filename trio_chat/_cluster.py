@@ -23,7 +23,7 @@ import httpx
 import msgspec
 import trio
 
-from ._errors import ConfigError
+from ._errors import ConfigError, StoreError
 from ._identity import create_once
 from ._link import ClusterLink, LinkConfig
 from ._link_events import Delivered, Gap, PeerDown, PeerStatus, PeerUp
@@ -57,6 +57,9 @@ SEEN_SIGNATURES: Final = 10_000
 HEAL_HEADER: Final = "X-Trio-Chat-Cluster"
 # Digits of a signature's time stamp (Unix seconds), at most: more is not a time.
 _STAMP_DIGITS: Final = 12
+# A catch-up whose store read failed tries again after this long, doubled up to the max.
+_STORE_RETRY_FIRST: Final = 0.5
+_STORE_RETRY_MAX: Final = 30.0
 
 
 class RemoteMessage(msgspec.Struct, tag="m", array_like=True):
@@ -316,10 +319,18 @@ class Cluster:
 
         The link delivers a peer's messages from the first heartbeat we hear on; what it
         sent before (while we were down, or before we started) comes from history, from
-        just after the newest message of it we stored.
+        just after the newest message of it we stored. While our store cannot say which
+        that is, this waits (with backoff) rather than guess and replay old messages.
         """
-        newest = await self.node.read_store(self.node.store.newest_from, origin) or ""
-        self._last_from[origin] = max(self._last_from.get(origin, ""), newest)
+        delay = _STORE_RETRY_FIRST
+        while True:
+            try:
+                newest = await self.node.read_store(self.node.store.newest_from, origin)
+                break
+            except StoreError:
+                await trio.sleep(delay)
+                delay = min(delay * 2, _STORE_RETRY_MAX)
+        self._last_from[origin] = max(self._last_from.get(origin, ""), newest or "")
         await self._heal(origin)
 
     async def _heal(self, origin: str) -> None:
@@ -334,7 +345,11 @@ class Cluster:
             log.info("healed %d messages from %s", healed, origin)
 
     async def _from_store(self, origin: str, after: str) -> list[Message]:
-        return await self.node.read_store(self.node.store.from_origin, origin, after, HEAL_PAGE)
+        try:
+            return await self.node.read_store(self.node.store.from_origin, origin, after, HEAL_PAGE)
+        except StoreError:
+            # The node logged it; the peers' history serves instead.
+            return []
 
     async def _from_peers(self, origin: str, after: str) -> list[Message]:
         peers = [

@@ -31,3 +31,10 @@ class BadPacket(ChatError):
     The sender (or someone on the network) is at fault: the packet is dropped and counted,
     never raised past the link's receive loop.
     """
+
+
+class StoreError(ChatError):
+    """The history store failed: disk full, an I/O error, a lock held too long, a corrupt
+    page. Nobody a client could blame: the one request is refused (``store_unavailable``)
+    and may be retried; the node stays up and retries its writes.
+    """

@@ -38,6 +38,18 @@ def render_metrics(node: Node) -> str:
     metric("store_commits_total", "counter", "Store transactions.", [("", stats.commits)])
     metric("store_messages_total", "counter", "Messages committed.", [("", stats.committed)])
     metric(
+        "store_up",
+        "gauge",
+        "1 while the store accepts writes; 0 from a failed write to the next good one.",
+        [("", 1 if stats.store_up else 0)],
+    )
+    metric(
+        "store_failures_total",
+        "counter",
+        "Store operations that failed (disk full, I/O error, locked, corrupt), by operation.",
+        [(f'{{op="{op}"}}', stats.store_failures.get(op, 0)) for op in ("read", "write")],
+    )
+    metric(
         "slow_disconnects_total",
         "counter",
         "Clients closed with 4008 (slow).",

@@ -9,6 +9,14 @@ commit channel. The commit task writes everything waiting in one transaction, th
 order, broadcasts each message to its room, sends it to cluster peers, and acks it to its
 sender: an ack always means "stored", and a client never sees a message that a restart
 could take back.
+
+A store that fails (`StoreError`: disk full, I/O error, locked, corrupt) does not stop the
+node; it degrades. A failed commit acks nothing: its local senders get the error
+``store_unavailable`` (they retry with the same cid), and other nodes' messages are kept
+and written first at the next attempt. The commit task retries with backoff
+(`RETRY_FIRST` doubling to `RETRY_MAX`); until the retry is due, new sends are refused at
+once instead of queueing behind a dead disk. A failed history read refuses that one
+request. ``store_up`` (``/healthz``) is False from a failed write to the next good one.
 """
 
 from __future__ import annotations
@@ -25,10 +33,10 @@ import trio
 from ._boundary import FailureBoundary
 from ._chat_socket import handle_chat_socket
 from ._cluster import Cluster
-from ._errors import ProtocolError
+from ._errors import ProtocolError, StoreError
 from ._hub import Hub
 from ._ids import IdClock
-from ._protocol import Ack, Presence, is_valid_name
+from ._protocol import Ack, Presence, is_valid_name, store_unavailable
 from ._store import MemoryStore, Message, SqliteStore, Store
 from ._websocket import CLOSE_GOING_AWAY, WebSocketServer
 
@@ -50,6 +58,12 @@ _R = TypeVar("_R")
 _COMMIT_QUEUE: Final = 8192
 # Most messages per transaction: bounds one commit's latency.
 _MAX_COMMIT_BATCH: Final = 2000
+#: Seconds from a failed commit to the next attempt; doubled after each failure.
+RETRY_FIRST: Final = 0.1
+#: The longest wait between two attempts while the store keeps failing.
+RETRY_MAX: Final = 5.0
+# Store failures are logged at most this often (seconds), with how many were not.
+_STORE_LOG_INTERVAL: Final = 60.0
 
 
 @dataclasses.dataclass(slots=True)
@@ -68,6 +82,10 @@ class NodeStatistics:
     duplicates: int
     slow_disconnects: int
     errors: dict[str, int]
+    #: False from a failed write until a write succeeds again.
+    store_up: bool
+    #: Store operations that failed, by ``"write"`` / ``"read"``.
+    store_failures: dict[str, int]
 
 
 class Node:
@@ -109,6 +127,13 @@ class Node:
         self._duplicates = 0
         self._fallback_slow = 0
         self.errors: collections.Counter[str] = collections.Counter()
+        #: False from a failed write until a write succeeds again (``/healthz``).
+        self.store_up = True
+        # While the store is down: when the commit task tries again (trio time).
+        self._retry_at = 0.0
+        self._store_failures: collections.Counter[str] = collections.Counter()
+        self._store_logged_at = -_STORE_LOG_INTERVAL
+        self._store_unlogged = 0
 
     # -- names --------------------------------------------------------------------------
 
@@ -130,12 +155,31 @@ class Node:
 
     # -- rooms and presence -------------------------------------------------------------
 
-    def join(self, room: str, session: Session) -> None:
-        """Subscribe ``session`` to ``room`` and tell the room (cluster-wide) it arrived."""
+    async def join(
+        self, room: str, session: Session, since: str | None
+    ) -> tuple[list[Message], bool]:
+        """Subscribe ``session`` to ``room``, read what it gets first (`replay`), then tell
+        the room (cluster-wide) it arrived.
+
+        Broadcasts reach the session from the subscription on; it holds them back until
+        it has sent the replay.
+
+        Raises:
+          StoreError: the replay could not be read. The session was never in the room:
+            no subscription is left and nobody was told.
+
+        Cancellation: as a failed read.
+        """
         self.hub.subscribe(room, session)
+        try:
+            replay = await self.replay(room, since)
+        except BaseException:
+            self.hub.unsubscribe(room, session)
+            raise
         self._presence(room, Presence(room=room, joined=session.name), session)
         if self.cluster is not None:
             self.cluster.send_presence(room, session.name, joined=True)
+        return replay
 
     def leave(self, room: str, session: Session) -> None:
         if self.hub.unsubscribe(room, session):
@@ -177,8 +221,14 @@ class Node:
 
         Cancellation: a checkpoint; waits while the commit queue is full. If cancelled
         the message was not accepted (no ack is sent; the client retries with its cid).
+
+        Raises:
+          StoreError: the store is down and its next attempt is not due yet.
         """
         self._messages_in += 1
+        if not self.store_up and trio.current_time() < self._retry_at:
+            await trio.lowlevel.checkpoint()
+            raise StoreError("the store is down; the next attempt is not due yet")
         # A retried cid is caught by the store, in the commit's own transaction: no
         # lookup per send, and two copies arriving together cannot both be stored.
         dedupe = None if command.cid is None else f"{session.requested_name}\0{command.cid}"
@@ -194,31 +244,66 @@ class Node:
         await self._commit_send.send(_Pending(message, session))
 
     async def _run_commits(self) -> NoReturn:
+        # Other nodes' messages from a failed commit: written first at the next attempt.
+        held: list[_Pending] = []
+        delay = RETRY_FIRST
         while True:
-            batch = [await self._commit_receive.receive()]
+            if held:
+                await trio.sleep_until(self._retry_at)
+                batch, held = held, []
+            else:
+                batch = [await self._commit_receive.receive()]
             while len(batch) < _MAX_COMMIT_BATCH:
                 try:
                     batch.append(self._commit_receive.receive_nowait())
                 except trio.WouldBlock:
                     break
-            duplicates = await self._write([p.message for p in batch])
-            self._commits += 1
-            self._committed += len(batch) - len(duplicates)
-            for pending in batch:
-                message = pending.message
-                first = duplicates.get(message.id)
-                if first is not None:
-                    self._duplicates += 1
-                    if pending.sender is not None:
-                        ack = Ack(id=first, cid=message.cid, duplicate=True)
-                        await self.hub.publish_to(pending.sender, message.room, ack)
-                    continue
-                if pending.sender is not None and self.cluster is not None:
-                    self.cluster.send_message(message)
-                await self.hub.publish(message.room, message.event())
+            try:
+                duplicates = await self._write([p.message for p in batch])
+            except StoreError as exc:
+                self._retry_at = trio.current_time() + delay
+                delay = min(delay * 2, RETRY_MAX)
+                self._store_failed("write", exc)
+                held = await self._refuse_commit(batch)
+                continue
+            delay = RETRY_FIRST
+            if not self.store_up:
+                self.store_up = True
+                log.warning("the store accepts writes again")
+            await self._publish_commit(batch, duplicates)
+
+    async def _refuse_commit(self, batch: list[_Pending]) -> list[_Pending]:
+        """Tell a failed commit's local senders; return the other nodes' messages."""
+        held = []
+        for pending in batch:
+            message = pending.message
+            if pending.sender is None:
+                held.append(pending)
+                continue
+            self.count_error("store_unavailable")
+            refusal = store_unavailable(message.room, message.cid)
+            await self.hub.publish_to(pending.sender, message.room, refusal)
+        return held
+
+    async def _publish_commit(self, batch: list[_Pending], duplicates: dict[str, str]) -> None:
+        """Broadcast, forward and ack what one commit stored, in order."""
+        self._commits += 1
+        self._committed += len(batch) - len(duplicates)
+        for pending in batch:
+            message = pending.message
+            first = duplicates.get(message.id)
+            if first is not None:
+                self._duplicates += 1
                 if pending.sender is not None:
-                    ack = Ack(id=message.id, cid=message.cid)
+                    ack = Ack(id=first, cid=message.cid, duplicate=True)
                     await self.hub.publish_to(pending.sender, message.room, ack)
+                continue
+            if pending.sender is not None and self.cluster is not None:
+                self.cluster.send_message(message)
+            await self.hub.publish(message.room, message.event())
+            if pending.sender is not None:
+                ack = Ack(id=message.id, cid=message.cid)
+                await self.hub.publish_to(pending.sender, message.room, ack)
 
     async def deliver_remote(self, message: Message) -> None:
         """Store and broadcast a message another node accepted.
@@ -265,10 +350,43 @@ class Node:
         return self.store.write(messages)
 
     async def read_store(self, fn: Callable[[*_Args], _R], *args: *_Args) -> _R:
-        if self.store.blocking:
-            return await trio.to_thread.run_sync(fn, *args, limiter=self._read_limiter)
-        await trio.lowlevel.checkpoint()
-        return fn(*args)
+        """Call the store's read method ``fn`` off the event loop.
+
+        Raises:
+          StoreError: the store failed (counted and logged here); refuse that request.
+        """
+        try:
+            if self.store.blocking:
+                return await trio.to_thread.run_sync(fn, *args, limiter=self._read_limiter)
+            await trio.lowlevel.checkpoint()
+            return fn(*args)
+        except StoreError as exc:
+            self._store_failed("read", exc)
+            raise
+
+    def _store_failed(self, op: str, exc: StoreError) -> None:
+        """Count a failed store operation; log it, at most once a `_STORE_LOG_INTERVAL`.
+
+        A failure of every request while the disk is full must not fill the rest of it
+        with log lines; a write failure that takes the store down is always logged.
+        """
+        self._store_failures[op] += 1
+        going_down = op == "write" and self.store_up
+        if going_down:
+            self.store_up = False
+        now = time.monotonic()
+        if not going_down and now - self._store_logged_at < _STORE_LOG_INTERVAL:
+            self._store_unlogged += 1
+            return
+        skipped, self._store_unlogged = self._store_unlogged, 0
+        self._store_logged_at = now
+        log.error(
+            "store %s failed%s: %s%s",
+            op,
+            " (degraded: refusing sends until a write succeeds)" if going_down else "",
+            exc,
+            f" ({skipped} more store failures not logged)" if skipped else "",
+        )
 
     # -- accounting ---------------------------------------------------------------------
 
@@ -288,6 +406,8 @@ class Node:
             duplicates=self._duplicates,
             slow_disconnects=self._fallback_slow + self.chat_socket.statistics().slow_closes,
             errors=dict(self.errors),
+            store_up=self.store_up,
+            store_failures=dict(self._store_failures),
         )
 
     # -- running ------------------------------------------------------------------------

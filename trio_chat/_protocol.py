@@ -25,6 +25,11 @@ NAME_PATTERN: Final = r"^\w[\w.-]{0,31}$"
 ID_PATTERN: Final = r"^[0-9a-f]{16}-[A-Za-z0-9_.-]{1,40}$"
 MAX_CID_LENGTH: Final = 64
 MAX_HISTORY_LIMIT: Final = 200
+#: The message of the ``store_unavailable`` error (a send or a history read failed).
+STORE_UNAVAILABLE: Final = (
+    "the message store is unavailable: nothing was stored or read; try again later "
+    "(a send with the same cid)"
+)
 
 _NAME_RE: Final = re.compile(NAME_PATTERN)
 
@@ -201,6 +206,11 @@ class ErrorEvent(msgspec.Struct, tag="error", tag_field="type", frozen=True, omi
     #: The room and cid of the command refused, when it had them.
     room: str | None = None
     cid: str | None = None
+
+
+def store_unavailable(room: str | None, cid: str | None) -> ErrorEvent:
+    """The error for a command the store failed: nothing was stored or read; retry."""
+    return ErrorEvent(code="store_unavailable", message=STORE_UNAVAILABLE, room=room, cid=cid)
 
 
 Event = (

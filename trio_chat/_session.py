@@ -13,7 +13,7 @@ import time
 import urllib.parse
 from typing import TYPE_CHECKING, Final, Protocol
 
-from ._errors import ProtocolError
+from ._errors import ProtocolError, StoreError
 from ._hub import Outgoing
 from ._protocol import (
     ErrorEvent,
@@ -37,6 +37,7 @@ from ._protocol import (
     encode_event,
     encode_events,
     is_valid_name,
+    store_unavailable,
 )
 
 if TYPE_CHECKING:
@@ -193,6 +194,11 @@ class Session:
                     await self._handle(command)
                 except ProtocolError as exc:
                     self._refuse(exc, command)
+                except StoreError:
+                    # Not the client's fault, and the node logged it (rate-limited).
+                    self.node.count_error("store_unavailable")
+                    room, cid = getattr(command, "room", None), getattr(command, "cid", None)
+                    self.send(store_unavailable(room, cid))
         finally:
             self.node.release(self)
 
@@ -271,12 +277,8 @@ class Session:
         self._held[room] = held
         self._replayed.pop(room, None)
         try:
-            self.node.join(room, self)
-            replay, reset = await self.node.replay(room, command.since)
-        except BaseException:
-            # Not joined after all (cancelled, or the store failed): leave no subscription.
-            self.node.leave(room, self)
-            raise
+            # Cancelled, or the store failed: not joined, and nobody was told.
+            replay, reset = await self.node.join(room, self, command.since)
         finally:
             del self._held[room]
         if reset:

@@ -4,11 +4,16 @@ Both are synchronous and called off the event loop (`trio.to_thread`) by the nod
 commit task, which batches what is waiting into one `Store.write` call: one transaction
 for many messages (group commit). Inserts are idempotent on the message id, so every
 process of a host may write every message it sees into one shared file.
+
+A store that fails (disk full, I/O error, a lock held too long, a corrupt page) raises
+`StoreError`, and only that: the node then degrades (refuses that request, retries its
+writes) instead of stopping. Every other exception is a bug.
 """
 
 from __future__ import annotations
 
 import bisect
+import contextlib
 import fcntl
 import sqlite3
 import threading
@@ -16,9 +21,11 @@ from typing import TYPE_CHECKING, Final, Protocol
 
 import msgspec
 
+from ._errors import StoreError
 from ._protocol import MessageEvent
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
     from pathlib import Path
 
 
@@ -46,7 +53,11 @@ class Message(msgspec.Struct, frozen=True, array_like=True):
 
 
 class Store(Protocol):
-    """What the node needs from a history engine. Every method may block (disk I/O)."""
+    """What the node needs from a history engine. Every method may block (disk I/O).
+
+    Every method but `close` raises `StoreError` when the engine fails; a failed `write`
+    stored none of its messages.
+    """
 
     #: Whether calls must go to a worker thread.
     blocking: bool
@@ -103,19 +114,35 @@ def _row(m: Message) -> tuple[object, ...]:
     return (m.id, m.room, m.sender, m.text, m.ts, m.cid, m.dedupe, m.origin)
 
 
+@contextlib.contextmanager
+def _engine_errors() -> Iterator[None]:
+    """Translate SQLite's failures into the node's one `StoreError`."""
+    try:
+        yield
+    except sqlite3.Error as exc:
+        raise StoreError(f"{type(exc).__name__}: {exc}") from exc
+
+
 class SqliteStore:
     """History in one SQLite file in WAL mode.
 
     ``synchronous=NORMAL`` in WAL mode keeps every committed transaction through a crash
     of the process (SIGKILL included); only a power loss may take the newest ones.
     Writes and reads use separate connections, each used by one thread at a time.
+
+    Args:
+      path: the database file; its folder is created if needed.
+      factory: the `sqlite3.Connection` class to open it with (tests inject faults here).
     """
 
     blocking = True
 
-    def __init__(self, path: Path) -> None:
+    def __init__(
+        self, path: Path, *, factory: type[sqlite3.Connection] = sqlite3.Connection
+    ) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
+        self._factory = factory
         # Workers starting together would race to switch a new file to WAL, and SQLite
         # answers that race with "database is locked" at once, whatever the timeout.
         with open(path.with_name(path.name + ".init-lock"), "w") as lock:
@@ -128,7 +155,13 @@ class SqliteStore:
 
     def _connect(self) -> sqlite3.Connection:
         # Workers of one host share the file: wait for each other's locks.
-        conn = sqlite3.connect(self.path, timeout=30, check_same_thread=False, isolation_level=None)
+        conn = sqlite3.connect(
+            self.path,
+            timeout=30,
+            check_same_thread=False,
+            isolation_level=None,
+            factory=self._factory,
+        )
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=NORMAL")
         return conn
@@ -136,8 +169,11 @@ class SqliteStore:
     def write(self, messages: list[Message]) -> dict[str, str]:
         insert = "INSERT OR IGNORE INTO messages VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
         duplicates: dict[str, str] = {}
-        with self._write_lock:
+        with self._write_lock, _engine_errors():
             db = self._writer
+            # A ROLLBACK that failed (an I/O error) can leave the last transaction open:
+            # end it first, or no write would ever succeed again.
+            _rollback(db)
             db.execute("BEGIN IMMEDIATE")
             try:
                 db.executemany(insert, [_row(m) for m in messages if m.dedupe is None])
@@ -149,14 +185,16 @@ class SqliteStore:
                         ).fetchone()
                         if first != m.id:
                             duplicates[m.id] = first
+                # In WAL mode the pages reach the disk here: a full disk fails the COMMIT,
+                # which leaves the transaction open.
+                db.execute("COMMIT")
             except BaseException:
-                db.execute("ROLLBACK")
+                _rollback(db)
                 raise
-            db.execute("COMMIT")
         return duplicates
 
     def _query(self, sql: str, args: tuple[object, ...]) -> list[Message]:
-        with self._read_lock:
+        with self._read_lock, _engine_errors():
             rows = self._reader.execute(sql, args).fetchall()
         return [Message(*row) for row in rows]
 
@@ -178,7 +216,7 @@ class SqliteStore:
         return rows
 
     def contains(self, room: str, message_id: str) -> bool:
-        with self._read_lock:
+        with self._read_lock, _engine_errors():
             row = self._reader.execute(
                 "SELECT 1 FROM messages WHERE id = ? AND room = ?", (message_id, room)
             ).fetchone()
@@ -191,7 +229,7 @@ class SqliteStore:
         )
 
     def newest_from(self, origin: str) -> str | None:
-        with self._read_lock:
+        with self._read_lock, _engine_errors():
             row = self._reader.execute(
                 "SELECT max(id) FROM messages WHERE origin = ?", (origin,)
             ).fetchone()
@@ -200,6 +238,12 @@ class SqliteStore:
     def close(self) -> None:
         self._writer.close()
         self._reader.close()
+
+
+def _rollback(db: sqlite3.Connection) -> None:
+    """End the open transaction, if any (SQLite rolls some failures back by itself)."""
+    if db.in_transaction:
+        db.execute("ROLLBACK")
 
 
 class MemoryStore:

@@ -10,6 +10,8 @@
 //     it: the server replays what we missed, then live messages follow.
 //   - Sends carry a client id (cid) and stay in `outbox` (also in sessionStorage) until acked;
 //     they are re-sent after a reconnect and the server stores a cid only once.
+//   - A send or join refused with `store_unavailable` (the server's disk failed) is tried
+//     again after a backoff, on the same socket.
 //   - User text only ever reaches the page through textContent, never innerHTML.
 "use strict";
 
@@ -68,6 +70,9 @@
   const BACKOFF_BASE_MS = 500;
   const BACKOFF_MAX_MS = 8000;
   const HISTORY_PAGE = 50;
+  // After `store_unavailable`: the first retry's delay, doubled per refusal up to the max.
+  const STORE_RETRY_BASE_MS = 1000;
+  const STORE_RETRY_MAX_MS = 30000;
 
   let name = params.get("name") || store.get("name", "");
   let myName = name; // the name the server gave us (may carry a suffix)
@@ -92,6 +97,8 @@
   let lastFrameAt = 0;
   let lastTypingSent = 0;
   let cidCounter = 0;
+  let storeRefusals = 0; // consecutive store_unavailable errors, for the backoff
+  let storeRetryTimer = null;
   const cidPrefix = "c-" + Math.random().toString(36).slice(2, 10) + "-" + Date.now().toString(36);
 
   // ---------------------------------------------------------------- rooms & rendering
@@ -117,6 +124,7 @@
         replayed: 0, // messages received since the join was sent
         fullReplay: false, // that join asked for the latest page (no `since`)
         loaded: false, // first join of this page finished (later messages count as unread)
+        storeRefused: false, // a send or the join was refused as store_unavailable
         more: true, // older history may exist
         unread: 0,
         log,
@@ -398,6 +406,26 @@
     }
   }
 
+  /** The server's store refused a send or a join in `room`: try again after a backoff. */
+  function retryAfterStoreFailure(room) {
+    const r = rooms.get(room);
+    if (!r) return;
+    r.storeRefused = true;
+    if (storeRetryTimer !== null) return;
+    const cap = Math.min(STORE_RETRY_MAX_MS, STORE_RETRY_BASE_MS * 2 ** storeRefusals);
+    storeRefusals += 1;
+    storeRetryTimer = setTimeout(() => {
+      storeRetryTimer = null;
+      for (const x of rooms.values()) {
+        if (!x.storeRefused) continue;
+        x.storeRefused = false;
+        // Same cids: the server stores each once, however often it is sent.
+        if (x.joined) flushOutbox(x.name);
+        else if (online) sendJoin(x);
+      }
+    }, cap / 2 + Math.random() * (cap / 2));
+  }
+
   function wsUrl(path) {
     const u = new URL(path, location.href);
     u.protocol = u.protocol === "https:" ? "wss:" : "ws:";
@@ -564,6 +592,7 @@
         break;
       }
       case "ack":
+        storeRefusals = 0;
         if (typeof f.cid === "string") settleCid(f.cid, f.id);
         break;
       case "presence": {
@@ -604,6 +633,7 @@
       case "error":
         flash("error: " + (f.message || f.code));
         if (f.code === "rate_limited") setTimeout(() => flushOutbox(current), 1500);
+        if (f.code === "store_unavailable" && f.room) retryAfterStoreFailure(f.room);
         if (f.code === "bad_room" && f.room && rooms.has(f.room)) leaveRoom(f.room);
         break;
       case "pong":
