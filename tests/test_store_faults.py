@@ -379,11 +379,11 @@ async def test_cluster_heal_reads_that_fail_fail_alone(
     faults.read = sqlite3.DatabaseError("database disk image is malformed")
 
     async def heal_api() -> httpx.Response:
-        signature = sign_heal_request(cluster.secret, "peer-1", "", time.time())
+        signature = sign_heal_request(cluster.secret, "peer-1", "", "1000", time.time())
         async with httpx.AsyncClient(base_url=server.http_url) as http:
             return await http.get(
                 "/api/cluster/messages",
-                params={"origin": "peer-1", "after": ""},
+                params={"origin": "peer-1", "after": "", "limit": "1000"},
                 headers={HEAL_HEADER: signature},
             )
 
