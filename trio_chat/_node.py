@@ -273,7 +273,8 @@ class Node:
     # -- accounting ---------------------------------------------------------------------
 
     def count_slow(self) -> None:
-        """Count a ``/ws`` client closed as slow (the chat socket counts its own)."""
+        """Count a client closed as slow by a ``/ws`` transport or by its session (lag
+        held during a join); the chat socket's write path counts its own."""
         self._fallback_slow += 1
 
     def count_error(self, code: str) -> None:
