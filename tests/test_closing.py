@@ -14,14 +14,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import sqlite3
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import trio
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from conftest import make_settings, start_server
+from conftest import eventually, make_settings, start_server
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -81,3 +82,28 @@ async def test_every_close_is_answered_promptly_under_churn(
     with trio.fail_after(PROMPT):
         while server.node.statistics().connections:  # noqa: ASYNC110 (no event for this)
             await trio.sleep(0.005)
+
+
+async def test_a_close_is_answered_while_a_commit_is_pending(
+    nursery: trio.Nursery, tmp_path: Path, transport: str, connect: Any
+) -> None:
+    server = await start_server(nursery, make_settings(tmp_path))
+    node = server.node
+    # Another writer holds the database: the commit task waits for its lock.
+    blocker = sqlite3.connect(tmp_path / "history.sqlite3", isolation_level=None)
+    try:
+        async with connect(server.url(transport), "alice") as alice:
+            await alice.join("r")
+            blocker.execute("BEGIN IMMEDIATE")
+            await alice.send(type="send", room="r", text="pending", cid="c-1")
+            await eventually(lambda: node.statistics().messages_in == 1)
+            with trio.fail_after(PROMPT):
+                await alice.ws.aclose()
+            assert alice.ws.closed is not None
+            assert alice.ws.closed.code == 1000
+            assert node.statistics().committed == 0
+    finally:
+        blocker.close()
+    # the message is stored once the lock is free; its ack had no one left to go to
+    await eventually(lambda: node.statistics().committed == 1)
+    await eventually(lambda: node.statistics().connections == 0)
