@@ -318,3 +318,44 @@ async def test_a_close_is_answered_at_once_past_a_backlog(
     assert len(messages(closer)) < count
     closer.close()
     await eventually(lambda: server.node.statistics().connections == 0)
+
+
+async def test_a_close_during_a_replay_the_client_does_not_read_is_answered_at_once(
+    nursery: trio.Nursery, tmp_path: Path, transport: str
+) -> None:
+    server: Server = await start_server(nursery, make_settings(tmp_path, backlog=BACKLOG))
+    ids = fill_big_room(server)
+    closer = await RawClient.connect(server.url(transport), "closer", rcvbuf=2048)
+    await closer.send(type="join", room="big", since=ids[0])
+    # the replay waits for a client that reads nothing
+    if transport == "chat_socket":
+        await eventually(lambda: server.node.chat_socket.statistics().backlog_bytes > 0)
+    await closer._send(CloseConnection(code=1000))
+    await closer.read_until(lambda: False)
+    assert closer.close_code == 1000
+    # answered behind what the kernel had taken (at most a few hundred KB), not behind
+    # the rest of the replay
+    assert len(messages(closer)) < BIG_COUNT // 2
+    assert closer.count["joined"] == 0
+    closer.close()
+    await eventually(lambda: server.node.statistics().connections == 0)
+
+
+async def test_commands_sent_during_a_slowly_read_replay_are_served_after_it(
+    nursery: trio.Nursery, tmp_path: Path, transport: str
+) -> None:
+    server: Server = await start_server(nursery, make_settings(tmp_path, backlog=BACKLOG))
+    ids = fill_big_room(server)
+    client = await RawClient.connect(server.url(transport), "client", rcvbuf=2048)
+    await client.send(type="join", room="big", since=ids[0])
+    if transport == "chat_socket":
+        await eventually(lambda: server.node.chat_socket.statistics().backlog_bytes > 0)
+    # read by the connection while the replay waits, served once it is out
+    await client.send(type="ping")
+    await client.send(type="send", room="big", text="after")
+    await client.read_until(lambda: client.count["ack"] > 0)
+    kinds = [e["type"] for e in client.events]
+    assert kinds[-4:] == ["joined", "pong", "message", "ack"]
+    assert [m["id"] for m in messages(client)][:-1] == ids[1:]
+    assert client.close_code is None
+    client.close()

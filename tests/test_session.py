@@ -16,6 +16,7 @@ from trio_chat._session import Session
 from trio_chat._store import MemoryStore, Message
 
 if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
     from pathlib import Path
 
     from trio_chat._hub import Outgoing
@@ -49,6 +50,10 @@ class Recorder:
         self.closed = code
         # as the real transports do: a reply waiting for the client is dropped
         self.reading.set()
+
+    @contextlib.asynccontextmanager
+    async def cancel_on_close(self) -> AsyncIterator[None]:
+        yield
 
 
 async def start_node(nursery: trio.Nursery, tmp_path: Path, **settings: Any) -> Node:

@@ -193,6 +193,11 @@ class Node:
         )
         await self._commit_send.send(_Pending(message, session))
 
+    def submit_would_wait(self) -> bool:
+        """Whether `submit` would wait now: the commit queue is full (the store is behind)."""
+        stats = self._commit_send.statistics()
+        return stats.current_buffer_used >= stats.max_buffer_size
+
     async def _run_commits(self) -> NoReturn:
         while True:
             batch = [await self._commit_receive.receive()]

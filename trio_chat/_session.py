@@ -45,6 +45,7 @@ from ._protocol import (
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Iterator
+    from contextlib import AbstractAsyncContextManager
 
     from ._node import Node
 
@@ -71,6 +72,10 @@ class Transport(Protocol):
         A reply never counts as lag (it never closes the client as slow). Dropped if
         the connection's output has ended.
         """
+
+    def cancel_on_close(self) -> AbstractAsyncContextManager[None]:
+        """Around a command that may wait: the client's close is answered at once and
+        cancels it (raising the transport's connection-closed error)."""
 
     def deliver_nowait(self, out: Outgoing) -> None:
         """Queue a broadcast (the transport picks its pre-built frame or text)."""
@@ -280,7 +285,12 @@ class Session:
             raise ProtocolError(
                 "text_too_long", f"messages are limited to {self._settings.max_text} characters"
             )
-        await self.node.submit(self, command)
+        if self.node.submit_would_wait():
+            # The store is behind: the client may give up and close meanwhile.
+            async with self.transport.cancel_on_close():
+                await self.node.submit(self, command)
+        else:
+            await self.node.submit(self, command)
 
     async def _join(self, command: Join) -> None:
         room = command.room
@@ -296,18 +306,19 @@ class Session:
         self._held_bytes = 0
         self._replayed.pop(room, None)
         try:
-            try:
-                self.node.join(room, self)
-                replay, reset = await self.node.replay(room, command.since)
-            except BaseException:
-                # Not joined after all (cancelled, or the store failed): no subscription.
-                self.node.leave(room, self)
-                raise
-            if reset:
-                self.send(Reset(room=room))
-            # Live broadcasts stay held until the whole replay is queued: they follow it.
-            for payload in _frames([m.event() for m in replay]):
-                await self.transport.send_reply(payload)
+            async with self.transport.cancel_on_close():
+                try:
+                    self.node.join(room, self)
+                    replay, reset = await self.node.replay(room, command.since)
+                except BaseException:
+                    # Not joined after all (cancelled, or the store failed).
+                    self.node.leave(room, self)
+                    raise
+                if reset:
+                    self.send(Reset(room=room))
+                # Live broadcasts stay held until the whole replay is queued.
+                for payload in _frames([m.event() for m in replay]):
+                    await self.transport.send_reply(payload)
         finally:
             del self._held[room]
         if replay:
@@ -317,9 +328,10 @@ class Session:
             self.deliver_nowait(out)
 
     async def _history(self, command: HistoryRequest) -> None:
-        messages, more = await self.node.page(command.room, command.before, command.limit)
-        page = History(room=command.room, messages=[m.event() for m in messages], more=more)
-        await self.transport.send_reply(encode_event(page))
+        async with self.transport.cancel_on_close():
+            messages, more = await self.node.page(command.room, command.before, command.limit)
+            page = History(room=command.room, messages=[m.event() for m in messages], more=more)
+            await self.transport.send_reply(encode_event(page))
 
 
 def _frames(events: list[Event]) -> Iterator[bytes]:

@@ -10,6 +10,7 @@ bound, as on the chat socket, and never count as lag.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import logging
 from typing import TYPE_CHECKING, Final
@@ -17,7 +18,7 @@ from typing import TYPE_CHECKING, Final
 import trio
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable
+    from collections.abc import AsyncIterator, Awaitable, Callable
 
     from ._hub import Outgoing
 
@@ -83,6 +84,12 @@ class AsgiTransport:
             self._queued_bytes += len(text)
             self._reply_bytes += len(text)
             self._wakeup.set()
+
+    @contextlib.asynccontextmanager
+    async def cancel_on_close(self) -> AsyncIterator[None]:
+        """Run the body. Hypercorn answers a client's close by itself, and Quart-trio
+        then cancels the whole ``/ws`` handler, whatever it awaits."""
+        yield
 
     def close_nowait(self, code: int, reason: str) -> None:
         if self._closed:

@@ -53,9 +53,10 @@ from wsproto.utilities import RemoteProtocolError as WsProtocolError
 from ._errors import ProtocolError
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable
+    from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
     from wsproto.connection import Connection
+    from wsproto.events import Event
 
     from ._hub import Outgoing
 
@@ -169,6 +170,9 @@ class WebSocketConnection:
         self._output_closed = False
         #: The client's close frame arrived: the connection ends once the backlog is out.
         self._close_received = False
+        #: Messages read by `cancel_on_close` while a command ran, for the session.
+        self._stash: collections.deque[Event] = collections.deque()
+        self._stash_size = 0
         self._close_code: int | None = None
         self._done = trio.Event()
         self.accepted = False
@@ -463,6 +467,74 @@ class WebSocketConnection:
                     continue
         await self.wait_done()
 
+    @contextlib.asynccontextmanager
+    async def cancel_on_close(self) -> AsyncIterator[None]:
+        """Run the body while still reading the client's control frames.
+
+        For commands that may wait (a store read, a full commit queue, a reply waiting
+        for the client to read): a close that arrives meanwhile is answered at once and
+        cancels the body, and pings are answered. Messages that arrive meanwhile are
+        kept for `receive_message_untrusted`, up to about the message size limit; past
+        it, reading waits for the body to end (a close behind them is read then).
+
+        Raises:
+          ConnectionClosed: the client closed the connection while the body ran.
+        """
+        with trio.CancelScope() as body:
+            watcher = trio.CancelScope()
+            self._nursery.start_soon(self._watch_untrusted, body, watcher)
+            try:
+                yield
+            finally:
+                watcher.cancel()
+        if self._close_received:
+            raise ConnectionClosed(1000, "closed by the client")
+
+    async def _watch_untrusted(self, body: trio.CancelScope, scope: trio.CancelScope) -> None:
+        # Once the body is over the session reads the socket again: the watcher must
+        # not touch it, even when it started, or woke, after that. Between those checks
+        # and the next wait, nothing awaits: no other task runs, and a recv's data is
+        # always handled.
+        with scope:
+            await trio.lowlevel.checkpoint_if_cancelled()
+            while self._stash_size <= self._max_message:
+                await trio.lowlevel.wait_readable(self._sock)
+                if scope.cancel_called:
+                    return
+                try:
+                    data = self._sock.recv(_RECV_SIZE)
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    data = b""
+                self.received_since_ping = True
+                if not data:
+                    self._close_output()
+                    self._finish()
+                    return
+                self._ws.receive_data(data)
+                for event in self._ws.events():
+                    if isinstance(event, CloseConnection):
+                        self._answer_close(event)
+                        body.cancel()
+                        return
+                    if isinstance(event, Ping):
+                        if not self._output_closed:
+                            self.send_nowait(self._ws.send(event.response()))
+                    elif isinstance(event, (TextMessage, BytesMessage)):
+                        self._stash.append(event)
+                        self._stash_size += len(event.data)
+            await trio.sleep_forever()
+
+    def _events(self) -> Iterator[Event]:
+        """What the client sent: first what `cancel_on_close` kept, then the rest."""
+        while self._stash:
+            event = self._stash.popleft()
+            if isinstance(event, (TextMessage, BytesMessage)):
+                self._stash_size -= len(event.data)
+            yield event
+        yield from self._ws.events()
+
     async def receive_message_untrusted(self) -> str:
         """Receive the next complete text message.
 
@@ -477,7 +549,7 @@ class WebSocketConnection:
         parts: list[str] = []
         size = 0
         while True:
-            for event in self._ws.events():
+            for event in self._events():
                 if isinstance(event, TextMessage):
                     size += len(event.data.encode())
                     if size > self._max_message:
