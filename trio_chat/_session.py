@@ -53,8 +53,8 @@ log = logging.getLogger("trio_chat.session")
 
 CLOSE_POLICY: Final = 1008
 CLOSE_SLOW: Final = 4008
-# A join's replay goes out in frames of about this size: each waits for the socket to
-# drain, so the replay never sits whole in memory twice (list and frame).
+# A join's replay goes out in frames of about this size, each encoded once the socket
+# has drained: the connection holds one frame of it at a time, not the whole replay.
 _REPLAY_FRAME: Final = 32 * 1024
 
 
