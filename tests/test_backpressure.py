@@ -16,6 +16,8 @@ import trio
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, CloseConnection, Ping, Request, TextMessage
 
+from trio_chat._store import Message
+
 from conftest import eventually, make_settings, start_server
 
 if TYPE_CHECKING:
@@ -25,6 +27,7 @@ if TYPE_CHECKING:
 
 MESSAGES = 10_000
 BACKLOG = 64 * 1024
+CLOSE_SLOW = 4008
 
 
 class RawClient:
@@ -199,3 +202,160 @@ async def test_keepalive_cuts_silent_clients_and_keeps_answering_ones(
     assert node.statistics().connections == 1
     silent.close()
     lively.close()
+
+
+# -- replies bigger than the backlog ---------------------------------------------------------
+
+BIG_COUNT = 200
+# 4,000 characters, 8,000 bytes of UTF-8: the page of 200 is 1.6 MB, 25 times the backlog.
+BIG_TEXT = "é" * 4000
+
+
+def fill_big_room(server: Server, room: str = "big") -> list[str]:
+    """Store BIG_COUNT messages of BIG_TEXT in ``room``; return their ids, oldest first."""
+    node = server.node
+    stored = [
+        Message(id=node.ids.next_id(1_000 + i), room=room, sender="old", text=BIG_TEXT, ts=0.0)
+        for i in range(BIG_COUNT)
+    ]
+    node.store.write(stored)
+    return [m.id for m in stored]
+
+
+async def test_a_history_page_bigger_than_the_backlog_reaches_a_prompt_reader(
+    nursery: trio.Nursery, tmp_path: Path, transport: str
+) -> None:
+    server: Server = await start_server(nursery, make_settings(tmp_path, backlog=BACKLOG))
+    ids = fill_big_room(server)
+    reader = await RawClient.connect(server.url(transport), "reader", rcvbuf=65536)
+    await reader.send(type="history", room="big", limit=BIG_COUNT)
+    await reader.read_until(lambda: reader.count["history"] > 0)
+    (page,) = [e for e in reader.events if e["type"] == "history"]
+    assert [m["id"] for m in page["messages"]] == ids
+    assert all(m["text"] == BIG_TEXT for m in page["messages"])
+    # still connected, and still served
+    await reader.send(type="ping")
+    await reader.read_until(lambda: reader.count["pong"] > 0)
+    assert reader.close_code is None
+    assert server.node.statistics().slow_disconnects == 0
+    reader.close()
+
+
+async def test_a_resume_replay_bigger_than_the_backlog_reaches_a_prompt_reader(
+    nursery: trio.Nursery, tmp_path: Path, transport: str
+) -> None:
+    server: Server = await start_server(nursery, make_settings(tmp_path, backlog=BACKLOG))
+    ids = fill_big_room(server)
+    url = server.url(transport)
+    reader = await RawClient.connect(url, "reader", rcvbuf=65536)
+    await reader.send(type="join", room="big", since=ids[0])
+    await reader.read_until(lambda: reader.count["joined"] > 0)
+    assert [m["id"] for m in messages(reader)] == ids[1:]
+    # live messages follow the replay: no gap, no duplicate
+    await reader.send(type="send", room="big", text="live")
+    await reader.read_until(lambda: reader.count["ack"] > 0)
+    assert [m["text"] for m in messages(reader)][-2:] == [BIG_TEXT, "live"]
+    assert reader.close_code is None
+    assert server.node.statistics().slow_disconnects == 0
+    reader.close()
+
+
+async def test_a_slow_client_gets_its_close_frame_behind_a_big_reply(
+    nursery: trio.Nursery, tmp_path: Path, transport: str
+) -> None:
+    server: Server = await start_server(
+        nursery, make_settings(tmp_path, rate_limit=0.0, backlog=BACKLOG)
+    )
+    ids = fill_big_room(server)
+    url = server.url(transport)
+    stalled = await RawClient.connect(url, "stalled", rcvbuf=2048)
+    await stalled.send(type="join", room="flood")
+    await stalled.read_until(lambda: stalled.count["joined"] > 0)
+    # The page goes out as the client reads, which it stops doing: most of the page is
+    # still queued when the broadcasts come. Their lag, not the page, closes it.
+    await stalled.send(type="history", room="big", limit=BIG_COUNT)
+    publisher = await RawClient.connect(url, "publisher", rcvbuf=65536)
+    await publisher.send(type="join", room="flood")
+    async with trio.open_nursery() as inner:
+        inner.start_soon(read_when_dropped, server, stalled)
+        # In small windows, each read before the next: the publisher keeps up.
+        sent = 0
+        while server.node.statistics().slow_disconnects == 0:
+            for _ in range(20):
+                await publisher.send(type="send", room="flood", text="x" * 200)
+            sent += 20
+            await publisher.read_until(lambda n=sent: publisher.count["ack"] >= n)
+    publisher.close()
+    assert stalled.close_code == CLOSE_SLOW
+    # the page it asked for came whole before the close frame
+    (page,) = [e for e in stalled.events if e["type"] == "history"]
+    assert [m["id"] for m in page["messages"]] == ids
+    assert server.node.statistics().slow_disconnects == 1
+    if transport == "chat_socket":
+        # counted once: the close frame queued behind the page did not overflow again
+        assert server.node.chat_socket.statistics().slow_closes == 1
+    stalled.close()
+    await eventually(lambda: server.node.statistics().connections == 0)
+
+
+async def test_a_close_is_answered_at_once_past_a_backlog(
+    nursery: trio.Nursery, tmp_path: Path, transport: str
+) -> None:
+    server: Server = await start_server(nursery, make_settings(tmp_path, rate_limit=0.0))
+    url = server.url(transport)
+    closer = await RawClient.connect(url, "closer", rcvbuf=2048)
+    await closer.send(type="join", room="flood")
+    await closer.read_until(lambda: closer.count["joined"] > 0)
+    # 900 KB: more than the kernel takes for a reader that waits, less than the backlog
+    count = 450
+    await publish(url, count, 2000)
+    if transport == "chat_socket":
+        assert server.node.chat_socket.statistics().backlog_bytes > 0
+    await closer._send(CloseConnection(code=1000))
+    # the answer comes after what is already on its way, not after the whole backlog
+    await closer.read_until(lambda: False)
+    assert closer.close_code == 1000
+    assert len(messages(closer)) < count
+    closer.close()
+    await eventually(lambda: server.node.statistics().connections == 0)
+
+
+async def test_a_close_during_a_replay_the_client_does_not_read_is_answered_at_once(
+    nursery: trio.Nursery, tmp_path: Path, transport: str
+) -> None:
+    server: Server = await start_server(nursery, make_settings(tmp_path, backlog=BACKLOG))
+    ids = fill_big_room(server)
+    closer = await RawClient.connect(server.url(transport), "closer", rcvbuf=2048)
+    await closer.send(type="join", room="big", since=ids[0])
+    # the replay waits for a client that reads nothing
+    if transport == "chat_socket":
+        await eventually(lambda: server.node.chat_socket.statistics().backlog_bytes > 0)
+    await closer._send(CloseConnection(code=1000))
+    await closer.read_until(lambda: False)
+    assert closer.close_code == 1000
+    # answered behind what the kernel had taken (at most a few hundred KB), not behind
+    # the rest of the replay
+    assert len(messages(closer)) < BIG_COUNT // 2
+    assert closer.count["joined"] == 0
+    closer.close()
+    await eventually(lambda: server.node.statistics().connections == 0)
+
+
+async def test_commands_sent_during_a_slowly_read_replay_are_served_after_it(
+    nursery: trio.Nursery, tmp_path: Path, transport: str
+) -> None:
+    server: Server = await start_server(nursery, make_settings(tmp_path, backlog=BACKLOG))
+    ids = fill_big_room(server)
+    client = await RawClient.connect(server.url(transport), "client", rcvbuf=2048)
+    await client.send(type="join", room="big", since=ids[0])
+    if transport == "chat_socket":
+        await eventually(lambda: server.node.chat_socket.statistics().backlog_bytes > 0)
+    # read by the connection while the replay waits, served once it is out
+    await client.send(type="ping")
+    await client.send(type="send", room="big", text="after")
+    await client.read_until(lambda: client.count["ack"] > 0)
+    kinds = [e["type"] for e in client.events]
+    assert kinds[-4:] == ["joined", "pong", "message", "ack"]
+    assert [m["id"] for m in messages(client)][:-1] == ids[1:]
+    assert client.close_code is None
+    client.close()

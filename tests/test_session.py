@@ -16,6 +16,7 @@ from trio_chat._session import Session
 from trio_chat._store import MemoryStore, Message
 
 if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
     from pathlib import Path
 
     from trio_chat._hub import Outgoing
@@ -29,6 +30,9 @@ class Recorder:
     def __init__(self) -> None:
         self.events: list[Any] = []
         self.closed: int | None = None
+        #: Replies wait for this, as for a client that reads (open) or does not (closed).
+        self.reading = trio.Event()
+        self.reading.set()
 
     def send_payload_nowait(self, payload: bytes) -> None:
         self.events.extend(decode_events(payload))
@@ -36,12 +40,24 @@ class Recorder:
     def deliver_nowait(self, out: Outgoing) -> None:
         self.events.extend(decode_events(out.payload))
 
+    async def send_reply(self, payload: bytes) -> None:
+        await trio.lowlevel.checkpoint()
+        await self.reading.wait()
+        if self.closed is None:
+            self.events.extend(decode_events(payload))
+
     def close_nowait(self, code: int, reason: str) -> None:
         self.closed = code
+        # as the real transports do: a reply waiting for the client is dropped
+        self.reading.set()
+
+    @contextlib.asynccontextmanager
+    async def cancel_on_close(self) -> AsyncIterator[None]:
+        yield
 
 
-async def start_node(nursery: trio.Nursery, tmp_path: Path) -> Node:
-    node = Node(make_settings(tmp_path, ws_bind=None), "n1", MemoryStore())
+async def start_node(nursery: trio.Nursery, tmp_path: Path, **settings: Any) -> Node:
+    node = Node(make_settings(tmp_path, ws_bind=None, **settings), "n1", MemoryStore())
     await nursery.start(node.run)
     return node
 
@@ -108,3 +124,54 @@ async def test_a_session_that_ends_leaves_nothing_behind(
     assert node.hub.statistics().subscriptions == 1
     assert session not in node.sessions
     assert bob.events[-1] == Presence(room="r", left="alice")
+
+
+def stored(node: Node, room: str, *texts: str) -> list[Message]:
+    now = int(time.time() * 1000)
+    messages = [
+        Message(id=node.ids.next_id(now), room=room, sender="x", text=text, ts=0.0)
+        for text in texts
+    ]
+    node.store.write(messages)
+    return messages
+
+
+async def test_broadcasts_wait_until_a_slowly_read_replay_is_out(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    node = await start_node(nursery, tmp_path)
+    first, *_ = stored(node, "r", "one", "two", "three")
+    _, alice, commands = await open_session(nursery, node, "alice")
+    alice.reading = trio.Event()  # alice's client reads nothing for now
+    await commands.send(encode_event_text({"type": "join", "room": "r", "since": first.id}))
+    await trio.testing.wait_all_tasks_blocked()
+    live = Message(
+        id=node.ids.next_id(int(time.time() * 1000)), room="r", sender="x", text="live", ts=0.0
+    )
+    await node.hub.publish("r", live.event())
+    await trio.testing.wait_all_tasks_blocked()
+    assert [type(e).__name__ for e in alice.events] == ["Welcome"]
+    alice.reading.set()
+    await trio.testing.wait_all_tasks_blocked()
+    kinds = [getattr(e, "text", type(e).__name__) for e in alice.events]
+    assert kinds == ["Welcome", "two", "three", "Joined", "live"]
+    assert alice.closed is None
+
+
+async def test_broadcasts_held_past_the_backlog_close_the_client_as_slow(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    node = await start_node(nursery, tmp_path, backlog=1000)
+    first, *_ = stored(node, "r", "one", "two")
+    session, alice, commands = await open_session(nursery, node, "alice")
+    alice.reading = trio.Event()  # alice's client never reads
+    await commands.send(encode_event_text({"type": "join", "room": "r", "since": first.id}))
+    await trio.testing.wait_all_tasks_blocked()
+    for i in range(20):
+        await node.hub.publish("r", Presence(room="r", joined=f"someone-{i:02d}" + "x" * 40))
+        await trio.testing.wait_all_tasks_blocked()
+    assert alice.closed == 4008
+    assert node.statistics().slow_disconnects == 1
+    # the session ended and left the room
+    assert session not in node.sessions
+    assert node.hub.statistics().subscriptions == 0

@@ -31,7 +31,7 @@ _SETTING_FLAGS: Final = [
     (
         "--backlog",
         "TRIO_CHAT_BACKLOG",
-        "unsent bytes per client before it is closed as slow (default 1M)",
+        "unsent broadcast bytes per client before it is closed as slow (default 1M)",
     ),
     (
         "--allowed-origins",

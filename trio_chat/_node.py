@@ -243,6 +243,11 @@ class Node:
         )
         await self._commit_send.send(_Pending(message, session))
 
+    def submit_would_wait(self) -> bool:
+        """Whether `submit` would wait now: the commit queue is full (the store is behind)."""
+        stats = self._commit_send.statistics()
+        return stats.current_buffer_used >= stats.max_buffer_size
+
     async def _run_commits(self) -> NoReturn:
         # Other nodes' messages from a failed commit: written first at the next attempt.
         held: list[_Pending] = []
@@ -391,7 +396,8 @@ class Node:
     # -- accounting ---------------------------------------------------------------------
 
     def count_slow(self) -> None:
-        """Count a ``/ws`` client closed as slow (the chat socket counts its own)."""
+        """Count a client closed as slow by a ``/ws`` transport or by its session (lag
+        held during a join); the chat socket's write path counts its own."""
         self._fallback_slow += 1
 
     def count_error(self, code: str) -> None:

@@ -4,6 +4,11 @@ The chat socket and the ``/ws`` fallback both run a `Session` over a `Transport`
 session is the hub's subscriber for every room it joined. Joining reads history while
 live broadcasts for that room are held back, then sends history, then what was held back
 minus what history already had: no gap and no duplicate at the boundary.
+
+Replies the client asked for (history pages, a join's replay) go out through the
+transport's `Transport.send_reply`, as fast as the client reads them; the replay is
+split into frames of about `_REPLAY_FRAME` bytes. Broadcasts held back meanwhile are
+lag: past the backlog bound the client is closed as slow, as the transport would.
 """
 
 from __future__ import annotations
@@ -35,13 +40,13 @@ from ._protocol import (
     Welcome,
     decode_command_untrusted,
     encode_event,
-    encode_events,
     is_valid_name,
     store_unavailable,
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable
+    from collections.abc import Awaitable, Callable, Iterator
+    from contextlib import AbstractAsyncContextManager
 
     from ._node import Node
 
@@ -49,15 +54,29 @@ log = logging.getLogger("trio_chat.session")
 
 CLOSE_POLICY: Final = 1008
 CLOSE_SLOW: Final = 4008
+# A join's replay goes out in frames of about this size, each encoded once the socket
+# has drained: the connection holds one frame of it at a time, not the whole replay.
+_REPLAY_FRAME: Final = 32 * 1024
 
 
 class Transport(Protocol):
-    """How a session reaches its client. Every method is non-blocking."""
+    """How a session reaches its client. Every method but `send_reply` is non-blocking."""
 
     remote: str
 
     def send_payload_nowait(self, payload: bytes) -> None:
         """Queue one encoded frame payload for this client only."""
+
+    async def send_reply(self, payload: bytes) -> None:
+        """Queue a payload the client asked for once its backlog has drained enough.
+
+        A reply never counts as lag (it never closes the client as slow). Dropped if
+        the connection's output has ended.
+        """
+
+    def cancel_on_close(self) -> AbstractAsyncContextManager[None]:
+        """Around a command that may wait: the client's close is answered at once and
+        cancels it (raising the transport's connection-closed error)."""
 
     def deliver_nowait(self, out: Outgoing) -> None:
         """Queue a broadcast (the transport picks its pre-built frame or text)."""
@@ -123,6 +142,7 @@ class Session:
         self._strikes = 0
         #: Rooms being joined: live broadcasts wait here until history is sent.
         self._held: dict[str, list[Outgoing]] = {}
+        self._held_bytes = 0
         #: Ids just replayed per room, until live traffic has passed them (see
         #: `_without_replayed`).
         self._replayed: dict[str, set[str]] = {}
@@ -134,6 +154,15 @@ class Session:
         held = self._held.get(out.room)
         if held is not None:
             held.append(out)
+            self._held_bytes += len(out.payload)
+            if self._held_bytes > self._settings.backlog and not self.closed:
+                log.info(
+                    "closing %s: held broadcasts over %d bytes during a join (slow client)",
+                    self.transport.remote,
+                    self._settings.backlog,
+                )
+                self.node.count_slow()
+                self.close(CLOSE_SLOW, "slow")
             return
         if out.room in self._replayed:
             fresh = self._without_replayed(out)
@@ -262,7 +291,12 @@ class Session:
             raise ProtocolError(
                 "text_too_long", f"messages are limited to {self._settings.max_text} characters"
             )
-        await self.node.submit(self, command)
+        if self.node.submit_would_wait():
+            # The store is behind: the client may give up and close meanwhile.
+            async with self.transport.cancel_on_close():
+                await self.node.submit(self, command)
+        else:
+            await self.node.submit(self, command)
 
     async def _join(self, command: Join) -> None:
         room = command.room
@@ -275,21 +309,42 @@ class Session:
             )
         held: list[Outgoing] = []
         self._held[room] = held
+        self._held_bytes = 0
         self._replayed.pop(room, None)
         try:
-            # Cancelled, or the store failed: not joined, and nobody was told.
-            replay, reset = await self.node.join(room, self, command.since)
+            async with self.transport.cancel_on_close():
+                # Cancelled, or the store failed: not joined, and nobody was told.
+                replay, reset = await self.node.join(room, self, command.since)
+                if reset:
+                    self.send(Reset(room=room))
+                # Live broadcasts stay held until the whole replay is queued.
+                for payload in _frames([m.event() for m in replay]):
+                    await self.transport.send_reply(payload)
         finally:
             del self._held[room]
-        if reset:
-            self.send(Reset(room=room))
         if replay:
-            self.transport.send_payload_nowait(encode_events([m.event() for m in replay]))
             self._replayed[room] = {m.id for m in replay}
         self.send(Joined(room=room, members=self.node.members(room)))
         for out in held:
             self.deliver_nowait(out)
 
     async def _history(self, command: HistoryRequest) -> None:
-        messages, more = await self.node.page(command.room, command.before, command.limit)
-        self.send(History(room=command.room, messages=[m.event() for m in messages], more=more))
+        async with self.transport.cancel_on_close():
+            messages, more = await self.node.page(command.room, command.before, command.limit)
+            page = History(room=command.room, messages=[m.event() for m in messages], more=more)
+            await self.transport.send_reply(encode_event(page))
+
+
+def _frames(events: list[Event]) -> Iterator[bytes]:
+    """``events`` as frame payloads of about `_REPLAY_FRAME` bytes (whole events each)."""
+    lines: list[bytes] = []
+    size = 0
+    for event in events:
+        line = encode_event(event)
+        lines.append(line)
+        size += len(line) + 1
+        if size >= _REPLAY_FRAME:
+            yield b"\n".join(lines)
+            lines, size = [], 0
+    if lines:
+        yield b"\n".join(lines)

@@ -8,14 +8,25 @@ One outbound path per connection owns every byte written to its socket (data, po
 close). Bytes the kernel did not take wait in the connection's backlog, in order, and a
 writer task (started only while there is backlog) drains them. A direct write happens
 only while the backlog is empty: otherwise it would land in the middle of a frame the
-writer has half written. A backlog over its bound means the client cannot keep up: the
-connection is closed with 4008 "slow" and its backlog freed, so no client can grow the
-server's memory.
+writer has half written.
+
+Broadcasts are pushed; a backlog of them over its bound means the client cannot keep up:
+the connection is closed with 4008 "slow" and its backlog freed, so no client can grow the
+server's memory. Replies the client asked for (a history page, a join's replay) are
+pulled instead: `WebSocketConnection.send_reply` waits until the backlog has drained
+below half its bound before queueing one, so a reply of any size goes out as fast as the
+client reads it, and its bytes never count as lag.
+
+A close frame is the last frame: after it, or after the client's close, only the frame
+already partly on the wire may still go out before it. The connection ends once the
+close frame has been written (bounded by the caller), never by cancelling the writer
+while it still holds the close.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import errno
 import logging
@@ -42,9 +53,10 @@ from wsproto.utilities import RemoteProtocolError as WsProtocolError
 from ._errors import ProtocolError
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable
+    from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
     from wsproto.connection import Connection
+    from wsproto.events import Event
 
     from ._hub import Outgoing
 
@@ -143,11 +155,24 @@ class WebSocketConnection:
         self._ws: WSConnection | Connection = WSConnection(ConnectionType.SERVER)
         self._max_message = max_message
         self._backlog_limit = backlog_limit
+        #: Frames not yet written, in order. A memoryview is a frame partly on the wire.
         self._backlog: collections.deque[bytes | memoryview] = collections.deque()
         self._backlog_bytes = 0
+        #: Bytes ever appended to the backlog: the positions `_reply_spans` refer to.
+        self._appended = 0
+        #: (start, end) positions of the replies in the backlog: they are not lag.
+        self._reply_spans: collections.deque[tuple[int, int]] = collections.deque()
+        self._reply_low_water = backlog_limit // 2
+        #: Set when the backlog drains to the low-water mark, or output ends.
+        self._drained = trio.Event()
         self._writer_running = False
         #: No more frames may be queued: a close frame is the last thing written.
         self._output_closed = False
+        #: The client's close frame arrived: the connection ends once the backlog is out.
+        self._close_received = False
+        #: Messages read by `cancel_on_close` while a command ran, for the session.
+        self._stash: collections.deque[Event] = collections.deque()
+        self._stash_size = 0
         self._close_code: int | None = None
         self._done = trio.Event()
         self.accepted = False
@@ -178,7 +203,23 @@ class WebSocketConnection:
         if not self._output_closed:
             self._queue(data)
 
-    def _queue(self, data: bytes) -> None:
+    async def send_reply(self, payload: bytes) -> None:
+        """Frame and queue a reply the client asked for, as fast as it reads.
+
+        Waits while the backlog is over half its bound, then queues the whole frame. A
+        reply's bytes are not lag: however large, they never close the client as slow.
+
+        Cancellation: a checkpoint; if cancelled, nothing was queued. After the
+        connection's output has ended the reply is dropped, like every frame.
+        """
+        await trio.lowlevel.checkpoint()
+        while self._backlog_bytes > self._reply_low_water and not self._output_closed:
+            self._drained = trio.Event()
+            await self._drained.wait()
+        if not self._output_closed:
+            self._queue(encode_text_frame(payload), reply=True)
+
+    def _queue(self, data: bytes, *, reply: bool = False) -> None:
         if not self._backlog:
             try:
                 sent = self._sock.send(data)
@@ -190,17 +231,40 @@ class WebSocketConnection:
             if sent == len(data):
                 return
             self._counters.partial_writes += 1
-            self._backlog.append(memoryview(data)[sent:])
-            self._backlog_bytes += len(data) - sent
+            self._append(memoryview(data)[sent:] if sent else data, reply)
         else:
-            self._backlog.append(data)
-            self._backlog_bytes += len(data)
+            self._append(data, reply)
         if self._backlog_bytes > self._counters.peak_backlog:
             self._counters.peak_backlog = self._backlog_bytes
-        if self._backlog_bytes > self._backlog_limit:
+        # A close frame never overflows: it is the one frame that must go out.
+        if (
+            self._backlog_bytes > self._backlog_limit
+            and not self._output_closed
+            and self._lag() > self._backlog_limit
+        ):
             self._overflow()
         else:
             self._start_writer()
+
+    def _append(self, data: bytes | memoryview, reply: bool) -> None:
+        if reply:
+            self._drop_written_spans()
+            self._reply_spans.append((self._appended, self._appended + len(data)))
+        self._backlog.append(data)
+        self._backlog_bytes += len(data)
+        self._appended += len(data)
+
+    def _drop_written_spans(self) -> None:
+        written = self._appended - self._backlog_bytes
+        while self._reply_spans and self._reply_spans[0][1] <= written:
+            self._reply_spans.popleft()
+
+    def _lag(self) -> int:
+        """Backlog bytes that are not replies: broadcasts (and small frames) waiting."""
+        self._drop_written_spans()
+        written = self._appended - self._backlog_bytes
+        replies = sum(end - max(start, written) for start, end in self._reply_spans)
+        return self._backlog_bytes - replies
 
     def send_payload_nowait(self, payload: bytes) -> None:
         """Frame one text payload and queue it (for frames meant for this client only)."""
@@ -220,10 +284,15 @@ class WebSocketConnection:
             while self._backlog:
                 await trio.lowlevel.wait_writable(self._sock)
                 self._flush()
+                if self._backlog_bytes <= self._reply_low_water:
+                    self._drained.set()
         except OSError:
             self.abort()
+            return
         finally:
             self._writer_running = False
+        if self._close_received:
+            self._finish()
 
     def _flush(self) -> None:
         """Write as much of the backlog as the kernel takes, keeping frame order."""
@@ -233,6 +302,10 @@ class WebSocketConnection:
         except BlockingIOError:
             return
         self._backlog_bytes -= sent
+        if sent:
+            # The client is reading (its TCP stack acknowledged data): as alive as a
+            # pong says, and its pong may sit unread while a long reply goes out.
+            self.received_since_ping = True
         while sent:
             head = self._backlog[0]
             if len(head) <= sent:
@@ -243,21 +316,27 @@ class WebSocketConnection:
                 sent = 0
 
     def _overflow(self) -> None:
-        # Keep the frame that is partly on the wire (the client needs its tail to parse
-        # anything after it), drop the rest, and end with the close frame.
-        head = self._backlog[0]
-        partial = isinstance(head, memoryview)
-        self._backlog.clear()
-        self._backlog_bytes = 0
-        if partial:
-            self._backlog.append(head)
-            self._backlog_bytes = len(head)
+        self._drop_unstarted()
         self._counters.slow_closes += 1
         log.info(
             "closing %s: backlog over %d bytes (slow client)", self.remote, self._backlog_limit
         )
+        # Queued after the kept frame; the writer (started by `_queue`) sends it.
         self.close_nowait(CLOSE_SLOW, "slow")
         self._nursery.start_soon(self._cut_after, _SLOW_CLOSE_GRACE)
+
+    def _drop_unstarted(self) -> None:
+        """Drop queued frames but the one partly on the wire, if any.
+
+        The client needs that frame's tail to parse anything after it (the close frame).
+        """
+        head = self._backlog[0] if self._backlog else None
+        self._backlog.clear()
+        self._reply_spans.clear()
+        self._backlog_bytes = 0
+        if isinstance(head, memoryview):
+            self._backlog.append(head)
+            self._backlog_bytes = len(head)
 
     async def _cut_after(self, grace: float) -> None:
         await trio.sleep(grace)
@@ -272,20 +351,27 @@ class WebSocketConnection:
             data = self._ws.send(CloseConnection(code=code, reason=reason))
         except Exception:  # wsproto refuses when the handshake never completed
             data = b""
-        self._output_closed = True
+        self._close_output()
         if data:
             self._queue(data)
 
+    def _close_output(self) -> None:
+        self._output_closed = True
+        # A reply waiting for the backlog to drain gives up: nothing more goes out.
+        self._drained.set()
+
     def abort(self) -> None:
         """Drop the connection now: nothing more is written."""
-        self._output_closed = True
+        self._close_output()
         self._backlog.clear()
+        self._reply_spans.clear()
         self._backlog_bytes = 0
         self._finish()
 
     def _finish(self) -> None:
         """Everything that will ever be written has been: end the connection's tasks."""
         self._done.set()
+        self._drained.set()
         self._nursery.cancel_scope.cancel()
 
     async def wait_done(self) -> None:
@@ -355,7 +441,7 @@ class WebSocketConnection:
             reply += self._ws.send(RejectData(data=data, body_finished=True))
         except Exception:  # wsproto refuses in some states; a bare close is all we can do
             reply = b""
-        self._output_closed = True
+        self._close_output()
         self._queue(reply)
 
     def reject(self, status: int, body: str) -> None:
@@ -367,16 +453,87 @@ class WebSocketConnection:
             self._nursery.start_soon(self._cut_after, _SLOW_CLOSE_GRACE)
 
     async def wait_closed_untrusted(self) -> None:
-        """After our close frame, read (and drop) until the client's close arrives.
+        """End the closing handshake: read (and drop) until the client's close has come,
+        then wait until our last frame (our close, or the answer to theirs) is written.
 
         RFC 6455 has the server wait for the client's close before cutting TCP, so the
         client learns the close code. Bounded by the caller.
         """
-        while True:
+        with contextlib.suppress(ConnectionClosed):
+            while not self._close_received:
+                try:
+                    await self.receive_message_untrusted()
+                except ProtocolError:
+                    continue
+        await self.wait_done()
+
+    @contextlib.asynccontextmanager
+    async def cancel_on_close(self) -> AsyncIterator[None]:
+        """Run the body while still reading the client's control frames.
+
+        For commands that may wait (a store read, a full commit queue, a reply waiting
+        for the client to read): a close that arrives meanwhile is answered at once and
+        cancels the body, and pings are answered. Messages that arrive meanwhile are
+        kept for `receive_message_untrusted`, up to about the message size limit; past
+        it, reading waits for the body to end (a close behind them is read then).
+
+        Raises:
+          ConnectionClosed: the client closed the connection while the body ran.
+        """
+        with trio.CancelScope() as body:
+            watcher = trio.CancelScope()
+            self._nursery.start_soon(self._watch_untrusted, body, watcher)
             try:
-                await self.receive_message_untrusted()
-            except ProtocolError:
-                continue
+                yield
+            finally:
+                watcher.cancel()
+        if self._close_received:
+            raise ConnectionClosed(1000, "closed by the client")
+
+    async def _watch_untrusted(self, body: trio.CancelScope, scope: trio.CancelScope) -> None:
+        # Once the body is over the session reads the socket again: the watcher must
+        # not touch it, even when it started, or woke, after that. Between those checks
+        # and the next wait, nothing awaits: no other task runs, and a recv's data is
+        # always handled.
+        with scope:
+            await trio.lowlevel.checkpoint_if_cancelled()
+            while self._stash_size <= self._max_message:
+                await trio.lowlevel.wait_readable(self._sock)
+                if scope.cancel_called:
+                    return
+                try:
+                    data = self._sock.recv(_RECV_SIZE)
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    data = b""
+                self.received_since_ping = True
+                if not data:
+                    self._close_output()
+                    self._finish()
+                    return
+                self._ws.receive_data(data)
+                for event in self._ws.events():
+                    if isinstance(event, CloseConnection):
+                        self._answer_close(event)
+                        body.cancel()
+                        return
+                    if isinstance(event, Ping):
+                        if not self._output_closed:
+                            self.send_nowait(self._ws.send(event.response()))
+                    elif isinstance(event, (TextMessage, BytesMessage)):
+                        self._stash.append(event)
+                        self._stash_size += len(event.data)
+            await trio.sleep_forever()
+
+    def _events(self) -> Iterator[Event]:
+        """What the client sent: first what `cancel_on_close` kept, then the rest."""
+        while self._stash:
+            event = self._stash.popleft()
+            if isinstance(event, (TextMessage, BytesMessage)):
+                self._stash_size -= len(event.data)
+            yield event
+        yield from self._ws.events()
 
     async def receive_message_untrusted(self) -> str:
         """Receive the next complete text message.
@@ -392,7 +549,7 @@ class WebSocketConnection:
         parts: list[str] = []
         size = 0
         while True:
-            for event in self._ws.events():
+            for event in self._events():
                 if isinstance(event, TextMessage):
                     size += len(event.data.encode())
                     if size > self._max_message:
@@ -420,23 +577,33 @@ class WebSocketConnection:
             data = await self._receive_bytes()
             self.received_since_ping = True
             if not data:
-                self._output_closed = True
+                self._close_output()
                 self._finish()
                 raise ConnectionClosed(1006, "connection lost")
             self._ws.receive_data(data)
 
     def _answer_close(self, event: CloseConnection) -> None:
-        if self._output_closed:
+        """Answer the client's close at once; end the connection when it is written.
+
+        The client is leaving, so queued frames it has not started to receive are
+        dropped: the answer waits only for the frame already partly on the wire.
+        Cancelling the writer before then would lose the answer, and the client would
+        wait out its close timeout and report 1006.
+        """
+        self._close_received = True
+        if not self._output_closed:
+            try:
+                data = self._ws.send(event.response())
+            except Exception:  # already closing on our side
+                data = b""
+            self._drop_unstarted()
+            self._close_output()
+            if data:
+                self._queue(data)
+        if self._backlog:
+            self._start_writer()
+        else:
             self._finish()
-            return
-        try:
-            data = self._ws.send(event.response())
-        except Exception:  # already closing on our side
-            data = b""
-        self._output_closed = True
-        if data:
-            self._queue(data)
-        self._finish()
 
     def ping_nowait(self) -> None:
         """Send a ping; the keepalive checks that something came back."""
