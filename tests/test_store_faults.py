@@ -439,8 +439,16 @@ class Inbox:
     def deliver_nowait(self, out: Outgoing) -> None:
         self.send_payload_nowait(out.payload)
 
+    async def send_reply(self, payload: bytes) -> None:
+        await trio.lowlevel.checkpoint()
+        self.send_payload_nowait(payload)
+
     def close_nowait(self, code: int, reason: str) -> None:
         raise AssertionError(f"closed: {code} {reason}")
+
+    @contextlib.asynccontextmanager
+    async def cancel_on_close(self) -> AsyncIterator[None]:
+        yield
 
     async def next_of(self, kind: type[Event]) -> Event:
         while True:
