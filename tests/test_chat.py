@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import urllib.parse
 from typing import TYPE_CHECKING, Any
 
+import httpx
 import pytest
 import trio
 from trio_websocket import ConnectionClosed, open_websocket_url
@@ -116,6 +118,44 @@ async def test_bad_commands_get_error_frames(
         await alice.send(type="ping")
         await alice.expect("pong")
     assert server.node.statistics().errors[code] == 1
+
+
+async def test_a_deeply_nested_frame_is_bad_json_and_harms_no_one(
+    server: Server, transport: str, connect: Any
+) -> None:
+    # 2 KB that made msgspec raise RecursionError, which stopped the whole worker.
+    frame = '{"type":"ping","x":' + "[" * 1000 + "]" * 1000 + "}"
+    url = server.url(transport)
+    async with connect(url, "alice") as alice:
+        await alice.ws.send_message(frame)
+        await alice.expect("error", code="bad_json")
+        await alice.send(type="ping")
+        await alice.expect("pong")
+        async with connect(url, "bob") as bob:
+            await bob.send(type="ping")
+            await bob.expect("pong")
+    assert server.node.statistics().errors["bad_json"] == 1
+    assert not server.node.failures.statistics().contained
+
+
+async def test_refused_frames_log_one_line_per_connection(
+    server: Server, transport: str, connect: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="trio_chat")
+    url = server.url(transport)
+    async with connect(url, "alice") as alice, connect(url, "bob") as bob:
+        for client in (alice, bob):
+            # within the burst, so every one is refused for what it is
+            for _ in range(15):
+                await client.ws.send_message("{not json")
+            for _ in range(15):
+                await client.expect("error", code="bad_json")
+    refusals = [r for r in caplog.records if r.name == "trio_chat.session"]
+    assert len([r for r in refusals if r.levelno >= logging.INFO]) == 2
+    assert len([r for r in refusals if r.levelno == logging.DEBUG]) == 28
+    async with httpx.AsyncClient(base_url=server.http_url) as http:
+        metrics = (await http.get("/metrics")).text
+    assert 'trio_chat_errors_total{code="bad_json"} 30' in metrics.splitlines()
 
 
 async def test_text_rules(server: Server, transport: str, connect: Any) -> None:

@@ -98,15 +98,18 @@ def decode_command_untrusted(data: bytes | str) -> Command:
       The command.
 
     Raises:
-      ProtocolError: the frame is not valid JSON (``bad_json``), has no or an unknown
-        ``type`` (``unknown_type``), or a field is missing or invalid (``bad_room``,
-        ``bad_name``, ``bad_id``, ``bad_limit``, ``bad_cid``, ``bad_field``).
+      ProtocolError: the frame is not valid JSON, or nests deeper than msgspec
+        decodes (``bad_json``), has no or an unknown ``type`` (``unknown_type``), or a
+        field is missing or invalid (``bad_room``, ``bad_name``, ``bad_id``,
+        ``bad_limit``, ``bad_cid``, ``bad_field``).
     """
     try:
         return _command_decoder.decode(data)
     except msgspec.ValidationError as exc:
         raise _refusal(exc) from None
-    except (msgspec.DecodeError, UnicodeDecodeError):
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+        # RecursionError: msgspec gives up on a frame nested ~1000 deep (2 KB of
+        # brackets). The frame is garbage like any other, not a failure of ours.
         raise ProtocolError("bad_json", "the frame is not a JSON object") from None
 
 

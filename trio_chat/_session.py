@@ -9,9 +9,10 @@ minus what history already had: no gap and no duplicate at the boundary.
 from __future__ import annotations
 
 import logging
-import time
 import urllib.parse
 from typing import TYPE_CHECKING, Final, Protocol
+
+import trio
 
 from ._errors import ProtocolError
 from ._hub import Outgoing
@@ -48,6 +49,9 @@ log = logging.getLogger("trio_chat.session")
 
 CLOSE_POLICY: Final = 1008
 CLOSE_SLOW: Final = 4008
+#: Seconds between two INFO lines about one client's refused frames; the others are
+#: DEBUG (and all are counted in /metrics), so a client cannot fill the disk via our log.
+REFUSAL_LOG_INTERVAL: Final = 60.0
 
 
 class Transport(Protocol):
@@ -80,20 +84,27 @@ def origin_allowed(origin: str | None, host: str, allowed: frozenset[str]) -> bo
 
 
 class _TokenBucket:
-    """``rate`` tokens a second up to ``burst``; a rate of 0 allows everything."""
+    """``rate`` tokens a second up to ``burst``; a rate of 0 allows everything.
 
-    __slots__ = ("burst", "rate", "stamp", "tokens")
+    Args:
+      rate: tokens added per second of ``clock``.
+      burst: the most tokens held (and the count at start).
+      clock: seconds, monotonic (the session passes trio's, so tests can mock it).
+    """
 
-    def __init__(self, rate: float, burst: int) -> None:
+    __slots__ = ("burst", "clock", "rate", "stamp", "tokens")
+
+    def __init__(self, rate: float, burst: int, clock: Callable[[], float]) -> None:
         self.rate = rate
         self.burst = float(burst)
         self.tokens = float(burst)
-        self.stamp = time.monotonic()
+        self.clock = clock
+        self.stamp = clock()
 
     def take(self) -> bool:
         if self.rate == 0:
             return True
-        now = time.monotonic()
+        now = self.clock()
         self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
         self.stamp = now
         if self.tokens >= 1:
@@ -118,8 +129,13 @@ class Session:
         self.requested_name = name if name is not None and not self._bad_name else "guest"
         self.name = node.claim_name(self.requested_name)
         self._settings = node.settings
-        self._bucket = _TokenBucket(self._settings.rate_limit, self._settings.rate_burst)
+        self._bucket = _TokenBucket(
+            self._settings.rate_limit, self._settings.rate_burst, trio.current_time
+        )
         self._strikes = 0
+        #: When a refusal of this client was last logged at INFO, and how many since.
+        self._refusal_logged_at: float | None = None
+        self._refusals_unlogged = 0
         #: Rooms being joined: live broadcasts wait here until history is sent.
         self._held: dict[str, list[Outgoing]] = {}
         #: Ids just replayed per room, until live traffic has passed them (see
@@ -189,7 +205,11 @@ class Session:
             while not self.closed:
                 command = None
                 try:
-                    command = decode_command_untrusted(await receive())
+                    frame = await receive()
+                    # Before decoding: a frame that fails to decode costs a token too, so
+                    # garbage is rate-limited (and struck out) like valid commands.
+                    self._take_token()
+                    command = decode_command_untrusted(frame)
                     await self._handle(command)
                 except ProtocolError as exc:
                     self._refuse(exc, command)
@@ -197,8 +217,23 @@ class Session:
             self.node.release(self)
 
     def _refuse(self, exc: ProtocolError, command: object) -> None:
-        log.info("%s (%s): %s: %s", self.transport.remote, self.name, exc.code, exc.message)
         self.node.count_error(exc.code)
+        now = trio.current_time()
+        last = self._refusal_logged_at
+        if last is None or now - last >= REFUSAL_LOG_INTERVAL:
+            self._refusal_logged_at = now
+            unlogged, self._refusals_unlogged = self._refusals_unlogged, 0
+            log.info(
+                "%s (%s): %s: %s%s",
+                self.transport.remote,
+                self.name,
+                exc.code,
+                exc.message,
+                f" ({unlogged} more refused at DEBUG since the last line)" if unlogged else "",
+            )
+        else:
+            self._refusals_unlogged += 1
+            log.debug("%s (%s): %s: %s", self.transport.remote, self.name, exc.code, exc.message)
         self.send(
             ErrorEvent(
                 code=exc.code,
@@ -210,7 +245,7 @@ class Session:
         if exc.close_code is not None:
             self.close(exc.close_code, exc.code)
 
-    async def _handle(self, command: object) -> None:
+    def _take_token(self) -> None:
         if not self._bucket.take():
             self._strikes += 1
             if self._strikes >= self._settings.rate_strikes:
@@ -222,6 +257,8 @@ class Session:
                 f"at most {self._settings.rate_limit:g} frames a second; this one was dropped",
             )
         self._strikes = 0
+
+    async def _handle(self, command: object) -> None:
         match command:
             case Send():
                 await self._send(command)
