@@ -246,7 +246,7 @@ def _make_quart(chat: ChatApp) -> QuartTrio:
 async def _serve_fallback(node: Node) -> None:
     """Run a session over hypercorn's WebSocket: the one-port path (slower)."""
     transport = AsgiTransport(websocket.remote_addr or "?", node.settings.backlog, node.count_slow)
-    session = Session(node, transport, websocket.args.get("name"))
+    session = Session(node, transport, websocket.args.get("name"), websocket.args.get("client_id"))
     node.register(session)
     max_frame = node.settings.max_frame
 

@@ -125,7 +125,6 @@ class Node:
 
     def rename(self, session: Session, wanted: str) -> None:
         self._names.discard(session.name)
-        session.requested_name = wanted
         session.name = self.claim_name(wanted)
 
     # -- rooms and presence -------------------------------------------------------------
@@ -181,7 +180,7 @@ class Node:
         self._messages_in += 1
         # A retried cid is caught by the store, in the commit's own transaction: no
         # lookup per send, and two copies arriving together cannot both be stored.
-        dedupe = None if command.cid is None else f"{session.requested_name}\0{command.cid}"
+        dedupe = None if command.cid is None else session.retry_key(command.cid)
         message = Message(
             id=self.ids.next_id(time.time_ns() // 1_000_000),
             room=command.room,

@@ -24,9 +24,13 @@ NAME_PATTERN: Final = r"^\w[\w.-]{0,31}$"
 #: Message ids (see _ids.py): 16 hex digits of hybrid logical time, ``-``, the node id.
 ID_PATTERN: Final = r"^[0-9a-f]{16}-[A-Za-z0-9_.-]{1,40}$"
 MAX_CID_LENGTH: Final = 64
+#: A client's retry secret (``?client_id=``): 16-64 URL-safe base64 characters, e.g. 16
+#: random bytes as base64url. Only its holder's retries dedupe against its sends.
+CLIENT_ID_PATTERN: Final = r"^[A-Za-z0-9_-]{16,64}$"
 MAX_HISTORY_LIMIT: Final = 200
 
 _NAME_RE: Final = re.compile(NAME_PATTERN)
+_CLIENT_ID_RE: Final = re.compile(CLIENT_ID_PATTERN)
 
 Room = Annotated[str, msgspec.Meta(pattern=ROOM_PATTERN)]
 Name = Annotated[str, msgspec.Meta(pattern=NAME_PATTERN)]
@@ -137,6 +141,11 @@ def _refusal(exc: msgspec.ValidationError) -> ProtocolError:
 def is_valid_name(name: str) -> bool:
     """Whether ``name`` follows the nickname rule (used for ``?name=`` in URLs)."""
     return _NAME_RE.match(name) is not None
+
+
+def is_valid_client_id(client_id: str) -> bool:
+    """Whether ``client_id`` (from ``?client_id=``) follows `CLIENT_ID_PATTERN`."""
+    return _CLIENT_ID_RE.fullmatch(client_id) is not None
 
 
 # --- server to client -------------------------------------------------------------------

@@ -8,7 +8,9 @@ minus what history already had: no gap and no duplicate at the boundary.
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import secrets
 import urllib.parse
 from typing import TYPE_CHECKING, Final, Protocol
 
@@ -37,6 +39,7 @@ from ._protocol import (
     decode_command_untrusted,
     encode_event,
     encode_events,
+    is_valid_client_id,
     is_valid_name,
 )
 
@@ -120,14 +123,23 @@ class Session:
       node: the node the client is connected to.
       transport: the client's outbound path.
       name: the nickname it asked for (``?name=``), or None for a guest name.
+      client_id: the client's retry secret (``?client_id=``), or None: then its cids
+        dedupe only within this connection.
     """
 
-    def __init__(self, node: Node, transport: Transport, name: str | None) -> None:
+    def __init__(
+        self, node: Node, transport: Transport, name: str | None, client_id: str | None = None
+    ) -> None:
         self.node = node
         self.transport = transport
         self._bad_name = name is not None and not is_valid_name(name)
-        self.requested_name = name if name is not None and not self._bad_name else "guest"
-        self.name = node.claim_name(self.requested_name)
+        self.name = node.claim_name(name if name is not None and not self._bad_name else "guest")
+        self._bad_client_id = client_id is not None and not is_valid_client_id(client_id)
+        #: Whose retries a cid dedupes against: the client's secret, never a name
+        #: (anyone can ask for a name). Without one, this connection alone.
+        self._retry_secret = (
+            client_id if client_id is not None and not self._bad_client_id else None
+        ) or secrets.token_urlsafe(16)
         self._settings = node.settings
         self._bucket = _TokenBucket(
             self._settings.rate_limit, self._settings.rate_burst, trio.current_time
@@ -176,6 +188,14 @@ class Session:
             return out
         return Outgoing(out.room, events) if events else None
 
+    def retry_key(self, cid: str) -> str:
+        """The store's dedupe key for this client's ``cid``.
+
+        A digest, so the client's secret is neither stored nor sent to peers.
+        """
+        key = f"{self._retry_secret}\0{cid}".encode()
+        return hashlib.blake2b(key, digest_size=16).hexdigest()
+
     # -- sending ------------------------------------------------------------------------
 
     def send(self, event: Event) -> None:
@@ -201,6 +221,9 @@ class Session:
         if self._bad_name:
             reason = f"names are 1-32 letters, digits, '_', '.', '-'; you are {self.name}"
             self._refuse(ProtocolError("bad_name", reason), None)
+        if self._bad_client_id:
+            reason = "client_id is 16-64 of A-Z a-z 0-9 _ -; retries dedupe per connection"
+            self._refuse(ProtocolError("bad_client_id", reason), None)
         try:
             while not self.closed:
                 command = None
