@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 import urllib.parse
 from typing import TYPE_CHECKING, Any
 
 import httpx
 import pytest
 import trio
+from test_link_multicast import free_udp_port
 from trio_websocket import ConnectionClosed, open_websocket_url
 
 from conftest import eventually, make_settings, start_server
@@ -91,6 +93,64 @@ async def test_duplicate_and_bad_nicknames(server: Server, transport: str, conne
         await bad.expect("error", code="bad_name")
         await bad.send(type="hello", name="with space")
         await bad.expect("error", code="bad_name")
+
+
+@pytest.mark.parametrize(
+    "raw", ["alice\n", "\u3164", "\u115f", "bob\u3164", "\uffa0x", "a\u200db", "\u202ebob"]
+)
+async def test_invisible_and_control_characters_in_names_are_refused(
+    server: Server, transport: str, connect: Any, raw: str
+) -> None:
+    async with connect(server.url(transport), raw) as client:
+        assert client.welcome["name"] == "guest"
+        await client.expect("error", code="bad_name")
+        await client.send(type="hello", name=raw)
+        await client.expect("error", code="bad_name")
+        await client.send(type="hello", name="visible")
+        await client.expect("welcome", name="visible")
+
+
+async def test_a_name_that_looks_like_one_in_use_is_taken(
+    server: Server, transport: str, connect: Any
+) -> None:
+    url = server.url(transport)
+    fullwidth = "\uff41\uff4c\uff49\uff43\uff45"  # NFKC: alice
+    async with connect(url, "alice") as alice:
+        assert alice.welcome["name"] == "alice"
+        async with connect(url, "\u0430lice") as fake:  # a Cyrillic a
+            assert fake.welcome["name"] == "\u0430lice-2"
+            await fake.send(type="hello", name="alic\u0435")  # a Cyrillic e
+            await fake.expect("welcome", name="alic\u0435-2")
+            await fake.send(type="hello", name=fullwidth)
+            await fake.expect("welcome", name="alice-2")
+    async with connect(url, fullwidth) as alice:  # alice is free again
+        assert alice.welcome["name"] == "alice"
+
+
+async def test_a_name_in_a_room_on_another_node_is_taken(
+    tmp_path: Any, nursery: trio.Nursery, connect: Any
+) -> None:
+    cluster = {
+        "cluster": "host",
+        "cluster_port": free_udp_port(),
+        "cluster_secret": secrets.token_bytes(32),
+    }
+    one = await start_server(nursery, make_settings(tmp_path / "one", **cluster))
+    two = await start_server(nursery, make_settings(tmp_path / "two", **cluster))
+    async with connect(one.chat_socket_url, "alice") as alice:
+        await alice.join("general")
+        await eventually(lambda: "alice" in two.node.cluster.names())
+        async with (
+            connect(two.chat_socket_url, "alice") as second,
+            connect(two.fallback_url, "\u0430lice") as fake,
+        ):
+            assert second.welcome["name"] == "alice-2"
+            # and a suffixed name is compared by its skeleton too
+            assert fake.welcome["name"] == "\u0430lice-3"
+    # alice left: her name is free on the other node once it hears so
+    await eventually(lambda: not two.node.cluster.names())
+    async with connect(two.chat_socket_url, "alice") as alice:
+        assert alice.welcome["name"] == "alice"
 
 
 @pytest.mark.parametrize(

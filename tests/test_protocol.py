@@ -152,7 +152,7 @@ def test_ids_sort_in_time_order_and_never_repeat() -> None:
 
 def test_pure_modules_import_no_trio() -> None:
     code = (
-        "import sys, trio_chat._protocol, trio_chat._ids, trio_chat._link_packet, "
+        "import sys, trio_chat._protocol, trio_chat._names, trio_chat._ids, trio_chat._link_packet, "
         "trio_chat._link_events, trio_chat._link_state; print('trio' in sys.modules)"
     )
     # trio_chat/__init__ imports the app (and trio); load the pure modules on their own.

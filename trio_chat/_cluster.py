@@ -175,6 +175,12 @@ class Cluster:
             names.update(dict.fromkeys(rooms.get(room, ())))
         return list(names)
 
+    def names(self) -> set[str]:
+        """Every name in a room on another node (peers announce no one else)."""
+        return {
+            name for rooms in self._presence.values() for names in rooms.values() for name in names
+        }
+
     # -- in -----------------------------------------------------------------------------
 
     async def run(

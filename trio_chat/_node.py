@@ -28,7 +28,8 @@ from ._cluster import Cluster
 from ._errors import ProtocolError
 from ._hub import Hub
 from ._ids import IdClock
-from ._protocol import Ack, Presence, is_valid_name
+from ._names import skeleton
+from ._protocol import Ack, Presence
 from ._store import MemoryStore, Message, SqliteStore, Store
 from ._websocket import CLOSE_GOING_AWAY, WebSocketServer
 
@@ -92,7 +93,8 @@ class Node:
         self.cluster = Cluster(self, link) if link is not None else None
         self.ids = IdClock(node_id)
         self.sessions: set[Session] = set()
-        self._names: set[str] = set()
+        #: Confusable skeletons of the names of this node's sessions (one each).
+        self._skeletons: set[str] = set()
         self._commit_send, self._commit_receive = trio.open_memory_channel[_Pending](_COMMIT_QUEUE)
         self._read_limiter = trio.CapacityLimiter(1)
         self._write_limiter = trio.CapacityLimiter(1)
@@ -113,18 +115,27 @@ class Node:
     # -- names --------------------------------------------------------------------------
 
     def claim_name(self, wanted: str) -> str:
-        """Reserve ``wanted``, or ``wanted-2``, ``wanted-3``… if it is taken on this node."""
-        if not is_valid_name(wanted):
-            wanted = "guest"
+        """Reserve ``wanted``, or ``wanted-2``, ``wanted-3``… if it is taken.
+
+        Taken: a name in use has the same confusable skeleton (``alice`` spelt with a
+        Cyrillic ``a``, U+0430, is ``alice``), on this node or in a room on a peer (`Cluster.names`). Two
+        nodes granting one name at the same instant both keep it (docs/protocol.md).
+
+        Args:
+          wanted: a valid, normalized name (`normalize_name_untrusted`).
+        """
+        taken = self._skeletons
+        if self.cluster is not None:
+            taken = taken | {skeleton(name) for name in self.cluster.names()}
         name, n = wanted, 1
-        while name in self._names:
+        while skeleton(name) in taken:
             n += 1
             name = f"{wanted[:28]}-{n}"
-        self._names.add(name)
+        self._skeletons.add(skeleton(name))
         return name
 
     def rename(self, session: Session, wanted: str) -> None:
-        self._names.discard(session.name)
+        self._skeletons.discard(skeleton(session.name))
         session.name = self.claim_name(wanted)
 
     # -- rooms and presence -------------------------------------------------------------
@@ -167,7 +178,7 @@ class Node:
         for room in self.hub.rooms_of(session):
             self.leave(room, session)
         self.sessions.discard(session)
-        self._names.discard(session.name)
+        self._skeletons.discard(skeleton(session.name))
 
     # -- messages -----------------------------------------------------------------------
 

@@ -18,7 +18,9 @@ import trio
 
 from ._errors import ProtocolError
 from ._hub import Outgoing
+from ._names import normalize_name_untrusted
 from ._protocol import (
+    BAD_NAME,
     ErrorEvent,
     Event,
     Hello,
@@ -40,7 +42,6 @@ from ._protocol import (
     encode_event,
     encode_events,
     is_valid_client_id,
-    is_valid_name,
 )
 
 if TYPE_CHECKING:
@@ -132,8 +133,9 @@ class Session:
     ) -> None:
         self.node = node
         self.transport = transport
-        self._bad_name = name is not None and not is_valid_name(name)
-        self.name = node.claim_name(name if name is not None and not self._bad_name else "guest")
+        normalized = None if name is None else normalize_name_untrusted(name)
+        self._bad_name = name is not None and normalized is None
+        self.name = node.claim_name(normalized or "guest")
         self._bad_client_id = client_id is not None and not is_valid_client_id(client_id)
         #: Whose retries a cid dedupes against: the client's secret, never a name
         #: (anyone can ask for a name). Without one, this connection alone.
@@ -219,8 +221,7 @@ class Session:
         """
         self.send(Welcome(name=self.name, node=self.node.node_id))
         if self._bad_name:
-            reason = f"names are 1-32 letters, digits, '_', '.', '-'; you are {self.name}"
-            self._refuse(ProtocolError("bad_name", reason), None)
+            self._refuse(ProtocolError("bad_name", f"{BAD_NAME}; you are {self.name}"), None)
         if self._bad_client_id:
             reason = "client_id is 16-64 of A-Z a-z 0-9 _ -; retries dedupe per connection"
             self._refuse(ProtocolError("bad_client_id", reason), None)
