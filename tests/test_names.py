@@ -12,9 +12,9 @@ from hypothesis import strategies as st
 from trio_chat import ProtocolError
 from trio_chat._names import (
     NAME_PATTERN,
-    _prototypes,
     is_invisible,
     normalize_name_untrusted,
+    prototypes,
     skeleton,
 )
 from trio_chat._protocol import Hello, decode_command_untrusted
@@ -112,7 +112,7 @@ def test_different_names_have_different_skeletons(one: str, other: str) -> None:
 
 
 def test_the_confusables_table_maps_sources_to_prototypes() -> None:
-    table = _prototypes()
+    table = prototypes()
     # Unicode's confusables.txt has about 6,300 mappings
     assert len(table) > 6000
     assert table[CYRILLIC_A] == "a"

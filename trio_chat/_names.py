@@ -10,7 +10,7 @@ Two names are one when their confusable skeletons are equal (Unicode Technical S
 
 The confusables data is the copy the ``confusable-homoglyphs`` package ships. That
 package turns each line ``source ; prototype`` into an entry in both directions (and wraps
-right-to-left characters in direction marks for display); `_prototypes` recovers the
+right-to-left characters in direction marks for display); `prototypes` recovers the
 direction: a source has exactly one entry, and was written before a prototype that is new
 on the source's line, while a prototype has several entries, or was written after its one
 source.
@@ -87,7 +87,7 @@ def normalize_name_untrusted(raw: str) -> str | None:
 
 
 @functools.cache
-def _prototypes() -> dict[str, str]:
+def prototypes() -> dict[str, str]:
     """Unicode's confusables: each source character's prototype (see the module doc)."""
     data = importlib.resources.files("confusable_homoglyphs").joinpath("confusables.json")
     raw: dict[str, list[dict[str, str]]] = json.loads(data.read_text(encoding="utf-8"))
@@ -107,6 +107,6 @@ def _prototypes() -> dict[str, str]:
 @functools.lru_cache(maxsize=65536)
 def skeleton(name: str) -> str:
     """The confusable skeleton of ``name`` (UTS #39): equal skeletons look alike."""
-    table = _prototypes()
+    table = prototypes()
     mapped = "".join(table.get(c, c) for c in unicodedata.normalize("NFD", name))
     return unicodedata.normalize("NFD", mapped)

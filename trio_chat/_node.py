@@ -28,7 +28,7 @@ from ._cluster import Cluster
 from ._errors import ProtocolError
 from ._hub import Hub
 from ._ids import IdClock
-from ._names import skeleton
+from ._names import prototypes, skeleton
 from ._protocol import Ack, Presence
 from ._store import MemoryStore, Message, SqliteStore, Store
 from ._websocket import CLOSE_GOING_AWAY, WebSocketServer
@@ -95,6 +95,8 @@ class Node:
         self.sessions: set[Session] = set()
         #: Confusable skeletons of the names of this node's sessions (one each).
         self._skeletons: set[str] = set()
+        # Unicode's confusables take ~75 ms to load: now, not in the first client's turn.
+        prototypes()
         self._commit_send, self._commit_receive = trio.open_memory_channel[_Pending](_COMMIT_QUEUE)
         self._read_limiter = trio.CapacityLimiter(1)
         self._write_limiter = trio.CapacityLimiter(1)
@@ -118,17 +120,16 @@ class Node:
         """Reserve ``wanted``, or ``wanted-2``, ``wanted-3``… if it is taken.
 
         Taken: a name in use has the same confusable skeleton (``alice`` spelt with a
-        Cyrillic ``a``, U+0430, is ``alice``), on this node or in a room on a peer (`Cluster.names`). Two
-        nodes granting one name at the same instant both keep it (docs/protocol.md).
+        Cyrillic ``a``, U+0430, is ``alice``), on this node or in a room on a peer
+        (`Cluster.name_skeletons`). Two nodes granting one name at the same instant both
+        keep it (docs/protocol.md).
 
         Args:
           wanted: a valid, normalized name (`normalize_name_untrusted`).
         """
-        taken = self._skeletons
-        if self.cluster is not None:
-            taken = taken | {skeleton(name) for name in self.cluster.names()}
+        remote = frozenset() if self.cluster is None else self.cluster.name_skeletons()
         name, n = wanted, 1
-        while skeleton(name) in taken:
+        while skeleton(name) in self._skeletons or skeleton(name) in remote:
             n += 1
             name = f"{wanted[:28]}-{n}"
         self._skeletons.add(skeleton(name))

@@ -139,9 +139,9 @@ class Session:
         self._bad_client_id = client_id is not None and not is_valid_client_id(client_id)
         #: Whose retries a cid dedupes against: the client's secret, never a name
         #: (anyone can ask for a name). Without one, this connection alone.
-        self._retry_secret = (
-            client_id if client_id is not None and not self._bad_client_id else None
-        ) or secrets.token_urlsafe(16)
+        if client_id is None or self._bad_client_id:
+            client_id = secrets.token_urlsafe(16)
+        self._retry_secret = client_id
         self._settings = node.settings
         self._bucket = _TokenBucket(
             self._settings.rate_limit, self._settings.rate_burst, trio.current_time
