@@ -10,6 +10,7 @@ import inspect
 import json
 import os
 import subprocess
+import urllib.parse
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -148,8 +149,11 @@ class Client:
 @pytest.fixture
 def connect() -> Any:
     @contextlib.asynccontextmanager
-    async def connect(url: str, name: str | None = None, **kwargs: Any) -> AsyncIterator[Client]:
-        full = url + (f"?name={name}" if name else "")
+    async def connect(
+        url: str, name: str | None = None, *, client_id: str | None = None, **kwargs: Any
+    ) -> AsyncIterator[Client]:
+        query = {k: v for k, v in (("name", name), ("client_id", client_id)) if v is not None}
+        full = url + ("?" + urllib.parse.urlencode(query) if query else "")
         async with open_websocket_url(full, **kwargs) as ws:
             try:
                 client = Client(ws)

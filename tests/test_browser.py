@@ -15,6 +15,7 @@ import os
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 import trio
@@ -526,3 +527,25 @@ def test_page_sends_again_what_a_full_disk_refused(
         assert stored == ["before the disk filled", "while the disk is full"]
     finally:
         server.stop()
+
+
+def test_page_sends_a_retry_secret_kept_per_tab(
+    server: Server, pages: Pages, transport: str
+) -> None:
+    """Retried cids dedupe per ``client_id``: the page keeps one per tab, across reloads."""
+    alice = pages.open(server, "alice")
+    opened: list[str] = []
+    alice.on("websocket", lambda ws: opened.append(ws.url))
+    read_id = "JSON.parse(sessionStorage.getItem('trio-chat.clientId'))"
+    client_id = alice.evaluate(read_id)
+    assert re.fullmatch(r"[A-Za-z0-9_-]{22}", client_id)
+    alice.reload()
+    wait_online(alice, transport)
+    assert alice.evaluate(read_id) == client_id
+    assert parse_qs(urlsplit(opened[-1]).query)["client_id"] == [client_id]
+    other_tab = alice.context.new_page()
+    other_tab.goto(alice.url)
+    wait_online(other_tab, transport)
+    other_id = other_tab.evaluate(read_id)
+    assert re.fullmatch(r"[A-Za-z0-9_-]{22}", other_id)
+    assert other_id != client_id

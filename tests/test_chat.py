@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+import secrets
 import urllib.parse
 from typing import TYPE_CHECKING, Any
 
+import httpx
 import pytest
 import trio
+from test_link_multicast import free_udp_port
 from trio_websocket import ConnectionClosed, open_websocket_url
 
 from conftest import eventually, make_settings, start_server
@@ -92,6 +96,64 @@ async def test_duplicate_and_bad_nicknames(server: Server, transport: str, conne
 
 
 @pytest.mark.parametrize(
+    "raw", ["alice\n", "\u3164", "\u115f", "bob\u3164", "\uffa0x", "a\u200db", "\u202ebob"]
+)
+async def test_invisible_and_control_characters_in_names_are_refused(
+    server: Server, transport: str, connect: Any, raw: str
+) -> None:
+    async with connect(server.url(transport), raw) as client:
+        assert client.welcome["name"] == "guest"
+        await client.expect("error", code="bad_name")
+        await client.send(type="hello", name=raw)
+        await client.expect("error", code="bad_name")
+        await client.send(type="hello", name="visible")
+        await client.expect("welcome", name="visible")
+
+
+async def test_a_name_that_looks_like_one_in_use_is_taken(
+    server: Server, transport: str, connect: Any
+) -> None:
+    url = server.url(transport)
+    fullwidth = "\uff41\uff4c\uff49\uff43\uff45"  # NFKC: alice
+    async with connect(url, "alice") as alice:
+        assert alice.welcome["name"] == "alice"
+        async with connect(url, "\u0430lice") as fake:  # a Cyrillic a
+            assert fake.welcome["name"] == "\u0430lice-2"
+            await fake.send(type="hello", name="alic\u0435")  # a Cyrillic e
+            await fake.expect("welcome", name="alic\u0435-2")
+            await fake.send(type="hello", name=fullwidth)
+            await fake.expect("welcome", name="alice-2")
+    async with connect(url, fullwidth) as alice:  # alice is free again
+        assert alice.welcome["name"] == "alice"
+
+
+async def test_a_name_in_a_room_on_another_node_is_taken(
+    tmp_path: Any, nursery: trio.Nursery, connect: Any
+) -> None:
+    cluster = {
+        "cluster": "host",
+        "cluster_port": free_udp_port(),
+        "cluster_secret": secrets.token_bytes(32),
+    }
+    one = await start_server(nursery, make_settings(tmp_path / "one", **cluster))
+    two = await start_server(nursery, make_settings(tmp_path / "two", **cluster))
+    async with connect(one.chat_socket_url, "alice") as alice:
+        await alice.join("general")
+        await eventually(lambda: "alice" in two.node.cluster.names())
+        async with (
+            connect(two.chat_socket_url, "alice") as second,
+            connect(two.fallback_url, "\u0430lice") as fake,
+        ):
+            assert second.welcome["name"] == "alice-2"
+            # and a suffixed name is compared by its skeleton too
+            assert fake.welcome["name"] == "\u0430lice-3"
+    # alice left: her name is free on the other node once it hears so
+    await eventually(lambda: not two.node.cluster.names())
+    async with connect(two.chat_socket_url, "alice") as alice:
+        assert alice.welcome["name"] == "alice"
+
+
+@pytest.mark.parametrize(
     ("command", "code"),
     [
         ("{not json", "bad_json"),
@@ -116,6 +178,44 @@ async def test_bad_commands_get_error_frames(
         await alice.send(type="ping")
         await alice.expect("pong")
     assert server.node.statistics().errors[code] == 1
+
+
+async def test_a_deeply_nested_frame_is_bad_json_and_harms_no_one(
+    server: Server, transport: str, connect: Any
+) -> None:
+    # 2 KB that made msgspec raise RecursionError, which stopped the whole worker.
+    frame = '{"type":"ping","x":' + "[" * 1000 + "]" * 1000 + "}"
+    url = server.url(transport)
+    async with connect(url, "alice") as alice:
+        await alice.ws.send_message(frame)
+        await alice.expect("error", code="bad_json")
+        await alice.send(type="ping")
+        await alice.expect("pong")
+        async with connect(url, "bob") as bob:
+            await bob.send(type="ping")
+            await bob.expect("pong")
+    assert server.node.statistics().errors["bad_json"] == 1
+    assert not server.node.failures.statistics().contained
+
+
+async def test_refused_frames_log_one_line_per_connection(
+    server: Server, transport: str, connect: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="trio_chat")
+    url = server.url(transport)
+    async with connect(url, "alice") as alice, connect(url, "bob") as bob:
+        for client in (alice, bob):
+            # within the burst, so every one is refused for what it is
+            for _ in range(15):
+                await client.ws.send_message("{not json")
+            for _ in range(15):
+                await client.expect("error", code="bad_json")
+    refusals = [r for r in caplog.records if r.name == "trio_chat.session"]
+    assert len([r for r in refusals if r.levelno >= logging.INFO]) == 2
+    assert len([r for r in refusals if r.levelno == logging.DEBUG]) == 28
+    async with httpx.AsyncClient(base_url=server.http_url) as http:
+        metrics = (await http.get("/metrics")).text
+    assert 'trio_chat_errors_total{code="bad_json"} 30' in metrics.splitlines()
 
 
 async def test_text_rules(server: Server, transport: str, connect: Any) -> None:

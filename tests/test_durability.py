@@ -10,6 +10,7 @@ and every cid must end up stored exactly once.
 from __future__ import annotations
 
 import json
+import secrets
 import signal
 from typing import TYPE_CHECKING, Any, Final
 
@@ -37,6 +38,8 @@ class Sender:
 
     def __init__(self, name: str) -> None:
         self.name = name
+        # The retry secret: what makes a resend after the reconnect the same send.
+        self.url_query = f"?name={name}&client_id={secrets.token_urlsafe(16)}"
         self.sent: list[str] = []
         self.acked: dict[str, str] = {}
         self.duplicates: set[str] = set()
@@ -44,7 +47,7 @@ class Sender:
     async def run(self, url: str, on_ack: trio.Condition) -> None:
         """Send until the connection ends (the server goes away)."""
         try:
-            async with open_websocket_url(f"{url}?name={self.name}") as ws:
+            async with open_websocket_url(url + self.url_query) as ws:
                 await ws.send_message(json.dumps({"type": "join", "room": ROOM}))
                 window = trio.Semaphore(WINDOW)
                 async with trio.open_nursery() as nursery:
@@ -72,9 +75,9 @@ class Sender:
                     raise AssertionError(event)
 
     async def retry_unacked(self, url: str) -> None:
-        """Reconnect with the same name and resend every cid that got no ack."""
+        """Reconnect with the same client_id and resend every cid that got no ack."""
         missing = [cid for cid in self.sent if cid not in self.acked]
-        async with open_websocket_url(f"{url}?name={self.name}") as ws:
+        async with open_websocket_url(url + self.url_query) as ws:
             await ws.send_message(json.dumps({"type": "join", "room": ROOM}))
             for cid in missing:
                 await ws.send_message(

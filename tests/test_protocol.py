@@ -83,6 +83,35 @@ def test_random_bytes_only_ever_give_protocol_errors(data: bytes) -> None:
     check_only_protocol_errors(data)
 
 
+def deeply_nested(depth: int, brackets: str, closed: bool) -> str:
+    opener, closer = ('{"a":', "}") if brackets == "{" else ("[", "]")
+    inner = opener * depth + "1" + (closer * depth if closed else "")
+    return '{"type":"ping","x":' + inner + "}"
+
+
+@pytest.mark.parametrize("brackets", ["[", "{"])
+def test_a_frame_nested_past_the_decoders_limit_is_bad_json(brackets: str) -> None:
+    # 2 KB of brackets: msgspec raises RecursionError, which must not escape.
+    frame = deeply_nested(1000, brackets, closed=True)
+    assert len(frame) < 7000
+    with pytest.raises(ProtocolError) as info:
+        decode_command_untrusted(frame)
+    assert info.value.code == "bad_json"
+
+
+@given(
+    st.integers(min_value=1, max_value=5000),
+    st.sampled_from(["[", "{"]),
+    st.booleans(),
+    st.sampled_from(["", "ping", "join", "send"]),
+)
+def test_any_nesting_only_ever_gives_protocol_errors(
+    depth: int, brackets: str, closed: bool, kind: str
+) -> None:
+    frame = deeply_nested(depth, brackets, closed)
+    check_only_protocol_errors(frame.replace("ping", kind) if kind else frame[1:])
+
+
 @given(
     st.dictionaries(
         st.sampled_from(["type", "room", "text", "cid", "name", "since", "before", "limit", "x"]),
@@ -123,7 +152,7 @@ def test_ids_sort_in_time_order_and_never_repeat() -> None:
 
 def test_pure_modules_import_no_trio() -> None:
     code = (
-        "import sys, trio_chat._protocol, trio_chat._ids, trio_chat._link_packet, "
+        "import sys, trio_chat._protocol, trio_chat._names, trio_chat._ids, trio_chat._link_packet, "
         "trio_chat._link_events, trio_chat._link_state; print('trio' in sys.modules)"
     )
     # trio_chat/__init__ imports the app (and trio); load the pure modules on their own.

@@ -11,8 +11,8 @@ import trio
 import trio.testing
 
 from trio_chat._node import Node
-from trio_chat._protocol import Presence, decode_events
-from trio_chat._session import Session
+from trio_chat._protocol import ErrorEvent, Pong, Presence, decode_events
+from trio_chat._session import CLOSE_POLICY, Session, _TokenBucket
 from trio_chat._store import MemoryStore, Message
 
 if TYPE_CHECKING:
@@ -175,3 +175,53 @@ async def test_broadcasts_held_past_the_backlog_close_the_client_as_slow(
     # the session ended and left the room
     assert session not in node.sessions
     assert node.hub.statistics().subscriptions == 0
+
+
+def test_token_bucket_counts_exactly() -> None:
+    now = [100.0]
+    # binary fractions of a second, so the float arithmetic is exact
+    bucket = _TokenBucket(8, 20, lambda: now[0])
+    assert [bucket.take() for _ in range(21)] == [True] * 20 + [False]
+    now[0] += 0.4375  # 3.5 tokens
+    assert [bucket.take() for _ in range(4)] == [True] * 3 + [False]
+    now[0] += 0.0625  # the half token left, and half another
+    assert bucket.take()
+    assert not bucket.take()
+    now[0] += 1000  # refills to the burst, no further
+    assert sum(bucket.take() for _ in range(30)) == 20
+    unlimited = _TokenBucket(0, 1, lambda: now[0])
+    assert all(unlimited.take() for _ in range(1000))
+
+
+async def test_invalid_frames_count_against_the_rate_limit_and_the_strikes(
+    nursery: trio.Nursery, tmp_path: Path, mock_clock: trio.testing.MockClock
+) -> None:
+    node = await start_node(nursery, tmp_path)  # 10 frames/s, burst 20, 20 strikes
+    _, alice, commands = await open_session(nursery, node, "alice")
+    await trio.testing.wait_all_tasks_blocked()  # the welcome
+
+    async def send(frames: list[str]) -> list[str]:
+        alice.events.clear()
+        for frame in frames:
+            await commands.send(frame)
+        await trio.testing.wait_all_tasks_blocked()
+        return [e.code if isinstance(e, ErrorEvent) else type(e).__name__ for e in alice.events]
+
+    assert await send(["{not json"] * 25) == ["bad_json"] * 20 + ["rate_limited"] * 5
+    mock_clock.jump(0.5)  # five tokens: valid and invalid frames take them alike
+    ping = encode_event_text({"type": "ping"})
+    assert await send([ping, "{bad", ping, "{}", ping, ping]) == [
+        "Pong",
+        "bad_json",
+        "Pong",
+        "unknown_type",
+        "Pong",
+        "rate_limited",
+    ]
+    # one strike so far; garbage strikes like anything else: the 20th in a row closes
+    assert await send(["{not json"] * 18) == ["rate_limited"] * 18
+    assert alice.closed is None
+    assert await send(["{not json"]) == ["rate_limited"]
+    assert alice.closed == CLOSE_POLICY
+    assert node.statistics().errors == {"bad_json": 21, "unknown_type": 1, "rate_limited": 25}
+    assert Pong() not in alice.events

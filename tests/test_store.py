@@ -336,13 +336,21 @@ async def test_resume_at_many_points_while_a_publisher_sends(
         assert got == distinct, (j, [i for i in got if got.count(i) > 1])
 
 
+#: Retry secrets (``?client_id=``) of the users in the cid tests.
+ALICE_ID = "alice-secret-0123456789"
+MALLORY_ID = "mallory-secret-0123456"
+
+
 async def test_cid_retry_after_ack_across_reconnect(fast_server: Server, connect: Any) -> None:
     url = fast_server.chat_socket_url
-    async with connect(url, "alice") as alice:
+    async with connect(url, "alice", client_id=ALICE_ID) as alice:
         await alice.join(ROOM)
         first = await alice.chat(ROOM, "hello", cid="c-1")
         assert "duplicate" not in first
-    async with connect(url, "alice") as alice, connect(url, "bob") as bob:
+    async with (
+        connect(url, "alice", client_id=ALICE_ID) as alice,
+        connect(url, "bob") as bob,
+    ):
         await alice.join(ROOM)
         await bob.join(ROOM)
         await alice.send(type="send", room=ROOM, text="hello", cid="c-1")
@@ -352,7 +360,7 @@ async def test_cid_retry_after_ack_across_reconnect(fast_server: Server, connect
         await alice.chat(ROOM, "next", cid="c-2")
         event = await bob.next_of("message")
         assert event["text"] == "next"
-    async with connect(url, "bob") as bob:  # another name, the same cid: a new message
+    async with connect(url, "bob") as bob:  # another client, the same cid: a new message
         await bob.join(ROOM)
         other = await bob.chat(ROOM, "hello", cid="c-1")
         assert other["id"] != first["id"]
@@ -366,15 +374,72 @@ async def test_cid_retry_after_ack_across_reconnect(fast_server: Server, connect
     assert fast_server.node.statistics().duplicates == 1
 
 
+@pytest.mark.parametrize("mallory_id", [None, MALLORY_ID])
+async def test_a_cid_sent_first_under_someone_elses_name_takes_nothing_from_them(
+    fast_server: Server, transport: str, connect: Any, mallory_id: str | None
+) -> None:
+    """Retries were keyed by name: whoever asked for "alice" first owned her cids."""
+    url = fast_server.url(transport)
+    async with connect(url, "alice", client_id=mallory_id) as mallory:
+        await mallory.join(ROOM)
+        squatted = await mallory.chat(ROOM, "not from alice", cid="c-7")
+    async with connect(url, "alice", client_id=ALICE_ID) as alice:
+        await alice.join(ROOM)
+        mine = await alice.chat(ROOM, "from alice", cid="c-7")
+        assert "duplicate" not in mine
+        assert mine["id"] != squatted["id"]
+        # and her own retry still dedupes
+        await alice.send(type="send", room=ROOM, text="from alice", cid="c-7")
+        assert (await alice.next_of("ack"))["duplicate"] is True
+    stored = fast_server.node.store.latest(ROOM, 100)
+    assert [(m.text, m.cid) for m in stored] == [("not from alice", "c-7"), ("from alice", "c-7")]
+    # the secret is not kept: the store has a digest of it
+    assert all(ALICE_ID not in (m.dedupe or "") for m in stored)
+
+
+async def test_without_a_client_id_cids_dedupe_within_the_connection(
+    fast_server: Server, connect: Any
+) -> None:
+    url = fast_server.chat_socket_url
+    async with connect(url, "alice") as alice:
+        await alice.join(ROOM)
+        first = await alice.chat(ROOM, "hello", cid="c-1")
+        assert (await alice.chat(ROOM, "hello", cid="c-1"))["duplicate"] is True
+    async with connect(url, "alice") as alice:
+        await alice.join(ROOM)
+        again = await alice.chat(ROOM, "hello", cid="c-1")
+        assert "duplicate" not in again
+        assert again["id"] != first["id"]
+
+
+@pytest.mark.parametrize(
+    "client_id", ["short", "x" * 65, "has space in it!!", "ünïcödé-0123456789"]
+)
+async def test_a_bad_client_id_is_refused_and_the_connection_keeps_a_key_of_its_own(
+    fast_server: Server, transport: str, connect: Any, client_id: str
+) -> None:
+    url = fast_server.url(transport)
+    async with connect(url, "alice", client_id=client_id) as alice:
+        await alice.expect("error", code="bad_client_id")
+        await alice.join(ROOM)
+        await alice.chat(ROOM, "hello", cid="c-1")
+        assert (await alice.chat(ROOM, "hello", cid="c-1"))["duplicate"] is True
+    async with connect(url, "alice", client_id=client_id) as alice:
+        await alice.expect("error", code="bad_client_id")
+        await alice.join(ROOM)
+        assert "duplicate" not in await alice.chat(ROOM, "hello", cid="c-1")
+    assert fast_server.node.statistics().errors["bad_client_id"] == 2
+
+
 async def test_cid_retry_before_ack_across_reconnect(fast_server: Server, connect: Any) -> None:
     """The first send's connection is gone before its ack: the retry is stored once."""
     url = fast_server.chat_socket_url
-    async with connect(url, "alice") as first:
+    async with connect(url, "alice", client_id=ALICE_ID) as first:
         await first.join(ROOM)
         for n in range(20):
             await first.send(type="send", room=ROOM, text=f"t{n}", cid=f"c-{n}")
         # leave without reading a single ack
-    async with connect(url, "alice") as alice:
+    async with connect(url, "alice", client_id=ALICE_ID) as alice:
         await alice.join(ROOM)
         acks = {}
         for n in range(20):
@@ -387,14 +452,14 @@ async def test_cid_retry_before_ack_across_reconnect(fast_server: Server, connec
 
 
 async def test_cid_retry_while_the_first_is_in_flight(fast_server: Server, connect: Any) -> None:
-    """Connections of one user (an old one not yet gone) race the same cids: one id each."""
+    """Connections of one client (an old one not yet gone) race the same cids: one id each."""
     url = fast_server.chat_socket_url
     rounds = 10
     acks: dict[str, set[str]] = {f"race-{n}": set() for n in range(rounds)}
     async with (
-        connect(url, "alice") as a1,
-        connect(url, "alice") as a2,
-        connect(url, "alice") as a3,
+        connect(url, "alice", client_id=ALICE_ID) as a1,
+        connect(url, "alice", client_id=ALICE_ID) as a2,
+        connect(url, "alice", client_id=ALICE_ID) as a3,
     ):
         clients = [a1, a2, a3]
         for client in clients:

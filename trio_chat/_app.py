@@ -386,7 +386,9 @@ async def _serve_fallback(node: Node) -> None:
         )
         try:
             try:
-                session = Session(node, transport, websocket.args.get("name"))
+                session = Session(
+                    node, transport, websocket.args.get("name"), websocket.args.get("client_id")
+                )
                 node.register(session)
                 await session.run(receive)
             except Exception as exc:

@@ -40,9 +40,12 @@ async def handle_chat_socket(
         node.count_error("origin_refused")
         conn.reject(403, "this origin may not open the chat socket\n")
         return
-    names = urllib.parse.parse_qs(request.query).get("name")
+    query = urllib.parse.parse_qs(request.query)
+    names, client_ids = query.get("name"), query.get("client_id")
     conn.accept()
-    session = Session(node, conn, names[0] if names else None)
+    session = Session(
+        node, conn, names[0] if names else None, client_ids[0] if client_ids else None
+    )
     node.register(session)
     with contextlib.suppress(ConnectionClosed):
         await session.run(conn.receive_message_untrusted)

@@ -8,8 +8,13 @@ state outlives any one connection:
 - per room, the ids already printed (so a replay never prints a message twice) and the
   highest id seen, sent as ``since`` when the room is joined again after a reconnect;
 - the outbox: every ``send`` with its ``cid`` until the server acks it. After a reconnect
-  the outbox is sent again; the server stores a ``cid`` once, so a retry is never a
-  duplicate.
+  the outbox is sent again; the server stores a ``cid`` once per ``client_id``, so a
+  retry is never a duplicate.
+
+The ``client_id`` (sent as ``?client_id=``) is a random secret made once per run: the
+outbox lives in this process's memory only, so no retry outlives the run, and a file
+would be state to guard and share between runs for nothing. It is never the name,
+which anyone can ask for.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import json
 import math
 import os
 import random
+import secrets
 import sys
 import time
 from collections import deque
@@ -145,10 +151,10 @@ def normalize_url(url: str) -> str:
     return urlunsplit((scheme, parts.netloc, parts.path or "/ws", parts.query, ""))
 
 
-def _with_name(url: str, name: str) -> str:
+def _with_query(url: str, **params: str) -> str:
     parts = urlsplit(url)
-    query = [(k, v) for k, v in parse_qsl(parts.query) if k != "name"]
-    query.append(("name", name))
+    query = [(k, v) for k, v in parse_qsl(parts.query) if k not in params]
+    query.extend(params.items())
     return urlunsplit(parts._replace(query=urlencode(query)))
 
 
@@ -204,7 +210,7 @@ class ChatClient:
     """A chat session that survives reconnects.
 
     Args:
-        url: The WebSocket URL (without ``name``; it is added).
+        url: The WebSocket URL (``name`` and ``client_id`` are added).
         name: The nickname asked for.
         rooms: Rooms to join at start; the first is the current room.
         max_backoff: Longest wait between reconnection attempts, in seconds.
@@ -232,6 +238,7 @@ class ChatClient:
         self._send_order = trio.Lock()
         self._cids = itertools.count(1)
         self._cid_prefix = f"t-{os.getpid():x}-{random.getrandbits(32):08x}"
+        self._client_id = secrets.token_urlsafe(16)
         self._ws: WebSocketConnection | None = None
         self._online = False
         self._outbox_empty = trio.Event()
@@ -264,7 +271,7 @@ class ChatClient:
             reason = ""
             try:
                 async with open_websocket_url(
-                    _with_name(self._url, self._name),
+                    _with_query(self._url, name=self._name, client_id=self._client_id),
                     connect_timeout=CONNECT_TIMEOUT,
                     disconnect_timeout=CLOSE_TIMEOUT,
                 ) as ws:

@@ -27,6 +27,7 @@ from ._errors import ConfigError, StoreError
 from ._identity import create_once
 from ._link import ClusterLink, LinkConfig
 from ._link_events import Delivered, Gap, PeerDown, PeerStatus, PeerUp
+from ._names import skeleton
 from ._protocol import Presence, TypingEvent
 from ._store import Message
 
@@ -190,6 +191,8 @@ class Cluster:
         self.link = ClusterLink(config)
         #: Members of each room on each peer: peer -> room -> name -> connections.
         self._presence: dict[str, dict[str, collections.Counter[str]]] = {}
+        #: Skeletons of the names in ``_presence``; None when presence changed since.
+        self._skeletons: frozenset[str] | None = None
         #: The newest message id delivered from each origin: where a heal starts.
         self._last_from: dict[str, str] = {}
         self._recent: collections.OrderedDict[str, None] = collections.OrderedDict()
@@ -220,6 +223,22 @@ class Cluster:
         for rooms in self._presence.values():
             names.update(dict.fromkeys(rooms.get(room, ())))
         return list(names)
+
+    def names(self) -> set[str]:
+        """Every name in a room on another node (peers announce no one else)."""
+        return {
+            name for rooms in self._presence.values() for names in rooms.values() for name in names
+        }
+
+    def name_skeletons(self) -> frozenset[str]:
+        """The confusable skeletons of `names`, kept until presence changes.
+
+        A join storm claims many names while remote presence stands still: each claim
+        is then a set lookup, not a pass over every remote name.
+        """
+        if self._skeletons is None:
+            self._skeletons = frozenset(skeleton(name) for name in self.names())
+        return self._skeletons
 
     # -- in -----------------------------------------------------------------------------
 
@@ -284,6 +303,7 @@ class Cluster:
         return True
 
     def _apply_presence(self, peer: str, room: str, name: str, *, joined: bool) -> None:
+        self._skeletons = None
         rooms = self._presence.setdefault(peer, {})
         names = rooms.setdefault(room, collections.Counter())
         if joined:
@@ -307,10 +327,12 @@ class Cluster:
             for name in before - after:
                 hub.publish_nowait(room, Presence(room=room, left=name))
         self._presence[peer] = new
+        self._skeletons = None
 
     def _forget(self, peer: str) -> None:
         self._apply_snapshot(peer, {})
         del self._presence[peer]
+        self._skeletons = None
 
     # -- healing ------------------------------------------------------------------------
 

@@ -36,7 +36,8 @@ from ._cluster import Cluster
 from ._errors import ProtocolError, StoreError
 from ._hub import Hub
 from ._ids import IdClock
-from ._protocol import Ack, Presence, is_valid_name, store_unavailable
+from ._names import prototypes, skeleton
+from ._protocol import Ack, Presence, store_unavailable
 from ._store import MemoryStore, Message, SqliteStore, Store
 from ._websocket import CLOSE_GOING_AWAY, WebSocketServer
 
@@ -110,7 +111,10 @@ class Node:
         self.cluster = Cluster(self, link) if link is not None else None
         self.ids = IdClock(node_id)
         self.sessions: set[Session] = set()
-        self._names: set[str] = set()
+        #: Confusable skeletons of the names of this node's sessions (one each).
+        self._skeletons: set[str] = set()
+        # Unicode's confusables take ~75 ms to load: now, not in the first client's turn.
+        prototypes()
         self._commit_send, self._commit_receive = trio.open_memory_channel[_Pending](_COMMIT_QUEUE)
         self._read_limiter = trio.CapacityLimiter(1)
         self._write_limiter = trio.CapacityLimiter(1)
@@ -138,19 +142,26 @@ class Node:
     # -- names --------------------------------------------------------------------------
 
     def claim_name(self, wanted: str) -> str:
-        """Reserve ``wanted``, or ``wanted-2``, ``wanted-3``… if it is taken on this node."""
-        if not is_valid_name(wanted):
-            wanted = "guest"
+        """Reserve ``wanted``, or ``wanted-2``, ``wanted-3``… if it is taken.
+
+        Taken: a name in use has the same confusable skeleton (``alice`` spelt with a
+        Cyrillic ``a``, U+0430, is ``alice``), on this node or in a room on a peer
+        (`Cluster.name_skeletons`). Two nodes granting one name at the same instant both
+        keep it (docs/protocol.md).
+
+        Args:
+          wanted: a valid, normalized name (`normalize_name_untrusted`).
+        """
+        remote = frozenset() if self.cluster is None else self.cluster.name_skeletons()
         name, n = wanted, 1
-        while name in self._names:
+        while skeleton(name) in self._skeletons or skeleton(name) in remote:
             n += 1
             name = f"{wanted[:28]}-{n}"
-        self._names.add(name)
+        self._skeletons.add(skeleton(name))
         return name
 
     def rename(self, session: Session, wanted: str) -> None:
-        self._names.discard(session.name)
-        session.requested_name = wanted
+        self._skeletons.discard(skeleton(session.name))
         session.name = self.claim_name(wanted)
 
     # -- rooms and presence -------------------------------------------------------------
@@ -212,7 +223,7 @@ class Node:
         for room in self.hub.rooms_of(session):
             self.leave(room, session)
         self.sessions.discard(session)
-        self._names.discard(session.name)
+        self._skeletons.discard(skeleton(session.name))
 
     # -- messages -----------------------------------------------------------------------
 
@@ -231,7 +242,7 @@ class Node:
             raise StoreError("the store is down; the next attempt is not due yet")
         # A retried cid is caught by the store, in the commit's own transaction: no
         # lookup per send, and two copies arriving together cannot both be stored.
-        dedupe = None if command.cid is None else f"{session.requested_name}\0{command.cid}"
+        dedupe = None if command.cid is None else session.retry_key(command.cid)
         message = Message(
             id=self.ids.next_id(time.time_ns() // 1_000_000),
             room=command.room,

@@ -16,25 +16,31 @@ from typing import Annotated, Final
 import msgspec
 
 from ._errors import ProtocolError
+from ._names import MAX_NAME_INPUT, normalize_name_untrusted
 
 #: Room names: a letter or digit, then up to 63 letters, digits, ``_`` or ``-``.
 ROOM_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
-#: Nicknames: a Unicode letter, digit or ``_``, then up to 31 of those or ``.`` / ``-``.
-NAME_PATTERN: Final = r"^\w[\w.-]{0,31}$"
 #: Message ids (see _ids.py): 16 hex digits of hybrid logical time, ``-``, the node id.
 ID_PATTERN: Final = r"^[0-9a-f]{16}-[A-Za-z0-9_.-]{1,40}$"
 MAX_CID_LENGTH: Final = 64
+#: A client's retry secret (``?client_id=``): 16-64 URL-safe base64 characters, e.g. 16
+#: random bytes as base64url. Only its holder's retries dedupe against its sends.
+CLIENT_ID_PATTERN: Final = r"^[A-Za-z0-9_-]{16,64}$"
 MAX_HISTORY_LIMIT: Final = 200
 #: The message of the ``store_unavailable`` error (a send or a history read failed).
 STORE_UNAVAILABLE: Final = (
     "the message store is unavailable: nothing was stored or read; try again later "
     "(a send with the same cid)"
 )
+BAD_NAME: Final = (
+    "names are 1-32 letters, digits, '_', '.', '-' (after NFKC), with no invisible characters"
+)
 
-_NAME_RE: Final = re.compile(NAME_PATTERN)
+_CLIENT_ID_RE: Final = re.compile(CLIENT_ID_PATTERN)
 
 Room = Annotated[str, msgspec.Meta(pattern=ROOM_PATTERN)]
-Name = Annotated[str, msgspec.Meta(pattern=NAME_PATTERN)]
+# The nickname rules need NFKC first: `decode_command_untrusted` applies them.
+Name = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_NAME_INPUT)]
 MessageId = Annotated[str, msgspec.Meta(pattern=ID_PATTERN)]
 Cid = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_CID_LENGTH)]
 Limit = Annotated[int, msgspec.Meta(ge=1, le=MAX_HISTORY_LIMIT)]
@@ -103,16 +109,25 @@ def decode_command_untrusted(data: bytes | str) -> Command:
       The command.
 
     Raises:
-      ProtocolError: the frame is not valid JSON (``bad_json``), has no or an unknown
-        ``type`` (``unknown_type``), or a field is missing or invalid (``bad_room``,
-        ``bad_name``, ``bad_id``, ``bad_limit``, ``bad_cid``, ``bad_field``).
+      ProtocolError: the frame is not valid JSON, or nests deeper than msgspec
+        decodes (``bad_json``), has no or an unknown ``type`` (``unknown_type``), or a
+        field is missing or invalid (``bad_room``, ``bad_name``, ``bad_id``,
+        ``bad_limit``, ``bad_cid``, ``bad_field``).
     """
     try:
-        return _command_decoder.decode(data)
+        command = _command_decoder.decode(data)
     except msgspec.ValidationError as exc:
         raise _refusal(exc) from None
-    except (msgspec.DecodeError, UnicodeDecodeError):
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+        # RecursionError: msgspec gives up on a frame nested ~1000 deep (2 KB of
+        # brackets). The frame is garbage like any other, not a failure of ours.
         raise ProtocolError("bad_json", "the frame is not a JSON object") from None
+    if isinstance(command, Hello):
+        name = normalize_name_untrusted(command.name)
+        if name is None:
+            raise ProtocolError("bad_name", BAD_NAME)
+        return Hello(name=name)
+    return command
 
 
 def history_request_untrusted(room: str, before: str | None, limit: str) -> HistoryRequest:
@@ -136,9 +151,9 @@ def _refusal(exc: msgspec.ValidationError) -> ProtocolError:
     return ProtocolError(_FIELD_CODES.get(path, "bad_field"), detail)
 
 
-def is_valid_name(name: str) -> bool:
-    """Whether ``name`` follows the nickname rule (used for ``?name=`` in URLs)."""
-    return _NAME_RE.match(name) is not None
+def is_valid_client_id(client_id: str) -> bool:
+    """Whether ``client_id`` (from ``?client_id=``) follows `CLIENT_ID_PATTERN`."""
+    return _CLIENT_ID_RE.fullmatch(client_id) is not None
 
 
 # --- server to client -------------------------------------------------------------------

@@ -13,14 +13,19 @@ lag: past the backlog bound the client is closed as slow, as the transport would
 
 from __future__ import annotations
 
+import hashlib
 import logging
-import time
+import secrets
 import urllib.parse
 from typing import TYPE_CHECKING, Final, Protocol
 
+import trio
+
 from ._errors import ProtocolError, StoreError
 from ._hub import Outgoing
+from ._names import normalize_name_untrusted
 from ._protocol import (
+    BAD_NAME,
     ErrorEvent,
     Event,
     Hello,
@@ -40,7 +45,7 @@ from ._protocol import (
     Welcome,
     decode_command_untrusted,
     encode_event,
-    is_valid_name,
+    is_valid_client_id,
     store_unavailable,
 )
 
@@ -57,6 +62,9 @@ CLOSE_SLOW: Final = 4008
 # A join's replay goes out in frames of about this size, each encoded once the socket
 # has drained: the connection holds one frame of it at a time, not the whole replay.
 _REPLAY_FRAME: Final = 32 * 1024
+#: Seconds between two INFO lines about one client's refused frames; the others are
+#: DEBUG (and all are counted in /metrics), so a client cannot fill the disk via our log.
+REFUSAL_LOG_INTERVAL: Final = 60.0
 
 
 class Transport(Protocol):
@@ -100,20 +108,27 @@ def origin_allowed(origin: str | None, host: str, allowed: frozenset[str]) -> bo
 
 
 class _TokenBucket:
-    """``rate`` tokens a second up to ``burst``; a rate of 0 allows everything."""
+    """``rate`` tokens a second up to ``burst``; a rate of 0 allows everything.
 
-    __slots__ = ("burst", "rate", "stamp", "tokens")
+    Args:
+      rate: tokens added per second of ``clock``.
+      burst: the most tokens held (and the count at start).
+      clock: seconds, monotonic (the session passes trio's, so tests can mock it).
+    """
 
-    def __init__(self, rate: float, burst: int) -> None:
+    __slots__ = ("burst", "clock", "rate", "stamp", "tokens")
+
+    def __init__(self, rate: float, burst: int, clock: Callable[[], float]) -> None:
         self.rate = rate
         self.burst = float(burst)
         self.tokens = float(burst)
-        self.stamp = time.monotonic()
+        self.clock = clock
+        self.stamp = clock()
 
     def take(self) -> bool:
         if self.rate == 0:
             return True
-        now = time.monotonic()
+        now = self.clock()
         self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
         self.stamp = now
         if self.tokens >= 1:
@@ -129,17 +144,32 @@ class Session:
       node: the node the client is connected to.
       transport: the client's outbound path.
       name: the nickname it asked for (``?name=``), or None for a guest name.
+      client_id: the client's retry secret (``?client_id=``), or None: then its cids
+        dedupe only within this connection.
     """
 
-    def __init__(self, node: Node, transport: Transport, name: str | None) -> None:
+    def __init__(
+        self, node: Node, transport: Transport, name: str | None, client_id: str | None = None
+    ) -> None:
         self.node = node
         self.transport = transport
-        self._bad_name = name is not None and not is_valid_name(name)
-        self.requested_name = name if name is not None and not self._bad_name else "guest"
-        self.name = node.claim_name(self.requested_name)
+        normalized = None if name is None else normalize_name_untrusted(name)
+        self._bad_name = name is not None and normalized is None
+        self.name = node.claim_name(normalized or "guest")
+        self._bad_client_id = client_id is not None and not is_valid_client_id(client_id)
+        #: Whose retries a cid dedupes against: the client's secret, never a name
+        #: (anyone can ask for a name). Without one, this connection alone.
+        if client_id is None or self._bad_client_id:
+            client_id = secrets.token_urlsafe(16)
+        self._retry_secret = client_id
         self._settings = node.settings
-        self._bucket = _TokenBucket(self._settings.rate_limit, self._settings.rate_burst)
+        self._bucket = _TokenBucket(
+            self._settings.rate_limit, self._settings.rate_burst, trio.current_time
+        )
         self._strikes = 0
+        #: When a refusal of this client was last logged at INFO, and how many since.
+        self._refusal_logged_at: float | None = None
+        self._refusals_unlogged = 0
         #: Rooms being joined: live broadcasts wait here until history is sent.
         self._held: dict[str, list[Outgoing]] = {}
         self._held_bytes = 0
@@ -190,6 +220,14 @@ class Session:
             return out
         return Outgoing(out.room, events) if events else None
 
+    def retry_key(self, cid: str) -> str:
+        """The store's dedupe key for this client's ``cid``.
+
+        A digest, so the client's secret is neither stored nor sent to peers.
+        """
+        key = f"{self._retry_secret}\0{cid}".encode()
+        return hashlib.blake2b(key, digest_size=16).hexdigest()
+
     # -- sending ------------------------------------------------------------------------
 
     def send(self, event: Event) -> None:
@@ -213,13 +251,19 @@ class Session:
         """
         self.send(Welcome(name=self.name, node=self.node.node_id))
         if self._bad_name:
-            reason = f"names are 1-32 letters, digits, '_', '.', '-'; you are {self.name}"
-            self._refuse(ProtocolError("bad_name", reason), None)
+            self._refuse(ProtocolError("bad_name", f"{BAD_NAME}; you are {self.name}"), None)
+        if self._bad_client_id:
+            reason = "client_id is 16-64 of A-Z a-z 0-9 _ -; retries dedupe per connection"
+            self._refuse(ProtocolError("bad_client_id", reason), None)
         try:
             while not self.closed:
                 command = None
                 try:
-                    command = decode_command_untrusted(await receive())
+                    frame = await receive()
+                    # Before decoding: a frame that fails to decode costs a token too, so
+                    # garbage is rate-limited (and struck out) like valid commands.
+                    self._take_token()
+                    command = decode_command_untrusted(frame)
                     await self._handle(command)
                 except ProtocolError as exc:
                     self._refuse(exc, command)
@@ -232,8 +276,23 @@ class Session:
             self.node.release(self)
 
     def _refuse(self, exc: ProtocolError, command: object) -> None:
-        log.info("%s (%s): %s: %s", self.transport.remote, self.name, exc.code, exc.message)
         self.node.count_error(exc.code)
+        now = trio.current_time()
+        last = self._refusal_logged_at
+        if last is None or now - last >= REFUSAL_LOG_INTERVAL:
+            self._refusal_logged_at = now
+            unlogged, self._refusals_unlogged = self._refusals_unlogged, 0
+            log.info(
+                "%s (%s): %s: %s%s",
+                self.transport.remote,
+                self.name,
+                exc.code,
+                exc.message,
+                f" ({unlogged} more refused at DEBUG since the last line)" if unlogged else "",
+            )
+        else:
+            self._refusals_unlogged += 1
+            log.debug("%s (%s): %s: %s", self.transport.remote, self.name, exc.code, exc.message)
         self.send(
             ErrorEvent(
                 code=exc.code,
@@ -245,7 +304,7 @@ class Session:
         if exc.close_code is not None:
             self.close(exc.close_code, exc.code)
 
-    async def _handle(self, command: object) -> None:
+    def _take_token(self) -> None:
         if not self._bucket.take():
             self._strikes += 1
             if self._strikes >= self._settings.rate_strikes:
@@ -257,6 +316,8 @@ class Session:
                 f"at most {self._settings.rate_limit:g} frames a second; this one was dropped",
             )
         self._strikes = 0
+
+    async def _handle(self, command: object) -> None:
         match command:
             case Send():
                 await self._send(command)

@@ -9,7 +9,8 @@
 //   - On (re)connect every joined room is joined again with `since` = the last id seen in
 //     it: the server replays what we missed, then live messages follow.
 //   - Sends carry a client id (cid) and stay in `outbox` (also in sessionStorage) until acked;
-//     they are re-sent after a reconnect and the server stores a cid only once.
+//     they are re-sent after a reconnect and the server stores a cid only once per
+//     `client_id`: a random secret sent as ?client_id=, kept per tab like the outbox.
 //   - A send or join refused with `store_unavailable` (the server's disk failed) is tried
 //     again after a backoff, on the same socket.
 //   - User text only ever reaches the page through textContent, never innerHTML.
@@ -100,6 +101,16 @@
   let storeRefusals = 0; // consecutive store_unavailable errors, for the backoff
   let storeRetryTimer = null;
   const cidPrefix = "c-" + Math.random().toString(36).slice(2, 10) + "-" + Date.now().toString(36);
+  // The server dedupes retried cids per client_id, never per name (anyone can ask for a
+  // name). It lives as long as the outbox it protects: per tab, across reloads.
+  const CLIENT_ID_RE = /^[A-Za-z0-9_-]{16,64}$/; // the server's rule (CLIENT_ID_PATTERN)
+  let clientId = tabStore.get("clientId", "");
+  if (typeof clientId !== "string" || !CLIENT_ID_RE.test(clientId)) {
+    const bytes = new Uint8Array(16);
+    crypto.getRandomValues(bytes);
+    clientId = btoa(String.fromCharCode(...bytes)).replace(/\+/g, "-").replace(/\//g, "_").replace(/=+$/, "");
+    tabStore.set("clientId", clientId);
+  }
 
   // ---------------------------------------------------------------- rooms & rendering
 
@@ -451,7 +462,10 @@
       list.push({ url: wsUrl(config.ws_url), kind: "chat" });
     }
     list.push({ url: wsUrl((config && config.fallback_ws_url) || "/ws"), kind: "fallback" });
-    for (const c of list) c.url.searchParams.set("name", name);
+    for (const c of list) {
+      c.url.searchParams.set("name", name);
+      c.url.searchParams.set("client_id", clientId);
+    }
     return list;
   }
 
