@@ -13,6 +13,7 @@ from trio_chat import ProtocolError
 from trio_chat._names import (
     NAME_PATTERN,
     is_invisible,
+    name_keys,
     normalize_name_untrusted,
     prototypes,
     skeleton,
@@ -106,9 +107,18 @@ def test_names_that_look_alike_have_one_skeleton(one: str, other: str) -> None:
     assert skeleton(one) == skeleton(other)
 
 
+@pytest.mark.parametrize(
+    ("one", "other"),
+    [("alice", "Alice"), ("alice", "ALICE"), ("alice", "\u0410lice"), ("lion", "Iion")],
+)
+def test_names_that_differ_only_in_case_are_taken_too(one: str, other: str) -> None:
+    assert not name_keys(one).isdisjoint(name_keys(other))
+
+
 @pytest.mark.parametrize(("one", "other"), [("alice", "bob"), ("alice", "alice2"), ("al", "a1i")])
 def test_different_names_have_different_skeletons(one: str, other: str) -> None:
     assert skeleton(one) != skeleton(other)
+    assert name_keys(one).isdisjoint(name_keys(other))
 
 
 def test_the_confusables_table_maps_sources_to_prototypes() -> None:

@@ -27,7 +27,7 @@ from ._errors import ConfigError, StoreError
 from ._identity import create_once
 from ._link import ClusterLink, LinkConfig
 from ._link_events import Delivered, Gap, PeerDown, PeerStatus, PeerUp
-from ._names import skeleton
+from ._names import name_keys
 from ._protocol import Presence, TypingEvent
 from ._store import Message
 
@@ -237,7 +237,7 @@ class Cluster:
         is then a set lookup, not a pass over every remote name.
         """
         if self._skeletons is None:
-            self._skeletons = frozenset(skeleton(name) for name in self.names())
+            self._skeletons = frozenset(key for name in self.names() for key in name_keys(name))
         return self._skeletons
 
     # -- in -----------------------------------------------------------------------------

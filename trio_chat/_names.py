@@ -110,3 +110,14 @@ def skeleton(name: str) -> str:
     table = prototypes()
     mapped = "".join(table.get(c, c) for c in unicodedata.normalize("NFD", name))
     return unicodedata.normalize("NFD", mapped)
+
+
+def name_keys(name: str) -> frozenset[str]:
+    """What a name in use holds: another name sharing any of these is taken.
+
+    Its UTS #39 skeleton, and the skeleton of its case fold: skeletons keep case, but
+    ``Alice`` beside ``alice`` is the same impersonation as ``alice`` with a Cyrillic ``a``. Folding before
+    the skeleton alone would lose pairs the skeleton matches only in their own case
+    (``Iion`` and ``lion``), so a name holds both.
+    """
+    return frozenset((skeleton(name), skeleton(name.casefold())))

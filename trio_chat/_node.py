@@ -36,7 +36,7 @@ from ._cluster import Cluster
 from ._errors import ProtocolError, StoreError
 from ._hub import Hub
 from ._ids import IdClock
-from ._names import prototypes, skeleton
+from ._names import name_keys, prototypes
 from ._protocol import Ack, Presence, store_unavailable
 from ._store import MemoryStore, Message, SqliteStore, Store
 from ._websocket import CLOSE_GOING_AWAY, WebSocketServer
@@ -111,7 +111,7 @@ class Node:
         self.cluster = Cluster(self, link) if link is not None else None
         self.ids = IdClock(node_id)
         self.sessions: set[Session] = set()
-        #: Confusable skeletons of the names of this node's sessions (one each).
+        #: The `name_keys` of the names of this node's sessions.
         self._skeletons: set[str] = set()
         # Unicode's confusables take ~75 ms to load: now, not in the first client's turn.
         prototypes()
@@ -144,7 +144,7 @@ class Node:
     def claim_name(self, wanted: str) -> str:
         """Reserve ``wanted``, or ``wanted-2``, ``wanted-3``… if it is taken.
 
-        Taken: a name in use has the same confusable skeleton (``alice`` spelt with a
+        Taken: a name in use has the same confusable skeleton, case aside (``alice`` spelt with a
         Cyrillic ``a``, U+0430, is ``alice``), on this node or in a room on a peer
         (`Cluster.name_skeletons`). Two nodes granting one name at the same instant both
         keep it (docs/protocol.md).
@@ -154,14 +154,16 @@ class Node:
         """
         remote = frozenset() if self.cluster is None else self.cluster.name_skeletons()
         name, n = wanted, 1
-        while skeleton(name) in self._skeletons or skeleton(name) in remote:
+        while not (
+            name_keys(name).isdisjoint(self._skeletons) and name_keys(name).isdisjoint(remote)
+        ):
             n += 1
             name = f"{wanted[:28]}-{n}"
-        self._skeletons.add(skeleton(name))
+        self._skeletons.update(name_keys(name))
         return name
 
     def rename(self, session: Session, wanted: str) -> None:
-        self._skeletons.discard(skeleton(session.name))
+        self._skeletons.difference_update(name_keys(session.name))
         session.name = self.claim_name(wanted)
 
     # -- rooms and presence -------------------------------------------------------------
@@ -223,7 +225,7 @@ class Node:
         for room in self.hub.rooms_of(session):
             self.leave(room, session)
         self.sessions.discard(session)
-        self._skeletons.discard(skeleton(session.name))
+        self._skeletons.difference_update(name_keys(session.name))
 
     # -- messages -----------------------------------------------------------------------
 
