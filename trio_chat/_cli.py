@@ -67,7 +67,9 @@ def main(argv: list[str] | None = None) -> int:
         default="127.0.0.1:8000",
         help="page and HTTP API address (default 127.0.0.1:8000)",
     )
-    serve.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    serve.add_argument(
+        "--workers", type=int, default=1, help="worker processes, restarted if they die (default 1)"
+    )
     for flag, _, help_text in _SETTING_FLAGS:
         serve.add_argument(flag, help=help_text)
 

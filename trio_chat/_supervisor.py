@@ -1,10 +1,10 @@
 """Running nodes: one in this process, or N worker processes kept alive by a supervisor.
 
 Hypercorn's own supervisor (``hypercorn --workers N``, ``hypercorn/run.py``) ends as
-soon as one worker exits: it sets the shared shutdown event, terminates the others and
-returns that worker's exit code, which it then overwrites with 0 when it joins the
-emptied process list a second time. A ``kill -9`` or an OOM kill of one worker is a
-full outage that looks like a clean stop. `Supervisor` works like gunicorn's arbiter
+soon as one worker exits: it sets the shared shutdown event and terminates the others,
+then reads the exit codes a second time before they have exited, and that reading (0)
+replaces the dead worker's. A ``kill -9`` or an OOM kill of one worker is a full outage
+that exits 0, like a clean stop. `Supervisor` works like gunicorn's arbiter
 and Node's cluster module instead: it binds the HTTP socket once, starts the workers,
 and restarts a worker that dies while the others serve on. The chat socket needs no
 sharing: every worker binds it itself with ``SO_REUSEPORT``.
@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import functools
 import logging
 import multiprocessing
 import os
 import signal
 import sys
+import time
+from multiprocessing.connection import wait
 from typing import TYPE_CHECKING, Final
 
 import trio
@@ -64,43 +65,29 @@ def run_node(config: Config, sockets: Sockets | None, signals: tuple[int, ...]) 
     """
     from hypercorn.utils import LifespanFailureError
 
-    started = False
-
-    async def serve() -> None:
-        nonlocal started
-        async with trio.open_nursery() as nursery:
-            await nursery.start(_serve_node, config, sockets, signals)
-            started = True
-
     failure = None
     try:
-        trio.run(serve)
+        trio.run(_serve_node, config, sockets, signals)
     except* LifespanFailureError as group:
         failure = group.exceptions[0]
     if failure is None:
         return 0
-    if started:
-        print(f"trio-chat: the node failed while serving: {failure}", file=sys.stderr)
-        return 1
-    print(f"trio-chat: could not start: {failure}", file=sys.stderr)
-    return START_FAILED
+    # Hypercorn keeps the stage only in the text: LifespanFailureError(stage, message).
+    # (Its worker reports itself started even then: the lifespan's end sets "started".)
+    if str(failure).startswith("Lifespan failure in startup"):
+        print(f"trio-chat: could not start: {failure}", file=sys.stderr)
+        return START_FAILED
+    print(f"trio-chat: the node failed while serving: {failure}", file=sys.stderr)
+    return 1
 
 
-async def _serve_node(
-    config: Config,
-    sockets: Sockets | None,
-    signals: tuple[int, ...],
-    *,
-    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
-) -> None:
+async def _serve_node(config: Config, sockets: Sockets | None, signals: tuple[int, ...]) -> None:
     """Hypercorn's trio worker around our `ChatApp`, stopped by our own signal handler.
 
-    Hypercorn's supervisor hides a worker that failed to start and its shutdown reaches
-    the app only after it has cut the ``/ws`` connections. Here a failure to start
-    raises, and a signal first closes every client of both sockets with 1001, then stops
-    hypercorn. The signal receiver stays open until hypercorn is done, so a second
-    signal (a service manager signals the whole group, and the supervisor forwards its
-    own) cannot kill the worker halfway through closing.
+    A signal first closes every client of both sockets with 1001 (hypercorn's own
+    shutdown reaches the app only after it has cut ``/ws``), then stops hypercorn. The
+    receiver stays open until hypercorn is done: a second signal (a service manager
+    signals the whole group) cannot kill the worker halfway through closing.
     """
     from hypercorn.trio.run import worker_serve
     from hypercorn.utils import wrap_app
@@ -112,11 +99,7 @@ async def _serve_node(
 
     async def shutdown_trigger() -> None:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(
-                functools.partial(_first_signal, what="closing every client with 1001"),
-                received,
-                nursery.cancel_scope,
-            )
+            nursery.start_soon(_first_signal, received, nursery.cancel_scope)
             if parent is not None:
                 # An orphaned worker would hold the ports of the supervisor that replaces it.
                 nursery.start_soon(_orphaned, parent, nursery.cancel_scope)
@@ -129,13 +112,12 @@ async def _serve_node(
             config,
             sockets=sockets,
             shutdown_trigger=shutdown_trigger,
-            task_status=task_status,
         )
 
 
-async def _first_signal(received: AsyncIterator[int], done: trio.CancelScope, *, what: str) -> None:
+async def _first_signal(received: AsyncIterator[int], done: trio.CancelScope) -> None:
     async for signum in received:
-        log.info("%s: %s", signal.Signals(signum).name, what)
+        log.info("%s: closing every client with 1001", signal.Signals(signum).name)
         break
     done.cancel()
 
@@ -156,20 +138,19 @@ async def _orphaned(parent: int, done: trio.CancelScope) -> None:
     done.cancel()
 
 
-def _worker_main(config: Config, sockets: Sockets) -> None:
-    """A worker process (spawned: a fresh interpreter, nothing inherited but ``sockets``)."""
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+def _worker_main(config: Config, sockets: Sockets, wakeup: tuple[int, int]) -> None:
+    """A worker process, forked from the supervisor: first undo its signal set-up."""
+    signal.set_wakeup_fd(-1)
+    for fd in wakeup:
+        os.close(fd)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     # A terminal's Ctrl-C reaches the supervisor and every worker: the supervisor alone
     # decides, and forwards SIGTERM.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    for sock in sockets.insecure_sockets + sockets.secure_sockets:
-        sock.listen(config.backlog)
     sys.exit(run_node(config, sockets, (signal.SIGTERM,)))
 
 
-def describe_exit(exitcode: int | None) -> str:
+def _describe_exit(exitcode: int | None) -> str:
     if exitcode is not None and exitcode < 0:
         return f"killed by {signal.Signals(-exitcode).name}"
     return f"exited with status {exitcode}"
@@ -180,10 +161,20 @@ class _Worker:
     index: int
     process: BaseProcess
     started_at: float
+    #: Its slot's first worker: one that cannot start means a restart would fail too.
+    first: bool
+    #: How long to wait before restarting it if it dies.
+    delay: float
 
 
 class Supervisor:
     """Keeps ``count`` worker processes serving on the sockets of ``config``.
+
+    Workers are forked from this process (which runs no trio and no thread), with the
+    app already imported: a restart costs a fork and the node's start, ~0.1 s, where a
+    spawned interpreter spends 1-4 s importing. They are its own children, so their
+    exit status comes from ``waitpid``; a fork server in between would, when a service
+    manager signals the process group, die first and report every worker dead.
 
     Args:
       config: hypercorn's configuration; its sockets are bound once, here.
@@ -193,10 +184,11 @@ class Supervisor:
     def __init__(self, config: Config, count: int) -> None:
         self._config = config
         self._count = count
-        self._context = multiprocessing.get_context("spawn")
+        self._context = multiprocessing.get_context("fork")
         self._workers: dict[int, _Worker] = {}
+        #: Slots waiting for a restart: when, and the delay to use after that one.
+        self._restarts: dict[int, tuple[float, float]] = {}
         self._deaths: collections.deque[float] = collections.deque()
-        self._give_up = trio.Event()
         self._status = 0
 
     def run(self) -> int:
@@ -204,81 +196,103 @@ class Supervisor:
         try:
             sockets = self._config.create_sockets()
         except OSError as exc:
-            print(f"trio-chat: cannot bind {self._config.bind}: {exc}", file=sys.stderr)
+            print(f"trio-chat: cannot bind {', '.join(self._config.bind)}: {exc}", file=sys.stderr)
             return START_FAILED
+        listeners = sockets.insecure_sockets + sockets.secure_sockets
+        for sock in listeners:
+            # Listening here, once: connections queue even while no worker is up.
+            sock.listen(self._config.backlog)
+        # A signal's number goes down the pipe (its handler does nothing), which wakes the loop.
+        wakeup = os.pipe()
+        os.set_blocking(wakeup[1], False)
+        handlers = {
+            sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGTERM, signal.SIGINT)
+        }
+        previous_fd = signal.set_wakeup_fd(wakeup[1])
         try:
-            return trio.run(self._supervise, sockets)
+            for index in range(self._count):
+                self._start(index, sockets, wakeup, _FIRST_DELAY, first=True)
+            self._supervise(sockets, wakeup)
+            self._stop_workers()
         finally:
-            for sock in sockets.insecure_sockets + sockets.secure_sockets:
+            signal.set_wakeup_fd(previous_fd)
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
+            for fd in wakeup:
+                os.close(fd)
+            for sock in listeners:
                 sock.close()
-
-    async def _supervise(self, sockets: Sockets) -> int:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as received:
-            async with trio.open_nursery() as nursery:
-                for index in range(self._count):
-                    nursery.start_soon(self._keep_alive, index, sockets)
-                nursery.start_soon(
-                    functools.partial(_first_signal, what="stopping the workers"),
-                    received,
-                    nursery.cancel_scope,
-                )
-                await self._give_up.wait()
-                nursery.cancel_scope.cancel()
-            # Later signals land in ``received``, unread: stopping is under way.
-            await self._stop_workers()
         return self._status
 
-    async def _keep_alive(self, index: int, sockets: Sockets) -> None:
-        """Run worker ``index``; restart it with backoff each time it dies."""
-        delay = _FIRST_DELAY
-        first = True
-        while True:
-            process = self._context.Process(
-                target=_worker_main, args=(self._config, sockets), name=f"trio-chat worker {index}"
-            )
-            process.start()
-            worker = _Worker(index, process, trio.current_time())
-            self._workers[index] = worker
-            log.info("worker %d started (pid %d)", index, process.pid)
-            await trio.lowlevel.wait_readable(process.sentinel)
-            process.join()
-            del self._workers[index]
-            uptime = trio.current_time() - worker.started_at
-            how = describe_exit(process.exitcode)
-            log.error("worker %d (pid %d) %s after %.1f s", index, process.pid, how, uptime)
-            if first and process.exitcode == START_FAILED:
-                self._stop(START_FAILED, f"worker {index} could not start: stopping")
-                return
-            now = trio.current_time()
-            self._deaths.append(now)
-            while self._deaths[0] < now - _CRASH_WINDOW:
-                self._deaths.popleft()
-            if len(self._deaths) > _CRASH_LIMIT:
-                deaths = len(self._deaths)
-                self._stop(1, f"{deaths} worker deaths within {_CRASH_WINDOW:.0f} s: stopping")
-                return
-            if uptime >= _STABLE:
-                delay = _FIRST_DELAY
-            log.warning("restarting worker %d in %.1f s", index, delay)
-            await trio.sleep(delay)
-            delay = min(delay * 2, _MAX_DELAY)
-            first = False
+    def _start(
+        self, index: int, sockets: Sockets, wakeup: tuple[int, int], delay: float, *, first: bool
+    ) -> None:
+        process = self._context.Process(
+            target=_worker_main, args=(self._config, sockets, wakeup), name=f"worker {index}"
+        )
+        process.start()
+        self._workers[index] = _Worker(index, process, time.monotonic(), first, delay)
+        log.info("worker %d started (pid %d)", index, process.pid)
 
-    def _stop(self, status: int, reason: str) -> None:
-        log.critical(reason)
+    def _supervise(self, sockets: Sockets, wakeup: tuple[int, int]) -> None:
+        """Restart workers as they die, until a signal or a crash loop."""
+        while True:
+            now = time.monotonic()
+            for index, (when, delay) in list(self._restarts.items()):
+                if when <= now:
+                    del self._restarts[index]
+                    self._start(index, sockets, wakeup, delay, first=False)
+            next_restart = min((when for when, _ in self._restarts.values()), default=None)
+            timeout = None if next_restart is None else max(0.0, next_restart - now)
+            sentinels = {w.process.sentinel: w for w in self._workers.values()}
+            ready = wait([wakeup[0], *sentinels], timeout)
+            if wakeup[0] in ready:
+                signum = os.read(wakeup[0], 1)[0]
+                log.info("%s: stopping the workers", signal.Signals(signum).name)
+                return
+            for sentinel, worker in sentinels.items():
+                if sentinel in ready and not self._restart_later(worker):
+                    return
+
+    def _restart_later(self, worker: _Worker) -> bool:
+        """Log a worker's death and schedule its restart; False if it is time to give up."""
+        process = worker.process
+        process.join()
+        del self._workers[worker.index]
+        now = time.monotonic()
+        uptime = now - worker.started_at
+        how = _describe_exit(process.exitcode)
+        log.error("worker %d (pid %d) %s after %.1f s", worker.index, process.pid, how, uptime)
+        if worker.first and process.exitcode == START_FAILED:
+            self._give_up(START_FAILED, f"worker {worker.index} could not start: stopping")
+            return False
+        self._deaths.append(now)
+        while self._deaths[0] < now - _CRASH_WINDOW:
+            self._deaths.popleft()
+        if len(self._deaths) > _CRASH_LIMIT:
+            deaths = len(self._deaths)
+            self._give_up(1, f"{deaths} worker deaths within {_CRASH_WINDOW:.0f} s: stopping")
+            return False
+        delay = _FIRST_DELAY if uptime >= _STABLE else worker.delay
+        log.warning("restarting worker %d in %.1f s", worker.index, delay)
+        self._restarts[worker.index] = (now + delay, min(delay * 2, _MAX_DELAY))
+        return True
+
+    def _give_up(self, status: int, reason: str) -> None:
         print(f"trio-chat: {reason}", file=sys.stderr)
         self._status = status
-        self._give_up.set()
 
-    async def _stop_workers(self) -> None:
+    def _stop_workers(self) -> None:
         """SIGTERM every worker, wait for them (bounded), then kill what is left."""
         running = list(self._workers.values())
         for worker in running:
             worker.process.terminate()
-        with trio.move_on_after(_STOP_WAIT):
-            while running:
-                await trio.lowlevel.wait_readable(running[0].process.sentinel)
-                if not _stopped_cleanly(running.pop(0)):
+        deadline = time.monotonic() + _STOP_WAIT
+        while running and (left := deadline - time.monotonic()) > 0:
+            ready = wait([w.process.sentinel for w in running], left)
+            for worker in [w for w in running if w.process.sentinel in ready]:
+                running.remove(worker)
+                if not _stopped_cleanly(worker):
                     self._status = self._status or 1
         for worker in running:
             log.error(
@@ -295,5 +309,5 @@ def _stopped_cleanly(worker: _Worker) -> bool:
     # Our own SIGTERM kills a worker still starting: it has no handler yet.
     if worker.process.exitcode in (0, -signal.SIGTERM):
         return True
-    log.error("worker %d stopped badly: %s", worker.index, describe_exit(worker.process.exitcode))
+    log.error("worker %d stopped badly: %s", worker.index, _describe_exit(worker.process.exitcode))
     return False
