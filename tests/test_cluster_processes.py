@@ -291,17 +291,17 @@ async def test_cluster_check_lists_the_running_peers(tmp_path: Path) -> None:
         await server.stop()
 
 
-async def history_texts(server: ChatServer, room: str) -> list[str]:
-    """Every message text of ``room`` in the store, oldest first (through the HTTP API)."""
-    texts: list[str] = []
+async def history(server: ChatServer, room: str) -> list[tuple[str, str]]:
+    """Every message of ``room`` in the store as (text, id), oldest first (HTTP API)."""
+    found: list[tuple[str, str]] = []
     before = ""
     while True:
         status, body = await server.get(f"/api/rooms/{room}/messages?limit=200{before}")
         assert status == 200, status
         page = json.loads(body)
-        texts[:0] = [m["text"] for m in page["messages"]]
+        found[:0] = [(m["text"], m["id"]) for m in page["messages"]]
         if not page["more"]:
-            return texts
+            return found
         before = f"&before={page['messages'][0]['id']}"
 
 
@@ -423,9 +423,8 @@ async def test_kill_9_of_one_worker_the_others_serve_on(tmp_path: Path) -> None:
                 victim_node = victim.member.node
                 killed_pid = pids[victim_node]
                 os.kill(killed_pid, signal.SIGKILL)
-                killed_at = time.monotonic()
                 with trio.fail_after(RESTART_LIMIT):
-                    while not 0 < pids.get(victim_node, 0) != killed_pid:
+                    while pids.get(victim_node, killed_pid) == killed_pid:
                         await trio.sleep(0.05)  # poll interval: no event for another process
                         pids = worker_pids(server.proc.pid, server.data_dir)
                     # Serving again: a new client lands on it, under the same node id.
@@ -434,22 +433,21 @@ async def test_kill_9_of_one_worker_the_others_serve_on(tmp_path: Path) -> None:
                         if member.node == victim_node:
                             break
                         await member.close()
-                back_after = time.monotonic() - killed_at
                 # Chat on across the restart a little longer before stopping.
                 for chatter in chatters:
                     await chatter.wait_acked(len(chatter.acked) + 10)
                 stop.set()
 
             assert not health_failures, health_failures
-            assert back_after < RESTART_LIMIT, back_after
             assert len(victim.connections) == 2, "the killed worker's client reconnected once"
             for chatter in others:
                 assert chatter.connections == [chatter.connections[0]], "no reconnect"
                 assert not chatter.member.disconnected
             acked = {text: i for c in chatters for text, i in c.acked.items()}
-            stored = await history_texts(server, ROOM)
-            assert not [t for t in acked if t not in stored], "acked messages are missing"
-            assert len(stored) == len(set(stored)), "a retried send was stored twice"
+            stored = await history(server, ROOM)
+            assert not set(acked.items()) - set(stored), "acked messages are missing"
+            texts = [text for text, _ in stored]
+            assert len(texts) == len(set(texts)), "a retried send was stored twice"
             # The killed worker's client resumed: it has seen everything after its resume
             # point, live or replayed. (A message from another node with an id below that
             # point, still on its way when the worker died, is in history but not
