@@ -7,11 +7,8 @@ replaces the dead worker's. A ``kill -9`` or an OOM kill of one worker is a full
 that exits 0, like a clean stop. `Supervisor` works like gunicorn's arbiter
 and Node's cluster module instead: it binds the HTTP socket once, starts the workers,
 and restarts a worker that dies while the others serve on. The chat socket needs no
-sharing: every worker binds it itself with ``SO_REUSEPORT``.
-
-Exit status, of a worker and of ``trio-chat serve``: 0 after a requested stop, 1 when a
-node failed while serving (or the supervisor gave up), `START_FAILED` when a node could
-not start.
+sharing: every worker binds it itself with ``SO_REUSEPORT``. Exit status: 0 after a
+requested stop, 1 for a node that failed or a crash loop, `START_FAILED`.
 """
 
 from __future__ import annotations
@@ -95,6 +92,7 @@ async def _serve_node(config: Config, sockets: Sockets | None, signals: tuple[in
     from ._app import ChatApp
 
     app = ChatApp()
+    # Sockets come from a supervisor: this is one of its workers.
     parent = os.getppid() if sockets is not None else None
 
     async def shutdown_trigger() -> None:
@@ -107,6 +105,7 @@ async def _serve_node(config: Config, sockets: Sockets | None, signals: tuple[in
             await app.node.shutdown()
 
     with trio.open_signal_receiver(*signals) as received:
+        # ChatApp is typed with plain dicts for scopes and messages, hypercorn with TypedDicts.
         await worker_serve(
             wrap_app(app, config.wsgi_max_body_size, "asgi"),  # type: ignore[arg-type]
             config,
@@ -170,11 +169,9 @@ class _Worker:
 class Supervisor:
     """Keeps ``count`` worker processes serving on the sockets of ``config``.
 
-    Workers are forked from this process (which runs no trio and no thread), with the
-    app already imported: a restart costs a fork and the node's start, ~0.1 s, where a
-    spawned interpreter spends 1-4 s importing. They are its own children, so their
-    exit status comes from ``waitpid``; a fork server in between would, when a service
-    manager signals the process group, die first and report every worker dead.
+    Workers are forked from this process (which runs no trio and no thread) with the
+    app imported: a restart takes ~0.1 s, not seconds of imports, and exit statuses
+    come from ``waitpid`` (docs/architecture.md, "The supervisor").
 
     Args:
       config: hypercorn's configuration; its sockets are bound once, here.
@@ -292,7 +289,11 @@ class Supervisor:
             ready = wait([w.process.sentinel for w in running], left)
             for worker in [w for w in running if w.process.sentinel in ready]:
                 running.remove(worker)
-                if not _stopped_cleanly(worker):
+                worker.process.join()
+                # Our own SIGTERM kills a worker still starting: it has no handler yet.
+                if worker.process.exitcode not in (0, -signal.SIGTERM):
+                    how = _describe_exit(worker.process.exitcode)
+                    log.error("worker %d stopped badly: %s", worker.index, how)
                     self._status = self._status or 1
         for worker in running:
             log.error(
@@ -302,12 +303,3 @@ class Supervisor:
             worker.process.join()
             self._status = self._status or 1
         log.info("all workers stopped")
-
-
-def _stopped_cleanly(worker: _Worker) -> bool:
-    worker.process.join()
-    # Our own SIGTERM kills a worker still starting: it has no handler yet.
-    if worker.process.exitcode in (0, -signal.SIGTERM):
-        return True
-    log.error("worker %d stopped badly: %s", worker.index, _describe_exit(worker.process.exitcode))
-    return False
