@@ -382,6 +382,44 @@ async def test_chat_socket_port_in_use_stops_the_server(
         assert "restarting" not in log, log
 
 
+# A node task with a bug that strikes a second after the node started (injected into the
+# hub of a real ``trio-chat serve`` process): nothing a client sends can do it any more.
+BUGGY_HUB: Final = """
+import sys, trio
+from trio_chat import _cli, _hub
+hub_run = _hub.Hub.run
+async def buggy_run(self, *, task_status=trio.TASK_STATUS_IGNORED):
+    async with trio.open_nursery() as nursery:
+        await nursery.start(hub_run, self)
+        task_status.started()
+        await trio.sleep(1)
+        raise RuntimeError("a bug in the hub")
+_hub.Hub.run = buggy_run
+sys.exit(_cli.main(sys.argv[1:]))
+"""
+
+
+async def test_a_node_that_fails_after_start_exits_non_zero(tmp_path: Path) -> None:
+    """A single worker whose node fails while serving exits 1 (a service manager's
+    ``Restart=on-failure`` then restarts it), with a message saying so."""
+    env = {
+        **os.environ,
+        "TRIO_CHAT_DATA_DIR": str(tmp_path / "data"),
+        "TRIO_CHAT_WS_BIND": f"127.0.0.1:{free_port()}",
+        "TRIO_CHAT_CLUSTER": "off",
+    }
+    args = [sys.executable, "-c", BUGGY_HUB, "serve", "--bind", f"127.0.0.1:{free_port()}"]
+    with trio.fail_after(REFUSE_TIMEOUT):
+        result = await trio.run_process(
+            args, env=env, capture_stdout=True, capture_stderr=True, check=False
+        )
+    stderr = result.stderr.decode()
+    assert result.returncode == 1, stderr
+    assert "ready; chat socket on port" in stderr, stderr
+    assert "trio-chat: the node failed while serving:" in stderr, stderr
+    assert "a bug in the hub" in stderr, stderr
+
+
 # The supervisor gives up after more than 5 worker deaths within 60 s; restarts wait
 # 0.5 s, then 1 s, so two workers reach 6 deaths in about 2 s.
 CRASH_LOOP_TIMEOUT: Final = 20.0
