@@ -146,6 +146,7 @@ class ChatServer:
       http_port, ws_port: their ports; kept across restarts.
       env: ``TRIO_CHAT_*`` settings (cluster mode, port, secret...).
       workers: hypercorn's ``--workers``.
+      cli: run ``trio-chat serve`` (our supervisor) instead of ``hypercorn``.
       netns: the network namespace to run in, or None for this one.
     """
 
@@ -159,6 +160,7 @@ class ChatServer:
         ws_port: int,
         env: Mapping[str, str],
         workers: int = 1,
+        cli: bool = False,
         netns: str | None = None,
     ) -> None:
         self.data_dir = data_dir
@@ -167,6 +169,7 @@ class ChatServer:
         self.http_port = http_port
         self.ws_port = ws_port
         self.workers = workers
+        self.cli = cli
         self.netns = netns
         self.env = {
             **os.environ,
@@ -185,7 +188,10 @@ class ChatServer:
 
     async def start(self) -> None:
         """Start the process (do not wait for it: see `wait_ready`)."""
-        args = [str(BIN / "hypercorn"), "trio_chat:app", "--worker-class", "trio"]
+        if self.cli:
+            args = [str(BIN / "trio-chat"), "serve"]
+        else:
+            args = [str(BIN / "hypercorn"), "trio_chat:app", "--worker-class", "trio"]
         args += ["--workers", str(self.workers), "--bind", f"{self.host}:{self.http_port}"]
         if self.netns is not None:
             args = ["ip", "netns", "exec", self.netns, *args]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 import pytest
 import trio
 
@@ -118,3 +120,21 @@ def log_tail(path: Path, size: int = 6000) -> str:
         return path.read_text(errors="replace")[-size:]
     except OSError:
         return "(no log)"
+
+
+def worker_pids(supervisor: int, data_dir: Path) -> dict[str, int]:
+    """Node id -> pid of each worker under the ``trio-chat serve`` process ``supervisor``.
+
+    A worker is the descendant holding its node's slot lock (``node/slot-N.lock``).
+    """
+    host_id = (data_dir / "node" / "host-id").read_text().strip()
+    found = {}
+    for child in psutil.Process(supervisor).children():
+        try:
+            files = child.open_files()
+        except psutil.NoSuchProcess:
+            continue
+        for f in files:
+            if match := re.search(r"slot-(\d+)\.lock$", f.path):
+                found[f"{host_id}-{match.group(1)}"] = child.pid
+    return found

@@ -23,10 +23,12 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed, open_websocket_url
 
-from _server_process import kill_group, log_tail
+from trio_chat._supervisor import START_FAILED
+
+from _server_process import kill_group, log_tail, worker_pids
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Mapping
+    from collections.abc import AsyncIterator, Mapping, Sequence
 
 pytestmark = pytest.mark.slow
 
@@ -53,6 +55,7 @@ class ServerProcess:
       data_dir: the ``TRIO_CHAT_DATA_DIR``.
       log_path: where its stdout and stderr go (appended, so restarts keep one log).
       cli: start ``trio-chat serve`` instead of ``hypercorn trio_chat:app``.
+      args: more arguments for the command (``--workers 2``).
       env: more environment variables (they override the test defaults).
     """
 
@@ -62,11 +65,13 @@ class ServerProcess:
         log_path: Path,
         *,
         cli: bool = False,
+        args: Sequence[str] = (),
         env: Mapping[str, str] | None = None,
     ) -> None:
         self.data_dir = data_dir
         self.log_path = log_path
         self.cli = cli
+        self.args = list(args)
         self.extra_env = dict(env or {})
         self.proc: trio.Process | None = None
         self.http_port = 0
@@ -102,6 +107,7 @@ class ServerProcess:
         else:
             args = [str(BIN / "hypercorn"), "trio_chat:app", "--worker-class", "trio"]
             args += ["--bind", bind]
+        args += self.args
         with self.log_path.open("ab") as log:
             self.proc = await trio.lowlevel.open_process(
                 args, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
@@ -181,19 +187,24 @@ async def _close_code_of(url: str, name: str, ready: trio.Event, codes: dict[str
             codes[name] = exc.reason.code
 
 
+WORKERS: Final = ["--workers", "2"]
+
+
 @pytest.mark.parametrize(
-    ("cli", "signum"),
+    ("cli", "args", "signum"),
     [
-        pytest.param(False, signal.SIGTERM, id="hypercorn-SIGTERM"),
-        pytest.param(False, signal.SIGINT, id="hypercorn-SIGINT"),
-        pytest.param(True, signal.SIGTERM, id="trio-chat-serve-SIGTERM"),
-        pytest.param(True, signal.SIGINT, id="trio-chat-serve-SIGINT"),
+        pytest.param(False, [], signal.SIGTERM, id="hypercorn-SIGTERM"),
+        pytest.param(False, [], signal.SIGINT, id="hypercorn-SIGINT"),
+        pytest.param(True, [], signal.SIGTERM, id="trio-chat-serve-SIGTERM"),
+        pytest.param(True, [], signal.SIGINT, id="trio-chat-serve-SIGINT"),
+        pytest.param(True, WORKERS, signal.SIGTERM, id="trio-chat-serve-workers-SIGTERM"),
+        pytest.param(True, WORKERS, signal.SIGINT, id="trio-chat-serve-workers-SIGINT"),
     ],
 )
 async def test_signal_closes_clients_with_1001_and_exits(
-    tmp_path: Path, signum: int, cli: bool
+    tmp_path: Path, signum: int, cli: bool, args: list[str]
 ) -> None:
-    async with running_server(tmp_path, cli=cli) as server:
+    async with running_server(tmp_path, cli=cli, args=args) as server:
         codes: dict[str, Any] = {}
         async with trio.open_nursery() as nursery:
             for name in ("alice", "bob"):
@@ -241,10 +252,15 @@ async def test_sigterm_closes_fallback_clients_with_1001(tmp_path: Path, cli: bo
         assert elapsed < 5.0, elapsed
 
 
-async def test_sigterm_to_the_process_group_is_graceful(tmp_path: Path) -> None:
-    """What a service manager does (systemd's default KillMode=control-group): the worker
-    gets the signal too, and clients of both transports still get 1001."""
-    async with running_server(tmp_path) as server:
+@pytest.mark.parametrize(
+    ("cli", "args"), [(False, []), (True, WORKERS)], ids=["hypercorn", "trio-chat-serve-workers"]
+)
+async def test_sigterm_to_the_process_group_is_graceful(
+    tmp_path: Path, cli: bool, args: list[str]
+) -> None:
+    """What a service manager does (systemd's default KillMode=control-group): the workers
+    get the signal too, and clients of both transports still get 1001."""
+    async with running_server(tmp_path, cli=cli, args=args) as server:
         codes: dict[str, Any] = {}
         async with trio.open_nursery() as nursery:
             for name, url in (("alice", server.chat_url), ("bob", server.fallback_url)):
@@ -253,10 +269,12 @@ async def test_sigterm_to_the_process_group_is_graceful(tmp_path: Path) -> None:
                 await ready.wait()
             start = time.monotonic()
             server.signal(signal.SIGTERM, group=True)
-            await server.wait_exit()
+            returncode = await server.wait_exit()
             elapsed = time.monotonic() - start
         assert codes == {"alice": CLOSE_GOING_AWAY, "bob": CLOSE_GOING_AWAY}, server.log()
         assert elapsed < 5.0, elapsed
+        if cli:
+            assert returncode == 0, server.log()
 
 
 # (variable, value, a flag of ``trio-chat serve`` that sets it, or None)
@@ -331,14 +349,25 @@ async def test_hypercorn_refuses_bad_settings(tmp_path: Path) -> None:
                 await http.get(server.base + "/healthz")
 
 
-@pytest.mark.parametrize("cli", [False, True], ids=["hypercorn", "trio-chat-serve"])
-async def test_chat_socket_port_in_use_stops_the_server(tmp_path: Path, cli: bool) -> None:
+@pytest.mark.parametrize(
+    ("cli", "workers"),
+    [(False, 1), (True, 1), (True, 2)],
+    ids=["hypercorn", "trio-chat-serve", "trio-chat-serve-workers"],
+)
+async def test_chat_socket_port_in_use_stops_the_server(
+    tmp_path: Path, cli: bool, workers: int
+) -> None:
+    """A worker that cannot start stops the whole server at once (a restart would fail
+    the same way), with a non-zero status where hypercorn is not in the way."""
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
         env = {"TRIO_CHAT_WS_BIND": f"127.0.0.1:{port}"}
-        server = ServerProcess(tmp_path / "data", tmp_path / "server.log", cli=cli, env=env)
+        args = ["--workers", str(workers)] if workers > 1 else []
+        server = ServerProcess(
+            tmp_path / "data", tmp_path / "server.log", cli=cli, args=args, env=env
+        )
         try:
             await server.spawn()
             returncode = await server.wait_exit(REFUSE_TIMEOUT)
@@ -347,4 +376,81 @@ async def test_chat_socket_port_in_use_stops_the_server(tmp_path: Path, cli: boo
     log = server.log()
     assert "Address already in use" in log, log
     if cli:
-        assert returncode != 0, log
+        assert returncode == START_FAILED, log
+    if workers > 1:
+        assert "could not start: stopping" in log, log
+        assert "restarting" not in log, log
+
+
+# A node task with a bug that strikes a second after the node started (injected into the
+# hub of a real ``trio-chat serve`` process): nothing a client sends can do it any more.
+BUGGY_HUB: Final = """
+import sys, trio
+from trio_chat import _cli, _hub
+hub_run = _hub.Hub.run
+async def buggy_run(self, *, task_status=trio.TASK_STATUS_IGNORED):
+    async with trio.open_nursery() as nursery:
+        await nursery.start(hub_run, self)
+        task_status.started()
+        await trio.sleep(1)
+        raise RuntimeError("a bug in the hub")
+_hub.Hub.run = buggy_run
+sys.exit(_cli.main(sys.argv[1:]))
+"""
+
+
+async def test_a_node_that_fails_after_start_exits_non_zero(tmp_path: Path) -> None:
+    """A single worker whose node fails while serving exits 1 (a service manager's
+    ``Restart=on-failure`` then restarts it), with a message saying so."""
+    env = {
+        **os.environ,
+        "TRIO_CHAT_DATA_DIR": str(tmp_path / "data"),
+        "TRIO_CHAT_WS_BIND": f"127.0.0.1:{free_port()}",
+        "TRIO_CHAT_CLUSTER": "off",
+    }
+    args = [sys.executable, "-c", BUGGY_HUB, "serve", "--bind", f"127.0.0.1:{free_port()}"]
+    with trio.fail_after(REFUSE_TIMEOUT):
+        result = await trio.run_process(
+            args, env=env, capture_stdout=True, capture_stderr=True, check=False
+        )
+    stderr = result.stderr.decode()
+    assert result.returncode == 1, stderr
+    assert "ready; chat socket on port" in stderr, stderr
+    assert "trio-chat: the node failed while serving:" in stderr, stderr
+    assert "a bug in the hub" in stderr, stderr
+
+
+# The supervisor gives up after more than 5 worker deaths within 60 s; restarts wait
+# 0.5 s, then 1 s, so two workers reach 6 deaths in about 2 s.
+CRASH_LOOP_TIMEOUT: Final = 20.0
+
+
+async def test_workers_that_keep_failing_stop_the_supervisor(tmp_path: Path) -> None:
+    """A crash loop ends with a non-zero status and a clear message, not restarts forever.
+
+    The history database is corrupted under two running workers (they keep the files
+    they have open), then both are killed: every restart fails to open it.
+    """
+    async with running_server(tmp_path, cli=True, args=["--workers", "2"]) as server:
+        assert server.proc is not None
+        pids = worker_pids(server.proc.pid, server.data_dir)
+        assert len(pids) == 2, pids
+        garbage = server.data_dir / "garbage"
+        garbage.write_bytes(b"not a database\n" * 1000)
+        garbage.replace(server.data_dir / "history.sqlite3")
+        # Without its write-ahead log, whose pages SQLite would read before the file's.
+        for suffix in ("-wal", "-shm"):
+            (server.data_dir / f"history.sqlite3{suffix}").unlink()
+        for pid in pids.values():
+            os.kill(pid, signal.SIGKILL)
+        start = time.monotonic()
+        returncode = await server.wait_exit(CRASH_LOOP_TIMEOUT)
+        elapsed = time.monotonic() - start
+    log = server.log()
+    assert returncode == 1, log
+    assert "6 worker deaths within 60 s: stopping" in log, log
+    assert log.count("killed by SIGKILL") == 2, log
+    assert (
+        log.count("could not start: Lifespan failure in startup. 'file is not a database'") == 4
+    ), log
+    assert elapsed < 10.0, elapsed

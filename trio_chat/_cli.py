@@ -72,7 +72,9 @@ def main(argv: list[str] | None = None) -> int:
         default="127.0.0.1:8000",
         help="page and HTTP API address (default 127.0.0.1:8000)",
     )
-    serve.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    serve.add_argument(
+        "--workers", type=int, default=1, help="worker processes, restarted if they die (default 1)"
+    )
     for flag, _, help_text in _SETTING_FLAGS:
         serve.add_argument(flag, help=help_text)
 
@@ -98,9 +100,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from hypercorn.run import run
-    from hypercorn.utils import LifespanFailureError
+    from ._supervisor import Supervisor, run_node
 
+    if args.workers < 1:
+        print(f"trio-chat: --workers must be at least 1, not {args.workers}", file=sys.stderr)
+        return 2
     for flag, var, _ in _SETTING_FLAGS:
         value = getattr(args, flag.lstrip("-").replace("-", "_"))
         if value is not None:
@@ -119,44 +123,8 @@ def _serve(args: argparse.Namespace) -> int:
         f"trio-chat: http://{args.bind}/ (chat socket {os.environ.get('TRIO_CHAT_WS_BIND', '127.0.0.1:8001')})"
     )
     if args.workers > 1:
-        config.application_path = "trio_chat:app"
-        config.worker_class = "trio"
-        config.workers = args.workers
-        return run(config)
-    failure = None
-    try:
-        trio.run(_serve_in_process, config)
-    except* LifespanFailureError as group:
-        failure = group.exceptions[0]
-    if failure is not None:
-        print(f"trio-chat: could not start: {failure}", file=sys.stderr)
-        return 1
-    return 0
-
-
-async def _serve_in_process(config: Config) -> None:
-    """One worker, in this process: hypercorn without its supervisor.
-
-    Hypercorn's supervisor hides a worker that failed to start (it exits 0) and its
-    shutdown reaches the app only after it has cut the ``/ws`` connections. Serving
-    in-process, a failure to start raises, and SIGTERM/SIGINT first close every client
-    of both sockets with 1001, then stop hypercorn.
-    """
-    from hypercorn.trio import serve
-
-    from ._app import ChatApp
-
-    app = ChatApp()
-
-    async def shutdown_trigger() -> None:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            async for _ in signals:
-                break
-        if app.node is not None:
-            await app.node.shutdown()
-
-    # ChatApp is typed with plain dicts for scopes and messages, hypercorn with TypedDicts.
-    await serve(app, config, shutdown_trigger=shutdown_trigger)  # type: ignore[arg-type]
+        return Supervisor(config, args.workers).run()
+    return run_node(config, None, (signal.SIGTERM, signal.SIGINT))
 
 
 def _cluster_check(args: argparse.Namespace) -> int:
