@@ -28,6 +28,7 @@ from ._cluster import Cluster
 from ._errors import ProtocolError
 from ._hub import Hub
 from ._ids import IdClock
+from ._limits import ConnectionLimits, default_max_connections
 from ._protocol import Ack, Presence, is_valid_name
 from ._store import MemoryStore, Message, SqliteStore, Store
 from ._websocket import CLOSE_GOING_AWAY, WebSocketServer
@@ -89,6 +90,11 @@ class Node:
         self.hub = Hub()
         #: Where exceptions from serving one client are counted and logged (rate-limited).
         self.failures = FailureBoundary()
+        #: Client slots, overall and per address, for the chat socket and ``/ws`` both.
+        self.limits = ConnectionLimits(
+            settings.max_connections or default_max_connections(),
+            settings.max_connections_per_ip,
+        )
         self.cluster = Cluster(self, link) if link is not None else None
         self.ids = IdClock(node_id)
         self.sessions: set[Session] = set()
@@ -98,6 +104,9 @@ class Node:
         self._write_limiter = trio.CapacityLimiter(1)
         self.chat_socket = WebSocketServer(
             functools.partial(handle_chat_socket, self),
+            failures=self.failures,
+            limits=self.limits,
+            count_error=self.count_error,
             max_message=settings.max_frame,
             backlog_limit=settings.backlog,
             keepalive_interval=settings.keepalive_interval,
