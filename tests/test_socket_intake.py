@@ -351,6 +351,9 @@ async def test_out_of_descriptors_the_accept_loop_backs_off_and_recovers(
         status, _, _ = await read_response(stream)
         assert status == 101
     await canary(server.chat_socket_url, connect)
+    async with httpx.AsyncClient() as http:
+        metrics = (await http.get(server.http_url + "/metrics")).text
+    assert f"trio_chat_accept_failures_total {stats().accept_failures}" in metrics
 
 
 # -- connection caps -------------------------------------------------------------------
