@@ -550,7 +550,6 @@ class WebSocketServer:
       max_message: largest message a client may send, in bytes.
       backlog_limit: bytes a client may leave unread before it is closed as slow.
       keepalive_interval: seconds between two pings of each connection.
-      handshake_timeout: seconds a client gets to send its whole upgrade request.
     """
 
     def __init__(
@@ -563,7 +562,6 @@ class WebSocketServer:
         max_message: int,
         backlog_limit: int,
         keepalive_interval: float,
-        handshake_timeout: float = HANDSHAKE_TIMEOUT,
     ) -> None:
         self._handler = handler
         self._failures = failures
@@ -572,7 +570,6 @@ class WebSocketServer:
         self._max_message = max_message
         self._backlog_limit = backlog_limit
         self._keepalive_interval = keepalive_interval
-        self._handshake_timeout = handshake_timeout
         self._accepting = trio.CancelScope()
         self._counters = _Counters()
         self._refusing = 0
@@ -731,7 +728,7 @@ class WebSocketServer:
                 await _linger(sock)
         except* Exception as group:  # the failure boundary: this client only
             for exc in _leaves(group):
-                self._failures.record("chat_socket", exc, conn.remote if conn else host)
+                self._failures.record("chat_socket", exc, conn.remote if conn is not None else host)
             if conn is not None:
                 conn.fail()
         finally:
@@ -754,7 +751,7 @@ class WebSocketServer:
 
     async def _handshake(self, conn: WebSocketConnection) -> HandshakeRequest | None:
         """The client's upgrade request, or None if it was refused or too slow."""
-        with trio.move_on_after(self._handshake_timeout):
+        with trio.move_on_after(HANDSHAKE_TIMEOUT):
             try:
                 return await conn.handshake_untrusted()
             except ProtocolError as exc:
@@ -762,7 +759,7 @@ class WebSocketServer:
                 log.debug("refused %s: %s", conn.remote, exc.message)
                 self._count_error(exc.code)
                 return None
-        log.debug("cutting %s: no handshake within %g s", conn.remote, self._handshake_timeout)
+        log.debug("cutting %s: no handshake within %g s", conn.remote, HANDSHAKE_TIMEOUT)
         self._count_error("handshake_timeout")
         conn.abort()
         return None
