@@ -640,6 +640,7 @@ class WebSocketServer:
         if refused is not None:
             self._count_error(refused)
             if self._refusing >= _MAX_REFUSING:
+                _send_refusal(sock, refused)
                 sock.close()
                 return
             self._refusing += 1
@@ -696,14 +697,7 @@ class WebSocketServer:
         try:
             sock.setblocking(False)
             if refused is not None:
-                with contextlib.suppress(OSError):
-                    sock.send(
-                        http_response(
-                            503,
-                            refusal_body(refused),
-                            [(b"Retry-After", str(RETRY_AFTER).encode())],
-                        )
-                    )
+                _send_refusal(sock, refused)
                 await _linger(sock)
                 return
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -763,6 +757,14 @@ class WebSocketServer:
         self._count_error("handshake_timeout")
         conn.abort()
         return None
+
+
+def _send_refusal(sock: socket.socket, code: str) -> None:
+    """Answer 503 at once, before reading anything (a new socket's buffer takes it)."""
+    sock.setblocking(False)
+    response = http_response(503, refusal_body(code), [(b"Retry-After", str(RETRY_AFTER).encode())])
+    with contextlib.suppress(OSError):
+        sock.send(response)
 
 
 def _leaves(exc: BaseException) -> Iterator[BaseException]:
