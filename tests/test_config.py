@@ -20,6 +20,8 @@ def test_defaults() -> None:
     assert settings.data_dir == Path("data")
     assert settings.cluster == "host"
     assert settings.cluster_ttl == 0
+    assert settings.max_connections is None  # derived from RLIMIT_NOFILE by the node
+    assert settings.max_connections_per_ip == 256
 
 
 def test_values_are_parsed() -> None:
@@ -28,6 +30,8 @@ def test_values_are_parsed() -> None:
             "TRIO_CHAT_WS_BIND": "off",
             "TRIO_CHAT_RATE_LIMIT": "0",
             "TRIO_CHAT_BACKLOG": "256K",
+            "TRIO_CHAT_MAX_CONNECTIONS": "5000",
+            "TRIO_CHAT_MAX_CONNECTIONS_PER_IP": "8",
             "TRIO_CHAT_ALLOWED_ORIGINS": "https://a.example, https://b.example/",
             "TRIO_CHAT_CLUSTER": "lan",
             "TRIO_CHAT_CLUSTER_INTERFACE": "192.0.2.10",
@@ -37,6 +41,7 @@ def test_values_are_parsed() -> None:
     assert settings.ws_bind is None
     assert settings.rate_limit == 0
     assert settings.backlog == 256 * 1024
+    assert (settings.max_connections, settings.max_connections_per_ip) == (5000, 8)
     assert settings.allowed_origins == {"https://a.example", "https://b.example"}
     assert settings.cluster_ttl == 1  # LAN mode reaches the segment
 
@@ -52,6 +57,8 @@ def test_values_are_parsed() -> None:
         ({"TRIO_CHAT_WS_BIND": "127.0.0.1:99999"}, ["TRIO_CHAT_WS_BIND", "port"]),
         ({"TRIO_CHAT_WS_PUBLIC_URL": "http://x"}, ["TRIO_CHAT_WS_PUBLIC_URL", "ws://"]),
         ({"TRIO_CHAT_BACKLOG": "12"}, ["TRIO_CHAT_BACKLOG", "1K"]),
+        ({"TRIO_CHAT_MAX_CONNECTIONS": "0"}, ["TRIO_CHAT_MAX_CONNECTIONS", "above 0"]),
+        ({"TRIO_CHAT_MAX_CONNECTIONS_PER_IP": "x"}, ["TRIO_CHAT_MAX_CONNECTIONS_PER_IP", "number"]),
         ({"TRIO_CHAT_ALLOWED_ORIGINS": "evil.example"}, ["TRIO_CHAT_ALLOWED_ORIGINS", "origin"]),
         ({"TRIO_CHAT_STORE": "postgres"}, ["TRIO_CHAT_STORE", "sqlite"]),
         ({"TRIO_CHAT_CLUSTER": "galaxy"}, ["TRIO_CHAT_CLUSTER", "lan"]),

@@ -27,6 +27,7 @@ from ._config import Settings
 from ._errors import ConfigError, ProtocolError, StoreError
 from ._hosts import bound_to_loopback, host_allowed
 from ._identity import NodeIdentity, claim_identity
+from ._limits import RETRY_AFTER, raise_nofile_limit, refusal_body
 from ._metrics import render_metrics
 from ._node import Node, open_store
 from ._protocol import (
@@ -137,6 +138,7 @@ class ChatApp:
         store: Store | None = None
         try:
             settings = self._settings = self._settings or Settings.from_env()
+            raise_nofile_limit()
             identity = claim_identity(settings.data_dir)
             link = None
             if settings.cluster != "off":
@@ -346,16 +348,25 @@ def _make_quart(chat: ChatApp) -> QuartTrio:
         return Response(msgspec.json.encode(found), content_type="application/json")
 
     @quart.websocket("/ws")
-    async def ws() -> tuple[str, int] | None:
+    async def ws() -> tuple[str, int] | tuple[str, int, dict[str, str]] | None:
         n = node()
-        if not origin_allowed(
-            websocket.headers.get("Origin"), websocket.host, n.settings.allowed_origins
-        ):
-            log.debug("refused /ws from origin %s", websocket.headers.get("Origin"))
-            n.count_error("origin_refused")
-            return "this origin may not open /ws\n", 403
-        await websocket.accept()
-        await _serve_fallback(n)
+        # The chat socket's caps, in the same counter: refused before any work is done.
+        address = websocket.remote_addr or "?"
+        refused = n.limits.admit(address)
+        if refused is not None:
+            n.count_error(refused)
+            return refusal_body(refused), 503, {"Retry-After": str(RETRY_AFTER)}
+        try:
+            if not origin_allowed(
+                websocket.headers.get("Origin"), websocket.host, n.settings.allowed_origins
+            ):
+                log.debug("refused /ws from origin %s", websocket.headers.get("Origin"))
+                n.count_error("origin_refused")
+                return "this origin may not open /ws\n", 403
+            await websocket.accept()
+            await _serve_fallback(n)
+        finally:
+            n.limits.release(address)
         return None
 
     return quart

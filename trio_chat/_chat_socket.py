@@ -36,6 +36,7 @@ async def handle_chat_socket(
         conn.reject(404, "the chat socket is at /ws\n")
         return
     if not origin_allowed(request.origin, request.host, node.settings.allowed_origins):
+        # Counted in /metrics; a page hammering us must not fill the log.
         log.debug("refused %s: origin %s is not allowed", conn.remote, request.origin)
         node.count_error("origin_refused")
         conn.reject(403, "this origin may not open the chat socket\n")

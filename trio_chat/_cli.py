@@ -34,6 +34,16 @@ _SETTING_FLAGS: Final = [
         "unsent broadcast bytes per client before it is closed as slow (default 1M)",
     ),
     (
+        "--max-connections",
+        "TRIO_CHAT_MAX_CONNECTIONS",
+        "clients at once, both WebSockets (default: from the descriptor limit)",
+    ),
+    (
+        "--max-connections-per-ip",
+        "TRIO_CHAT_MAX_CONNECTIONS_PER_IP",
+        "clients at once from one address (default 256)",
+    ),
+    (
         "--allowed-origins",
         "TRIO_CHAT_ALLOWED_ORIGINS",
         "comma-separated origins allowed besides the page's",

@@ -49,6 +49,11 @@ class Settings:
     ws_bind: tuple[str, int] | None = ("127.0.0.1", 8001)
     #: The chat socket URL the page is told to use; derived from ws_bind when unset.
     ws_public_url: str | None = None
+    #: Clients served at once over both WebSockets; past it new ones get HTTP 503.
+    #: None: derived from RLIMIT_NOFILE (`trio_chat._limits.default_max_connections`).
+    max_connections: int | None = None
+    #: Clients served at once from one (peer) address; past it new ones get HTTP 503.
+    max_connections_per_ip: int = 256
     #: Bytes of unsent frames a client may hold before it is closed with 4008 "slow".
     backlog: int = 1 * MIB
     allowed_origins: frozenset[str] = frozenset()
@@ -232,6 +237,8 @@ _PARSERS: Final[dict[str, Callable[[str], object]]] = {
     "resume_max": _positive_int,
     "ws_bind": _bind,
     "ws_public_url": _url("ws", "wss"),
+    "max_connections": _positive_int,
+    "max_connections_per_ip": _positive_int,
     "backlog": _size,
     "allowed_origins": _origins,
     "allowed_hosts": parse_allowed_hosts,

@@ -56,6 +56,12 @@ def render_metrics(node: Node) -> str:
         [("", stats.slow_disconnects)],
     )
     metric(
+        "accept_failures_total",
+        "counter",
+        "Chat socket accept() failures for want of descriptors or memory (each backs off 100 ms).",
+        [("", node.chat_socket.statistics().accept_failures)],
+    )
+    metric(
         "errors_total",
         "counter",
         "Error frames and refusals, by code.",

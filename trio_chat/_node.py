@@ -36,6 +36,7 @@ from ._cluster import Cluster
 from ._errors import ProtocolError, StoreError
 from ._hub import Hub
 from ._ids import IdClock
+from ._limits import ConnectionLimits, default_max_connections
 from ._names import name_keys, prototypes
 from ._protocol import Ack, Presence, store_unavailable
 from ._store import MemoryStore, Message, SqliteStore, Store
@@ -108,6 +109,11 @@ class Node:
         self.hub = Hub()
         #: Where exceptions from serving one client are counted and logged (rate-limited).
         self.failures = FailureBoundary()
+        #: Client slots, overall and per address, for the chat socket and ``/ws`` both.
+        self.limits = ConnectionLimits(
+            settings.max_connections or default_max_connections(),
+            settings.max_connections_per_ip,
+        )
         self.cluster = Cluster(self, link) if link is not None else None
         self.ids = IdClock(node_id)
         self.sessions: set[Session] = set()
@@ -120,6 +126,9 @@ class Node:
         self._write_limiter = trio.CapacityLimiter(1)
         self.chat_socket = WebSocketServer(
             functools.partial(handle_chat_socket, self),
+            failures=self.failures,
+            limits=self.limits,
+            count_error=self.count_error,
             max_message=settings.max_frame,
             backlog_limit=settings.backlog,
             keepalive_interval=settings.keepalive_interval,

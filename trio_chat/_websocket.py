@@ -21,6 +21,12 @@ A close frame is the last frame: after it, or after the client's close, only the
 already partly on the wire may still go out before it. The connection ends once the
 close frame has been written (bounded by the caller), never by cancelling the writer
 while it still holds the close.
+
+Each connection is served behind one failure boundary (`WebSocketServer._run_connection`):
+whatever its handshake, handler or session raises closes that connection only (1011
+"internal error" once accepted, else HTTP 400) and goes to the node's `FailureBoundary`,
+never to the server's nursery. Only the accept loop and the keepalive sweep are the
+node's own tasks.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import collections
 import contextlib
 import dataclasses
 import errno
+import http
 import logging
 import math
 import socket
@@ -44,21 +51,24 @@ from wsproto.events import (
     Ping,
     Pong,
     RejectConnection,
-    RejectData,
     Request,
     TextMessage,
 )
+from wsproto.utilities import LocalProtocolError as WsLocalProtocolError
 from wsproto.utilities import RemoteProtocolError as WsProtocolError
 
 from ._errors import ProtocolError
+from ._limits import RETRY_AFTER, refusal_body
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+    from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 
     from wsproto.connection import Connection
     from wsproto.events import Event
 
+    from ._boundary import FailureBoundary
     from ._hub import Outgoing
+    from ._limits import ConnectionLimits
 
 log = logging.getLogger("trio_chat.websocket")
 
@@ -66,11 +76,48 @@ CLOSE_GOING_AWAY: Final = 1001
 CLOSE_UNSUPPORTED: Final = 1003
 CLOSE_POLICY: Final = 1008
 CLOSE_TOO_BIG: Final = 1009
+CLOSE_INTERNAL_ERROR: Final = 1011
 CLOSE_SLOW: Final = 4008
 
 _RECV_SIZE: Final = 64 * 1024
 _MAX_HANDSHAKE: Final = 16 * 1024
-_HANDSHAKE_TIMEOUT: Final = 10.0
+HANDSHAKE_TIMEOUT: Final = 10.0
+# After an HTTP error, how long and how much we read before closing: closing with the
+# client's request unread makes the kernel reset the connection, and the reset can
+# destroy the error before the client has read it.
+_LINGER: Final = 1.0
+_LINGER_BYTES: Final = 64 * 1024
+# Clients past a cap being answered 503 at once; past this many, a flood of them is
+# just closed (one task and one descriptor each, for up to _LINGER).
+_MAX_REFUSING: Final = 64
+# Out of descriptors (or kernel memory): wait before accepting again, as trio's
+# serve_listeners does, instead of spinning on the error; log it at most once a second.
+_ACCEPT_BACKOFF: Final = 0.1
+_ACCEPT_LOG_INTERVAL: Final = 1.0
+_CAPACITY_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+# A connection that failed before we accepted it: Linux reports its error from accept();
+# the next one may be fine (the list is trio's, trio/_highlevel_socket.py).
+_GONE_ERRNOS: Final = frozenset(
+    getattr(errno, name)
+    for name in (
+        "EPERM",
+        "ECONNABORTED",
+        "EPROTO",
+        "ENETDOWN",
+        "ENOPROTOOPT",
+        "EHOSTDOWN",
+        "ENONET",
+        "EHOSTUNREACH",
+        "EOPNOTSUPP",
+        "ENETUNREACH",
+        "ENOSR",
+        "ESOCKTNOSUPPORT",
+        "EPROTONOSUPPORT",
+        "ETIMEDOUT",
+        "ECONNRESET",
+    )
+    if hasattr(errno, name)
+)
 # A slow client's close frame gets this long to drain before the socket is cut.
 _SLOW_CLOSE_GRACE: Final = 2.0
 # The kernel's send buffer per connection. Linux would grow it to 4 MiB for a reader
@@ -94,6 +141,19 @@ def encode_text_frame(payload: bytes) -> bytes:
     return header + payload
 
 
+def http_response(status: int, body: str, headers: Sequence[tuple[bytes, bytes]] = ()) -> bytes:
+    """An HTTP/1.1 error response with a plain-text body, after which we close."""
+    data = body.encode()
+    head = [
+        f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}".encode(),
+        b"Content-Type: text/plain; charset=utf-8",
+        b"Content-Length: " + str(len(data)).encode(),
+        b"Connection: close",
+        *(name + b": " + value for name, value in headers),
+    ]
+    return b"\r\n".join(head) + b"\r\n\r\n" + data
+
+
 class ConnectionClosed(Exception):
     """The WebSocket is closed (by either side); ``code`` says why."""
 
@@ -110,6 +170,7 @@ class _Counters:
     partial_writes: int = 0
     peak_backlog: int = 0
     slow_closes: int = 0
+    accept_failures: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,6 +182,8 @@ class ChatSocketStatistics:
     #: Writes the kernel took only part of (the rest went to a backlog).
     partial_writes: int
     slow_closes: int
+    #: accept() failures for want of descriptors or memory (each followed by a backoff).
+    accept_failures: int
 
 
 @dataclasses.dataclass
@@ -176,6 +239,8 @@ class WebSocketConnection:
         self._close_code: int | None = None
         self._done = trio.Event()
         self.accepted = False
+        #: The handshake was answered with an HTTP error.
+        self.rejected = False
         self.received_since_ping = True
         try:
             peer = sock.getpeername()
@@ -398,23 +463,35 @@ class WebSocketConnection:
         """Read the HTTP upgrade request.
 
         Raises:
-          ConnectionClosed: the client sent something that is not a WebSocket handshake
-            (it was answered with an HTTP error) or went away.
+          ProtocolError: the client sent something that is not a WebSocket handshake;
+            it was answered with HTTP 400 (code ``bad_handshake``), or 426 for another
+            WebSocket version (``bad_version``), and the connection is closing.
+          ConnectionClosed: the client went away first.
         """
         received = 0
         while True:
+            data = await self._receive_bytes()
+            if not data:
+                raise ConnectionClosed(1006, "closed during the handshake")
+            received += len(data)
             try:
+                if received > _MAX_HANDSHAKE:
+                    raise WsProtocolError(f"the request is over {_MAX_HANDSHAKE} bytes")
+                self._ws.receive_data(data)
                 for event in self._ws.events():
                     if isinstance(event, Request):
                         return _parse_request(event)
             except WsProtocolError as exc:
-                self._reject(400, str(exc))
-                raise ConnectionClosed(1002, "bad handshake") from None
-            data = await self._receive_bytes()
-            received += len(data)
-            if not data or received > _MAX_HANDSHAKE:
-                raise ConnectionClosed(1002, "no handshake")
-            self._ws.receive_data(data)
+                hint = exc.event_hint
+                if isinstance(hint, RejectConnection) and hint.status_code == 426:
+                    self.reject(426, "only WebSocket version 13 is supported\n", hint.headers)
+                    raise ProtocolError("bad_version", str(exc)) from None
+                self.reject(400, f"{exc}\n")
+                raise ProtocolError("bad_handshake", str(exc)) from None
+            except UnicodeError:
+                # wsproto decodes Host as IDNA and header tokens as ASCII.
+                self.reject(400, "a header is not ASCII\n")
+                raise ProtocolError("bad_handshake", "a header is not ASCII") from None
 
     def accept(self) -> None:
         """Accept the handshake (no extensions, no subprotocol)."""
@@ -425,32 +502,36 @@ class WebSocketConnection:
         if isinstance(self._ws, WSConnection) and self._ws.connection is not None:
             self._ws = self._ws.connection
 
-    def _reject(self, status: int, body: str) -> None:
-        data = body.encode()
-        try:
-            reply = self._ws.send(
-                RejectConnection(
-                    status_code=status,
-                    headers=[
-                        (b"content-type", b"text/plain"),
-                        (b"content-length", str(len(data)).encode()),
-                    ],
-                    has_body=True,
-                )
-            )
-            reply += self._ws.send(RejectData(data=data, body_finished=True))
-        except Exception:  # wsproto refuses in some states; a bare close is all we can do
-            reply = b""
-        self._close_output()
-        self._queue(reply)
-
-    def reject(self, status: int, body: str) -> None:
+    def reject(self, status: int, body: str, headers: Sequence[tuple[bytes, bytes]] = ()) -> None:
         """Refuse the handshake with an HTTP error and a plain-text reason."""
-        self._reject(status, body)
+        self.rejected = True
+        self._close_output()
+        self._queue(http_response(status, body, headers))
         if not self._backlog:
             self._finish()
         else:
             self._nursery.start_soon(self._cut_after, _SLOW_CLOSE_GRACE)
+
+    def fail(self) -> None:
+        """After an unexpected error: close 1011 once accepted, else answer HTTP 400.
+
+        Called once the connection's tasks have ended, so no write is in flight and the
+        last bytes go straight to the socket; if a frame is still partly unwritten, or
+        the closing had begun, the TCP close is all the client gets. Never blocks.
+        """
+        if self._output_closed or self._backlog:
+            return
+        self._close_output()
+        try:
+            if self.accepted:
+                data = self._ws.send(
+                    CloseConnection(code=CLOSE_INTERNAL_ERROR, reason="internal error")
+                )
+            else:
+                data = http_response(400, "the server could not serve this request\n")
+            self._sock.send(data)
+        except (OSError, WsLocalProtocolError):
+            pass
 
     async def wait_closed_untrusted(self) -> None:
         """End the closing handshake: read (and drop) until the client's close has come,
@@ -568,7 +649,10 @@ class WebSocketConnection:
                         close_code=CLOSE_UNSUPPORTED,
                     )
                 elif isinstance(event, Ping):
-                    self.send_nowait(self._ws.send(event.response()))
+                    # After our close frame wsproto refuses a pong (and the client
+                    # needs none): a ping then is dropped.
+                    if not self._output_closed:
+                        self.send_nowait(self._ws.send(event.response()))
                 elif isinstance(event, CloseConnection):
                     self._answer_close(event)
                     raise ConnectionClosed(event.code, event.reason or "")
@@ -610,11 +694,6 @@ class WebSocketConnection:
         self.received_since_ping = False
         self.send_nowait(self._ws.send(Ping()))
 
-    def close_socket(self) -> None:
-        """Release the socket (called once the connection's nursery is done)."""
-        trio.lowlevel.notify_closing(self._sock)
-        self._sock.close()
-
 
 def _parse_request(event: Request) -> HandshakeRequest:
     origin = None
@@ -631,24 +710,35 @@ class WebSocketServer:
     Args:
       handler: runs one accepted connection; returns when the session is over. It
         decides whether to `WebSocketConnection.accept` or `WebSocketConnection.reject`.
+      failures: where an exception that closed one connection is counted and logged.
+      limits: the node's connection caps (shared with ``/ws``).
+      count_error: counts a refused handshake or client by code (``/metrics``).
       max_message: largest message a client may send, in bytes.
       backlog_limit: bytes a client may leave unread before it is closed as slow.
+      keepalive_interval: seconds between two pings of each connection.
     """
 
     def __init__(
         self,
         handler: Callable[[WebSocketConnection, HandshakeRequest], Awaitable[None]],
         *,
+        failures: FailureBoundary,
+        limits: ConnectionLimits,
+        count_error: Callable[[str], None],
         max_message: int,
         backlog_limit: int,
         keepalive_interval: float,
     ) -> None:
         self._handler = handler
+        self._failures = failures
+        self._limits = limits
+        self._count_error = count_error
         self._max_message = max_message
         self._backlog_limit = backlog_limit
         self._keepalive_interval = keepalive_interval
         self._accepting = trio.CancelScope()
         self._counters = _Counters()
+        self._refusing = 0
         self.connections: set[WebSocketConnection] = set()
         self.port: int | None = None
 
@@ -683,18 +773,44 @@ class WebSocketServer:
         raise AssertionError("unreachable")
 
     async def _accept_forever(self, listener: socket.socket, nursery: trio.Nursery) -> NoReturn:
+        last_logged: float | None = None
         while True:
             await trio.lowlevel.wait_readable(listener)
             while True:
                 try:
-                    sock, _ = listener.accept()
+                    sock, address = listener.accept()
                 except BlockingIOError:
                     break
                 except OSError as exc:
-                    # Out of file descriptors, say: keep serving the connections we have.
-                    log.warning("accept failed: %s", exc)
+                    if exc.errno in _GONE_ERRNOS:
+                        continue
+                    if exc.errno not in _CAPACITY_ERRNOS:
+                        raise
+                    # Out of descriptors, say: the clients we have keep being served,
+                    # and new ones wait in the listen queue until some close.
+                    self._counters.accept_failures += 1
+                    now = trio.current_time()
+                    if last_logged is None or now - last_logged >= _ACCEPT_LOG_INTERVAL:
+                        last_logged = now
+                        log.warning(
+                            "accept failed (%s): retrying every %g s",
+                            exc.strerror,
+                            _ACCEPT_BACKOFF,
+                        )
+                    await trio.sleep(_ACCEPT_BACKOFF)
                     break
-                nursery.start_soon(self._run_connection, sock)
+                self._admit(sock, str(address[0]), nursery)
+
+    def _admit(self, sock: socket.socket, host: str, nursery: trio.Nursery) -> None:
+        refused = self._limits.admit(host)
+        if refused is not None:
+            self._count_error(refused)
+            if self._refusing >= _MAX_REFUSING:
+                _send_refusal(sock, refused)
+                sock.close()
+                return
+            self._refusing += 1
+        nursery.start_soon(self._run_connection, sock, host, refused)
 
     async def _keepalive(self) -> NoReturn:
         # One sweep for all connections instead of a task each: an idle connection
@@ -722,6 +838,7 @@ class WebSocketServer:
             peak_backlog=self._counters.peak_backlog,
             partial_writes=self._counters.partial_writes,
             slow_closes=self._counters.slow_closes,
+            accept_failures=self._counters.accept_failures,
         )
 
     async def shutdown(self, code: int, reason: str, grace: float) -> None:
@@ -733,33 +850,114 @@ class WebSocketServer:
             for conn in list(self.connections):
                 await conn.wait_done()
 
-    async def _run_connection(self, sock: socket.socket) -> None:
-        sock.setblocking(False)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SNDBUF)
-        async with trio.open_nursery() as nursery:
-            conn = WebSocketConnection(
-                sock,
-                nursery,
-                max_message=self._max_message,
-                backlog_limit=self._backlog_limit,
-                counters=self._counters,
-            )
-            self.connections.add(conn)
+    async def _run_connection(self, sock: socket.socket, host: str, refused: str | None) -> None:
+        """Serve one client, from accept to close: its failure boundary.
+
+        ``refused`` (a cap's code) answers the client 503 instead. Whatever the
+        client's handshake, the handler or the session raises ends here: it closes
+        this connection (`WebSocketConnection.fail`), goes to the node's
+        `FailureBoundary`, and never reaches the server's nursery. Either way the
+        socket is closed and the client's slot freed.
+        """
+        conn: WebSocketConnection | None = None
+        try:
+            sock.setblocking(False)
+            if refused is not None:
+                _send_refusal(sock, refused)
+                await _linger(sock)
+                return
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SNDBUF)
+            async with trio.open_nursery() as nursery:
+                conn = WebSocketConnection(
+                    sock,
+                    nursery,
+                    max_message=self._max_message,
+                    backlog_limit=self._backlog_limit,
+                    counters=self._counters,
+                )
+                self.connections.add(conn)
+                try:
+                    await self._serve(conn)
+                except ConnectionClosed:
+                    pass
+                finally:
+                    self.connections.discard(conn)
+                    nursery.cancel_scope.cancel()
+            if conn.rejected:
+                await _linger(sock)
+        except* Exception as group:  # the failure boundary: this client only
+            for exc in _leaves(group):
+                self._failures.record("chat_socket", exc, conn.remote if conn is not None else host)
+            if conn is not None:
+                conn.fail()
+        finally:
+            if refused is None:
+                self._limits.release(host)
+            else:
+                self._refusing -= 1
+            trio.lowlevel.notify_closing(sock)
+            sock.close()
+
+    async def _serve(self, conn: WebSocketConnection) -> None:
+        request = await self._handshake(conn)
+        if request is not None:
+            await self._handler(conn, request)
+        with trio.move_on_after(_SLOW_CLOSE_GRACE):
+            if conn.accepted:
+                await conn.wait_closed_untrusted()
+            else:
+                await conn.wait_done()
+
+    async def _handshake(self, conn: WebSocketConnection) -> HandshakeRequest | None:
+        """The client's upgrade request, or None if it was refused or too slow."""
+        with trio.move_on_after(HANDSHAKE_TIMEOUT):
             try:
-                with trio.move_on_after(_HANDSHAKE_TIMEOUT) as handshake_scope:
-                    request = await conn.handshake_untrusted()
-                if handshake_scope.cancelled_caught:
-                    return
-                await self._handler(conn, request)
-                with trio.move_on_after(_SLOW_CLOSE_GRACE):
-                    if conn.accepted:
-                        await conn.wait_closed_untrusted()
-                    else:
-                        await conn.wait_done()
-            except ConnectionClosed:
-                pass
-            finally:
-                self.connections.discard(conn)
-                nursery.cancel_scope.cancel()
-        conn.close_socket()
+                return await conn.handshake_untrusted()
+            except ProtocolError as exc:
+                # A scanner or a health check, most likely: not worth a log line each.
+                log.debug("refused %s: %s", conn.remote, exc.message)
+                self._count_error(exc.code)
+                return None
+        log.debug("cutting %s: no handshake within %g s", conn.remote, HANDSHAKE_TIMEOUT)
+        self._count_error("handshake_timeout")
+        conn.abort()
+        return None
+
+
+def _send_refusal(sock: socket.socket, code: str) -> None:
+    """Answer 503 at once, before reading anything (a new socket's buffer takes it)."""
+    sock.setblocking(False)
+    response = http_response(503, refusal_body(code), [(b"Retry-After", str(RETRY_AFTER).encode())])
+    with contextlib.suppress(OSError):
+        sock.send(response)
+
+
+def _leaves(exc: BaseException) -> Iterator[BaseException]:
+    """The exceptions in ``exc``, out of any groups (a nursery wraps them)."""
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            yield from _leaves(inner)
+    else:
+        yield exc
+
+
+async def _linger(sock: socket.socket) -> None:
+    """After an HTTP error: send our FIN, then read until the client closes (bounded)."""
+    try:
+        sock.shutdown(socket.SHUT_WR)
+    except OSError:
+        return
+    drained = 0
+    with trio.move_on_after(_LINGER):
+        while drained < _LINGER_BYTES:
+            try:
+                data = sock.recv(_RECV_SIZE)
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(sock)
+                continue
+            except OSError:
+                return
+            if not data:
+                return
+            drained += len(data)
