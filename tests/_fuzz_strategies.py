@@ -204,6 +204,11 @@ ISSUE_HANDSHAKES: Final = [
     bytes.fromhex("16030100a5010000a10303") + bytes(32) + b"\x00\x00\x02\x13\x01\x01\x00",
 ]
 
+#: Found by ``make fuzz``: bytes that arrive with the upgrade request, before the 101.
+#: Hypercorn 0.18 answers them with a 400 that its h11 state refuses; the
+#: LocalProtocolError escapes the connection and stops hypercorn's whole server.
+FOUND_HANDSHAKES: Final = [valid_handshake() + b"x"]
+
 
 # --- frames ----------------------------------------------------------------------------
 

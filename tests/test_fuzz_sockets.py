@@ -48,6 +48,7 @@ from hypothesis.database import DirectoryBasedExampleDatabase
 from wsproto.frame_protocol import FrameProtocol, Opcode, ParseFailed
 
 from _fuzz_strategies import (
+    FOUND_HANDSHAKES,
     ISSUE_FRAME_SEQUENCES,
     ISSUE_HANDSHAKES,
     encode_sequence,
@@ -67,7 +68,7 @@ FUZZ_DIR: Final = ROOT / ".fuzz"
 #: The campaign's length for all fuzz tests together; unset or 0: the quick run.
 CAMPAIGN_MINUTES: Final = float(os.environ.get("TRIO_CHAT_FUZZ_MINUTES") or 0)
 FUZZ_TESTS: Final = 4
-QUICK_EXAMPLES: Final = 12
+QUICK_EXAMPLES: Final = 50
 ROUND_EXAMPLES: Final = 250
 #: Wall-clock bound of one example, server start and stop included.
 EXAMPLE_TIMEOUT: Final = 20.0
@@ -108,7 +109,7 @@ def test_handshakes_leave_the_server_serving(
 ) -> None:
     @_SETTINGS
     @given(first=handshakes(), ending=endings, split=splits)
-    @_issue_cases("first", ISSUE_HANDSHAKES)
+    @_issue_cases("first", ISSUE_HANDSHAKES + FOUND_HANDSHAKES)
     def one(first: bytes, ending: str, split: list[int]) -> None:
         _record_failure(
             f"handshake-{transport}",
@@ -139,7 +140,7 @@ def test_frame_sequences_leave_the_server_serving(
 
 
 def _issue_cases(name: str, cases: list[Any]) -> Callable[[Any], Any]:
-    """Try each case of issue 9 as an explicit example, read to the end: every run has them."""
+    """Try each case of issue 9 (and each found since) as an explicit example, every run."""
 
     def decorate(test: Any) -> Any:
         for case in reversed(cases):
@@ -188,7 +189,7 @@ async def _run_one(
                 server.shutdown.set()
     finally:
         logging.getLogger().removeHandler(errors)
-    assert not errors.records, [r.getMessage() for r in errors.records]
+    assert not errors.records, "\n".join(map(logging.Formatter().format, errors.records))
 
 
 def _fuzz_settings(data_dir: Path) -> Any:
