@@ -32,7 +32,6 @@ import contextlib
 import json
 import logging
 import os
-import random
 import socket
 import struct
 import time
@@ -112,7 +111,11 @@ pytestmark = pytest.mark.filterwarnings(
 
 
 def test_handshakes_leave_the_server_serving(
-    transport: str, connect: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    transport: str,
+    connect: Any,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    pytestconfig: pytest.Config,
 ) -> None:
     @_SETTINGS
     @given(first=handshakes(), ending=endings, split=splits)
@@ -124,11 +127,15 @@ def test_handshakes_leave_the_server_serving(
             lambda: trio.run(_run_one, transport, connect, tmp_path, first, None, ending, split),
         )
 
-    _campaign(one, f"handshake-{transport}", capsys)
+    _campaign(one, f"handshake-{transport}", capsys, pytestconfig)
 
 
 def test_frame_sequences_leave_the_server_serving(
-    transport: str, connect: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    transport: str,
+    connect: Any,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    pytestconfig: pytest.Config,
 ) -> None:
     @_SETTINGS
     @given(frames=frame_sequences, ending=endings, split=splits)
@@ -143,7 +150,7 @@ def test_frame_sequences_leave_the_server_serving(
             ),
         )
 
-    _campaign(one, f"frames-{transport}", capsys)
+    _campaign(one, f"frames-{transport}", capsys, pytestconfig)
 
 
 def _issue_cases(name: str, cases: list[Any]) -> Callable[[Any], Any]:
@@ -309,29 +316,44 @@ class _ErrorRecords(logging.Handler):
 
 
 def _campaign(
-    run_examples: Callable[[], None], name: str, capsys: pytest.CaptureFixture[str]
+    run_examples: Callable[[], None],
+    name: str,
+    capsys: pytest.CaptureFixture[str],
+    pytestconfig: pytest.Config,
 ) -> None:
-    """Run the examples once (the quick run), or in seeded rounds until the budget is spent.
+    """Run the examples once (the quick run), or round after round until the budget is spent.
 
-    The campaign's lines go to the terminal as they happen, past pytest's capture.
+    Hypothesis draws a seed per round; each is printed to the terminal as the round ends
+    (past pytest's capture) and appended to ``.fuzz/seeds.log``. ``--hypothesis-seed=<seed>``
+    replays one round. The rounds are not seeded here: hypothesis keeps failing examples
+    in its database only for the rounds it seeded itself.
     """
     if CAMPAIGN_MINUTES <= 0:
         run_examples()
         return
     FUZZ_DIR.mkdir(exist_ok=True)
+    forced = pytestconfig.getoption("hypothesis_seed", None)
     deadline = time.monotonic() + CAMPAIGN_MINUTES * 60 / FUZZ_TESTS
     rounds = 0
     while time.monotonic() < deadline:
-        seed = random.SystemRandom().getrandbits(64)
-        line = f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {name} round {rounds} seed {seed}"
-        with capsys.disabled():
-            print(line, flush=True)
-        with (FUZZ_DIR / "seeds.log").open("a") as log:
-            log.write(line + "\n")
-        hypothesis.seed(seed)(run_examples)()
+        try:
+            run_examples()
+        finally:
+            # Where hypothesis keeps the seed it drew for the last run of this test.
+            seed = getattr(run_examples, "_hypothesis_internal_use_generated_seed", None)
+            stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
+            _say(capsys, f"{stamp} {name} round {rounds} seed {seed or forced}")
         rounds += 1
+        if forced is not None:
+            break
+    _say(capsys, f"{name}: {rounds} rounds of {ROUND_EXAMPLES} examples, no failure")
+
+
+def _say(capsys: pytest.CaptureFixture[str], line: str) -> None:
     with capsys.disabled():
-        print(f"{name}: {rounds} rounds of {ROUND_EXAMPLES} examples, no failure", flush=True)
+        print(line, flush=True)
+    with (FUZZ_DIR / "seeds.log").open("a") as log:
+        log.write(line + "\n")
 
 
 def _record_failure(name: str, inputs: dict[str, Any], run: Callable[[], None]) -> None:
