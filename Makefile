@@ -4,11 +4,12 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: help install run test lint browsers clean
+.PHONY: help install run test fuzz lint browsers clean
 
 help:
 	@echo "make run       create .venv if needed and serve the chat on http://127.0.0.1:8000"
 	@echo "make test      run the whole test suite"
+	@echo "make fuzz      fuzz both WebSocket ports with raw bytes for FUZZ_MINUTES (10); see .fuzz/"
 	@echo "make lint      ruff check, ruff format --check, mypy (strict on trio_chat/)"
 	@echo "make browsers  install Debian's chromium for the browser tests (root, apt-get)"
 
@@ -25,6 +26,12 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/pytest
+
+# Seeds go to .fuzz/seeds.log, hypothesis's example database to .fuzz/examples (replayed
+# first next time), falsifying inputs to .fuzz/failures/.
+FUZZ_MINUTES ?= 10
+fuzz: $(STAMP)
+	TRIO_CHAT_FUZZ_MINUTES=$(FUZZ_MINUTES) $(BIN)/pytest -p no:cacheprovider tests/test_fuzz_sockets.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
