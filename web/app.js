@@ -8,7 +8,16 @@
 //   state.js       rooms, members, unread counts, who we are, per-browser/per-tab storage
 //   render.js      the DOM; user text only through textContent, never innerHTML
 
-import { connectionDown, currentRoom, flash, handleFrame, loadOlder, openRoom, renderRooms, showRoom } from "./chat.js";
+import {
+  connectionDown,
+  currentRoom,
+  flash,
+  handleFrame,
+  loadOlder,
+  openRoom,
+  renderRooms,
+  showRoom,
+} from "./chat.js";
 import { loadConfig, roomAllowed, textLimit, textTooLong } from "./config.js";
 import { reconnect, send, startConnection } from "./connection.js";
 import * as outbox from "./outbox.js";

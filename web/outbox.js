@@ -10,7 +10,8 @@ import { tabStore } from "./state.js";
 const RETRY_BASE_MS = 1000;
 const RETRY_MAX_MS = 30000;
 
-const valid = (o) => o && typeof o.cid === "string" && typeof o.room === "string" && typeof o.text === "string";
+const valid = (o) =>
+  o !== null && typeof o === "object" && [o.cid, o.room, o.text].every((x) => typeof x === "string");
 const saved = tabStore.get("outbox", []);
 /** {cid, room, text}, oldest first. */
 let entries = Array.isArray(saved) ? saved.filter(valid) : [];
