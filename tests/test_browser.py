@@ -10,6 +10,7 @@ Without /usr/bin/chromium these tests skip, except in CI (``CI`` set), where the
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -59,8 +60,14 @@ def _make_server(tmp_path: Path, **env: str) -> Iterator[Server]:
 
 
 @pytest.fixture
-def server(tmp_path: Path) -> Iterator[Server]:
-    yield from _make_server(tmp_path)
+def server_env() -> dict[str, str]:
+    """Settings for `server`, as environment variables: tests parametrize it."""
+    return {}
+
+
+@pytest.fixture
+def server(tmp_path: Path, server_env: dict[str, str]) -> Iterator[Server]:
+    yield from _make_server(tmp_path, **server_env)
 
 
 @pytest.fixture
@@ -140,12 +147,15 @@ class Pages:
         width: int = 1100,
         height: int = 700,
         wait_joined: bool = True,
+        fake_clock: bool = False,
     ) -> Page:
         ctx = self.browser.new_context(viewport={"width": width, "height": height})
         ctx.set_default_timeout(STEP_TIMEOUT_MS)
         self.contexts.append(ctx)
         page = ctx.new_page()
         page.on("pageerror", lambda exc: self.errors.append(f"{name}: {exc}"))
+        if fake_clock:
+            page.clock.install()  # runs on real time until the test pauses it
         query = f"?name={name}" + ("&transport=fallback" if self.transport == "fallback" else "")
         page.goto(f"{server.base}/{query}#{room}")
         if wait_joined:
@@ -385,6 +395,107 @@ def test_load_older_pages_back_through_history(
     expect(messages(alice)).to_have_count(120)
     expect(messages(alice).first.locator(".text")).to_have_text("old message 000")
     expect(older).to_be_hidden()
+
+
+@pytest.mark.parametrize(
+    ("server_env", "stored", "older"),
+    [
+        ({"TRIO_CHAT_RATE_LIMIT": "0"}, 10, False),
+        # Exactly one join's replay: nothing older, though the replay was full.
+        ({"TRIO_CHAT_RATE_LIMIT": "0"}, 50, False),
+        # Replays shorter and longer than a "load older" page (50): the page used to
+        # take a replay of fewer than 50 for all there is.
+        ({"TRIO_CHAT_RATE_LIMIT": "0", "TRIO_CHAT_HISTORY_ON_JOIN": "20"}, 30, True),
+        ({"TRIO_CHAT_RATE_LIMIT": "0", "TRIO_CHAT_HISTORY_ON_JOIN": "80"}, 60, False),
+    ],
+    ids=["fewer-than-a-replay", "one-full-replay", "replay-20-of-30", "replay-60-of-60"],
+)
+def test_load_older_is_offered_only_when_older_messages_exist(
+    server: Server, server_env: dict[str, str], stored: int, older: bool, pages: Pages
+) -> None:
+    from playwright.sync_api import expect
+
+    send_as(server.chat_url, "writer", "general", [f"m{i:03d}" for i in range(stored)])
+    replayed = min(stored, int(server_env.get("TRIO_CHAT_HISTORY_ON_JOIN", "50")))
+    alice = pages.open(server, "alice")  # returns once joined: the box has the focus
+    expect(messages(alice)).to_have_count(replayed)
+    expect(messages(alice).last.locator(".text")).to_have_text(f"m{stored - 1:03d}")
+    button = alice.locator("#load-older")
+    if older:
+        expect(button).to_be_visible()
+        button.click()
+        expect(messages(alice)).to_have_count(stored)
+        expect(messages(alice).first.locator(".text")).to_have_text("m000")
+    expect(button).to_be_hidden()
+
+
+@pytest.mark.parametrize(
+    "server_env",
+    # Three frames of burst, then ten a second; no close for refusals in a row, so
+    # nothing but the page's own retry can send the refused messages again.
+    [{"TRIO_CHAT_RATE_LIMIT": "10", "TRIO_CHAT_RATE_BURST": "3", "TRIO_CHAT_RATE_STRIKES": "1000"}],
+)
+def test_sends_refused_as_rate_limited_are_retried_from_their_own_room(
+    server: Server, pages: Pages, transport: str
+) -> None:
+    from playwright.sync_api import expect
+
+    alice = pages.open(server, "alice", "a", fake_clock=True)
+    alice.locator("#join-input").fill("b")
+    alice.keyboard.press("Enter")
+    expect(alice.locator("#member-list li")).to_have_text(["alice (you)"])  # joined b
+    alice.clock.pause_at(alice.evaluate("Date.now()") / 1000 + 0.1)  # no retry until we say
+    texts = [f"to b {i}" for i in range(8)]
+    alice.evaluate(
+        """texts => {
+            const box = document.getElementById("text");
+            for (const t of texts) {
+                box.value = t;
+                document.getElementById("send-form").requestSubmit();
+            }
+        }""",
+        texts,
+    )
+    expect(alice.locator("#typing")).to_contain_text("frames a second")
+    alice.keyboard.press("Alt+ArrowUp")  # to #a, while b's refused sends wait
+    expect(alice.locator("#room-title")).to_have_text("#a")
+    pending = alice.locator('.log[data-room="b"] li.pending')
+    expect(pending).not_to_have_count(0)
+    # Each step lets a retry's backoff run out (the page's clock) and the server's
+    # bucket refill a little (real time).
+    for _ in range(40):
+        alice.clock.run_for(1000)
+        with contextlib.suppress(AssertionError):
+            expect(pending).to_have_count(0, timeout=250)
+            break
+    expect(pending).to_have_count(0, timeout=1)
+    expect(messages(alice, "b")).to_have_count(len(texts))
+    assert sorted(server.stored_texts("b")) == texts
+    assert server.stored_texts("a") == []
+
+
+@pytest.mark.parametrize("server_env", [{"TRIO_CHAT_MAX_TEXT": "20"}])
+def test_the_page_keeps_to_the_servers_text_limit(
+    server: Server, pages: Pages, transport: str
+) -> None:
+    from playwright.sync_api import expect
+
+    alice = pages.open(server, "alice")
+    box = alice.locator("#text")
+    box.fill("x" * 21)
+    expect(box).to_have_attribute("aria-invalid", "true")
+    alice.keyboard.press("Enter")
+    expect(alice.locator("#typing")).to_have_text("too long: messages are limited to 20 characters")
+    expect(box).to_have_value("x" * 21)  # kept, to shorten
+    expect(messages(alice)).to_have_count(0)
+    # Counted as the server counts: 20 characters, though 40 UTF-16 units.
+    smiles = "\U0001f600" * 20
+    box.fill(smiles)
+    expect(box).not_to_have_attribute("aria-invalid", "true")
+    alice.keyboard.press("Enter")
+    expect(messages(alice)).to_have_count(1)
+    expect(message_with(alice, smiles)).not_to_have_class(re.compile(r"\bpending\b"))
+    assert server.stored_texts("general") == [smiles]
 
 
 def test_slow_disconnect_is_shown_then_recovers(

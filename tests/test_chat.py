@@ -230,6 +230,43 @@ async def test_text_rules(server: Server, transport: str, connect: Any) -> None:
         await alice.expect("message")
 
 
+async def test_joined_says_whether_older_history_exists(
+    tmp_path: Any, nursery: trio.Nursery, transport: str, connect: Any
+) -> None:
+    settings = make_settings(tmp_path, history_on_join=3, rate_limit=0.0)
+    url = (await start_server(nursery, settings)).url(transport)
+
+    async def join(**extra: Any) -> tuple[list[str], bool]:
+        async with connect(url, "bob") as bob:
+            replay, joined = await bob.join("general", **extra)
+            return [m["text"] for m in replay], joined["more"]
+
+    assert await join() == ([], False)  # an empty room
+    async with connect(url, "alice") as alice:
+        await alice.join("general")
+        ids = [(await alice.chat("general", f"m{n}"))["id"] for n in range(3)]
+        assert await join() == (["m0", "m1", "m2"], False)  # exactly one join's worth
+        ids.append((await alice.chat("general", "m3"))["id"])
+    assert await join() == (["m1", "m2", "m3"], True)
+    # A resume replays what is newer than `since`, which is itself older history.
+    assert await join(since=ids[1]) == (["m2", "m3"], True)
+    assert await join(since=ids[-1]) == ([], True)
+    assert await join(since="0000000000000001-nobody") == (["m1", "m2", "m3"], True)  # reset
+
+
+async def test_a_join_that_replays_nothing_still_says_whether_history_exists(
+    tmp_path: Any, nursery: trio.Nursery, connect: Any
+) -> None:
+    url = (await start_server(nursery, make_settings(tmp_path, history_on_join=0))).chat_socket_url
+    async with connect(url, "alice") as alice:
+        replay, joined = await alice.join("general")
+        assert (replay, joined["more"]) == ([], False)
+        await alice.chat("general", "m0")
+        async with connect(url, "bob") as bob:
+            replay, joined = await bob.join("general")
+            assert (replay, joined["more"]) == ([], True)
+
+
 async def test_join_twice_and_too_many_rooms(
     tmp_path: Any, nursery: trio.Nursery, connect: Any
 ) -> None:

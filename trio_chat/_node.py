@@ -75,6 +75,19 @@ class _Pending:
     sender: Session | None
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class Replay:
+    """What a client joining a room gets first (`Node.replay`)."""
+
+    #: Oldest first.
+    messages: list[Message]
+    #: The client's ``since`` is unknown or too old: it must clear the room first.
+    reset: bool
+    #: The room holds messages older than the oldest of ``messages``. Always True on a
+    #: resume: the client's ``since`` is one of them.
+    more: bool
+
+
 @dataclasses.dataclass(frozen=True)
 class NodeStatistics:
     connections: int
@@ -177,9 +190,7 @@ class Node:
 
     # -- rooms and presence -------------------------------------------------------------
 
-    async def join(
-        self, room: str, session: Session, since: str | None
-    ) -> tuple[list[Message], bool]:
+    async def join(self, room: str, session: Session, since: str | None) -> Replay:
         """Subscribe ``session`` to ``room``, read what it gets first (`replay`), then tell
         the room (cluster-wide) it arrived.
 
@@ -340,23 +351,24 @@ class Node:
         self.ids.witness(message.id)
         await self._commit_send.send(_Pending(message, None))
 
-    async def replay(self, room: str, since: str | None) -> tuple[list[Message], bool]:
-        """What a client joining ``room`` gets first, and whether it must reset.
+    async def replay(self, room: str, since: str | None) -> Replay:
+        """What a client joining ``room`` gets first.
 
         Without ``since``: the latest messages. With it: every message after it, up to
         the resume bound; past the bound, or for an id the room does not have, the
         latest messages and ``reset`` (the client reloads the room).
         """
+        reset = since is not None
+        if since is not None and await self.read_store(self.store.contains, room, since):
+            bound = self.settings.resume_max
+            missed = await self.read_store(self.store.after, room, since, bound + 1)
+            if len(missed) <= bound:
+                return Replay(missed, reset=False, more=True)
         latest = self.settings.history_on_join
-        if since is None:
-            return await self.read_store(self.store.latest, room, latest), False
-        if not await self.read_store(self.store.contains, room, since):
-            return await self.read_store(self.store.latest, room, latest), True
-        bound = self.settings.resume_max
-        missed = await self.read_store(self.store.after, room, since, bound + 1)
-        if len(missed) > bound:
-            return await self.read_store(self.store.latest, room, latest), True
-        return missed, False
+        # One more than the page: whether it exists is whether older history does.
+        newest = await self.read_store(self.store.latest, room, latest + 1)
+        more = len(newest) > latest
+        return Replay(newest[1:] if more else newest, reset=reset, more=more)
 
     async def page(self, room: str, before: str | None, limit: int) -> tuple[list[Message], bool]:
         """A page of ``room``'s history older than ``before``, and whether more exist.

@@ -167,6 +167,8 @@ class Welcome(msgspec.Struct, tag="welcome", tag_field="type", frozen=True):
 class Joined(msgspec.Struct, tag="joined", tag_field="type", frozen=True):
     room: str
     members: list[str]
+    #: Whether the room holds messages older than the oldest one the join replayed.
+    more: bool
 
 
 class Left(msgspec.Struct, tag="left", tag_field="type", frozen=True):

@@ -375,17 +375,17 @@ class Session:
         try:
             async with self.transport.cancel_on_close():
                 # Cancelled, or the store failed: not joined, and nobody was told.
-                replay, reset = await self.node.join(room, self, command.since)
-                if reset:
+                replay = await self.node.join(room, self, command.since)
+                if replay.reset:
                     self.send(Reset(room=room))
                 # Live broadcasts stay held until the whole replay is queued.
-                for payload in _frames([m.event() for m in replay]):
+                for payload in _frames([m.event() for m in replay.messages]):
                     await self.transport.send_reply(payload)
         finally:
             del self._held[room]
-        if replay:
-            self._replayed[room] = {m.id for m in replay}
-        self.send(Joined(room=room, members=self.node.members(room)))
+        if replay.messages:
+            self._replayed[room] = {m.id for m in replay.messages}
+        self.send(Joined(room=room, members=self.node.members(room), more=replay.more))
         for out in held:
             self.deliver_nowait(out)
 

@@ -1,0 +1,68 @@
+// What the server says about itself (GET /api/config): where its sockets are, and its
+// rules for room names and message length, so the page keeps no copy that could drift.
+
+let config = null;
+/** The server's room rule; null until it has said (then the server alone judges). */
+let roomRule = null;
+/** The longest text in characters (Unicode code points, as the server counts); null: unknown. */
+let maxText = null;
+
+/** Ask the server. Returns false if it is unreachable. */
+export async function loadConfig() {
+  try {
+    const resp = await fetch("/api/config", { cache: "no-store" });
+    // No usable config (an old server, a proxy): the /ws fallback alone will do.
+    config = resp.ok ? await resp.json().catch(() => ({})) : {};
+  } catch (_) {
+    return false;
+  }
+  if (typeof config.room_pattern === "string") {
+    try {
+      roomRule = new RegExp(config.room_pattern);
+    } catch (_) {
+      roomRule = null; // a rule this browser cannot read: the server judges alone
+    }
+  }
+  if (Number.isInteger(config.max_text) && config.max_text > 0) maxText = config.max_text;
+  return true;
+}
+
+export function configLoaded() {
+  return config !== null;
+}
+
+/** The server may have moved: ask again before the next connect. The rules stay known. */
+export function forgetConfig() {
+  config = null;
+}
+
+function wsUrl(path) {
+  const u = new URL(path, location.href);
+  u.protocol = u.protocol === "https:" ? "wss:" : "ws:";
+  return u;
+}
+
+/** Where to connect, in order: the chat socket, then the /ws fallback on this origin. */
+export function socketUrls(forceFallback) {
+  const list = [];
+  if (!forceFallback && config && config.ws_url) {
+    list.push({ url: wsUrl(config.ws_url), kind: "chat" });
+  }
+  list.push({ url: wsUrl((config && config.fallback_ws_url) || "/ws"), kind: "fallback" });
+  return list;
+}
+
+export function roomAllowed(name) {
+  return roomRule ? roomRule.test(name) : name.length > 0;
+}
+
+/** The server's text limit, or null if not known. */
+export function textLimit() {
+  return maxText;
+}
+
+/** Whether the server would refuse `text` as too long. */
+export function textTooLong(text) {
+  // [...text] counts code points, as the server does (an emoji is one, not two).
+  return maxText !== null && [...text].length > maxText;
+}

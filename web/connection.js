@@ -1,0 +1,151 @@
+// The one WebSocket at a time: which URL (the chat socket named by /api/config, else the
+// /ws fallback on this page's origin; ?transport=fallback forces /ws), reconnecting with
+// backoff, and the keepalive. It knows sockets and frames, not rooms: every frame goes to
+// `hooks.frame`, a lost socket to `hooks.down`; the page resumes its rooms on `welcome`.
+
+import { configLoaded, forgetConfig, loadConfig, socketUrls } from "./config.js";
+
+const PING_EVERY_MS = 20000;
+// No frame at all (not even a pong) for this long means the socket is dead.
+const SILENCE_LIMIT_MS = 45000;
+const BACKOFF_BASE_MS = 500;
+const BACKOFF_MAX_MS = 8000;
+const CLOSE_GOING_AWAY = 1001;
+const CLOSE_POLICY = 1008;
+const CLOSE_SLOW = 4008;
+
+const forceFallback = new URLSearchParams(location.search).get("transport") === "fallback";
+
+/** {query() -> {name: value}, frame(obj), down(), status(state, text), transport(kind)} */
+let hooks = null;
+let ws = null;
+let kind = null; // "chat" or "fallback": what the open socket is
+let online = false; // `welcome` received on the current socket
+let attempt = 0; // consecutive failed connects, for the backoff
+let reconnectTimer = null;
+let pingTimer = null;
+let lastFrameAt = 0;
+
+export function startConnection(h) {
+  hooks = h;
+  connect();
+}
+
+/** Send `obj` if the session is open. Returns whether it was sent. */
+export function send(obj) {
+  if (!ws || ws.readyState !== WebSocket.OPEN || !online) return false;
+  ws.send(JSON.stringify(obj));
+  return true;
+}
+
+export function isOnline() {
+  return online;
+}
+
+/** Connect again at once, as someone else (the query changed). */
+export function reconnect() {
+  if (!ws) return; // between sockets: the next connect reads the new query anyway
+  ws.close(1000, "renaming");
+  attempt = 0;
+}
+
+async function connect() {
+  reconnectTimer = null;
+  // Server unreachable: back off. (Trying /ws now would work only if the server came
+  // back within the last moment, and would pin this page to the slower fallback.)
+  if (!configLoaded() && !(await loadConfig())) {
+    disconnected(1006, "");
+    return;
+  }
+  hooks.status(attempt === 0 ? "connecting" : "reconnecting", attempt === 0 ? "connecting…" : "reconnecting…");
+  const list = socketUrls(forceFallback);
+  for (const c of list) {
+    for (const [key, value] of Object.entries(hooks.query())) c.url.searchParams.set(key, value);
+  }
+  tryUrl(list, 0);
+}
+
+function tryUrl(list, i) {
+  let opened = false;
+  const sock = new WebSocket(String(list[i].url));
+  ws = sock;
+  sock.addEventListener("open", () => {
+    opened = true;
+    kind = list[i].kind;
+    hooks.transport(kind);
+    lastFrameAt = Date.now();
+  });
+  sock.addEventListener("message", (ev) => {
+    if (sock !== ws) return;
+    lastFrameAt = Date.now();
+    if (typeof ev.data !== "string") return;
+    // The server may batch several events in one frame, one JSON object a line.
+    for (const line of ev.data.split("\n")) {
+      if (!line) continue;
+      let obj;
+      try {
+        obj = JSON.parse(line);
+      } catch (_) {
+        continue;
+      }
+      if (obj === null || typeof obj !== "object") continue;
+      if (obj.type === "welcome") welcomed();
+      hooks.frame(obj);
+    }
+  });
+  sock.addEventListener("close", (ev) => {
+    if (sock !== ws) return;
+    if (!opened && i + 1 < list.length) {
+      tryUrl(list, i + 1); // chat socket unreachable: try the /ws fallback right away
+      return;
+    }
+    disconnected(ev.code, ev.reason);
+  });
+}
+
+function welcomed() {
+  online = true;
+  attempt = 0;
+  hooks.status("online", "online" + (kind === "fallback" ? " (via /ws)" : ""));
+  clearInterval(pingTimer);
+  pingTimer = setInterval(keepalive, PING_EVERY_MS);
+}
+
+function disconnected(code, reason) {
+  ws = null;
+  online = false;
+  clearInterval(pingTimer);
+  hooks.down();
+  let delay;
+  if (code === CLOSE_SLOW) {
+    // We fell behind; nothing is lost, the rejoin with `since` catches up.
+    hooks.status("slow", "disconnected: connection too slow; catching up…");
+    delay = 250 + Math.random() * 750;
+  } else {
+    // Exponential backoff with full jitter, so a restarted server is not stampeded.
+    const cap = Math.min(BACKOFF_MAX_MS, BACKOFF_BASE_MS * 2 ** attempt);
+    delay = cap / 2 + Math.random() * (cap / 2);
+    const why = code === CLOSE_POLICY ? " (refused: " + (reason || "policy") + ")" : "";
+    hooks.status("reconnecting", "reconnecting… in " + Math.ceil(delay / 1000) + " s" + why);
+  }
+  attempt += 1;
+  if (code === CLOSE_GOING_AWAY || attempt > 1) forgetConfig(); // the server may have moved
+  reconnectTimer = setTimeout(connect, delay);
+}
+
+function keepalive() {
+  if (!ws || ws.readyState !== WebSocket.OPEN) return;
+  if (Date.now() - lastFrameAt > SILENCE_LIMIT_MS) {
+    ws.close(4000, "no answer");
+    return;
+  }
+  send({ type: "ping" });
+}
+
+// Back on the network: do not wait out the backoff.
+window.addEventListener("online", () => {
+  if (reconnectTimer === null) return;
+  clearTimeout(reconnectTimer);
+  attempt = 0;
+  connect();
+});
