@@ -1,4 +1,4 @@
-"""The ``trio-chat`` command: ``serve``, ``client`` and ``cluster``."""
+"""The ``trio-chat`` command: ``serve``, ``client``, ``cluster`` and ``settings``."""
 
 from __future__ import annotations
 
@@ -7,68 +7,34 @@ import logging
 import os
 import signal
 import sys
-from typing import Final
 
 import trio
 from hypercorn.config import Config
 
-from ._config import Settings
+from ._config import SETTINGS, Settings, settings_table
 from ._errors import ConfigError
-
-# Flags of ``serve`` that set a TRIO_CHAT_* variable (flag, variable, help).
-_SETTING_FLAGS: Final = [
-    (
-        "--ws-bind",
-        "TRIO_CHAT_WS_BIND",
-        "chat socket address HOST:PORT, or off (default 127.0.0.1:8001)",
-    ),
-    ("--ws-public-url", "TRIO_CHAT_WS_PUBLIC_URL", "chat socket URL the page uses, behind a proxy"),
-    ("--data-dir", "TRIO_CHAT_DATA_DIR", "history, node identity and cluster key (default ./data)"),
-    ("--store", "TRIO_CHAT_STORE", "sqlite (default) or memory"),
-    ("--rate-limit", "TRIO_CHAT_RATE_LIMIT", "frames per second per connection; 0 turns it off"),
-    ("--rate-burst", "TRIO_CHAT_RATE_BURST", "burst of the per-connection rate limit"),
-    ("--max-text", "TRIO_CHAT_MAX_TEXT", "longest message, in characters (default 4000)"),
-    (
-        "--backlog",
-        "TRIO_CHAT_BACKLOG",
-        "unsent broadcast bytes per client before it is closed as slow (default 1M)",
-    ),
-    (
-        "--max-connections",
-        "TRIO_CHAT_MAX_CONNECTIONS",
-        "clients at once, both WebSockets (default: from the descriptor limit)",
-    ),
-    (
-        "--max-connections-per-ip",
-        "TRIO_CHAT_MAX_CONNECTIONS_PER_IP",
-        "clients at once from one address (default 256)",
-    ),
-    (
-        "--allowed-origins",
-        "TRIO_CHAT_ALLOWED_ORIGINS",
-        "comma-separated origins allowed besides the page's",
-    ),
-    (
-        "--allowed-hosts",
-        "TRIO_CHAT_ALLOWED_HOSTS",
-        "comma-separated Host names served (.example.com: and subdomains; *: any)",
-    ),
-    ("--cluster", "TRIO_CHAT_CLUSTER", "off, host (default: the workers of this host) or lan"),
-    ("--cluster-group", "TRIO_CHAT_CLUSTER_GROUP", "multicast group (default 239.255.77.77)"),
-    ("--cluster-port", "TRIO_CHAT_CLUSTER_PORT", "multicast port (default 47477)"),
-    (
-        "--cluster-interface",
-        "TRIO_CHAT_CLUSTER_INTERFACE",
-        "address of the interface to multicast on",
-    ),
-    ("--cluster-ttl", "TRIO_CHAT_CLUSTER_TTL", "multicast TTL: 0 host only, 1 for a LAN"),
-    ("--cluster-key-file", "TRIO_CHAT_CLUSTER_KEY_FILE", "file holding the cluster secret"),
-    ("--http-url", "TRIO_CHAT_HTTP_URL", "this node's HTTP address as peers reach it"),
-]
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``trio-chat`` command."""
+    from . import _client
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    if args.command == "serve":
+        return _serve(args)
+    if args.command == "client":
+        return _client.run(args)
+    if args.command == "settings":
+        print(settings_table(), end="")
+        return 0
+    return _cluster_check(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of the ``trio-chat`` command; ``serve`` has a flag for every setting."""
     from . import _client
 
     parser = argparse.ArgumentParser(
@@ -85,8 +51,13 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument(
         "--workers", type=int, default=1, help="worker processes, restarted if they die (default 1)"
     )
-    for flag, _, help_text in _SETTING_FLAGS:
-        serve.add_argument(flag, help=help_text)
+    for setting in SETTINGS:
+        default = setting.default_text().replace("`", "")
+        serve.add_argument(
+            setting.flag,
+            help=f"{setting.help.replace('`', '')}; {setting.rule}"
+            f" (default: {default}; sets {setting.var})",
+        )
 
     client = commands.add_parser("client", help="chat from the terminal")
     _client.add_arguments(client)
@@ -98,15 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         "--seconds", type=float, default=5.0, help="how long to listen (default 5)"
     )
 
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    if args.command == "serve":
-        return _serve(args)
-    if args.command == "client":
-        return _client.run(args)
-    return _cluster_check(args)
+    commands.add_parser("settings", help="print the settings table (Markdown, as in the README)")
+    return parser
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -115,13 +79,14 @@ def _serve(args: argparse.Namespace) -> int:
     if args.workers < 1:
         print(f"trio-chat: --workers must be at least 1, not {args.workers}", file=sys.stderr)
         return 2
-    for flag, var, _ in _SETTING_FLAGS:
-        value = getattr(args, flag.lstrip("-").replace("-", "_"))
+    # The workers read the settings from the environment, as under plain hypercorn.
+    for setting in SETTINGS:
+        value = getattr(args, setting.name)
         if value is not None:
-            os.environ[var] = value
+            os.environ[setting.var] = value
     os.environ.setdefault("TRIO_CHAT_HTTP_URL", f"http://{args.bind}")
     try:
-        Settings.from_env()
+        settings = Settings.from_env()
     except ConfigError as exc:
         print(f"trio-chat: {exc}", file=sys.stderr)
         return 2
@@ -129,9 +94,8 @@ def _serve(args: argparse.Namespace) -> int:
     config.bind = [args.bind]
     config.accesslog = None
     config.errorlog = "-"
-    print(
-        f"trio-chat: http://{args.bind}/ (chat socket {os.environ.get('TRIO_CHAT_WS_BIND', '127.0.0.1:8001')})"
-    )
+    ws_bind = next(s for s in SETTINGS if s.name == "ws_bind").render(settings.ws_bind)
+    print(f"trio-chat: http://{args.bind}/ (chat socket {ws_bind})")
     if args.workers > 1:
         return Supervisor(config, args.workers).run()
     return run_node(config, None, (signal.SIGTERM, signal.SIGINT))

@@ -1,105 +1,239 @@
-"""Settings: read once at start from ``TRIO_CHAT_*`` environment variables, validated.
+"""Settings: each declared once, read at start from ``TRIO_CHAT_*`` environment variables.
 
-Every bad value raises `ConfigError` naming the variable, the value and the rule, so the
-server refuses to start with a clear line rather than misbehaving later.
+Theory of operation. The `Settings` struct *is* the declaration. Each field is one
+setting: its name (the variable is ``TRIO_CHAT_`` + the name in capitals, the flag of
+``trio-chat serve`` is ``--`` + the name with dashes), its type, its bounds as
+``msgspec.Meta`` constraints (``ge``/``gt``/``le``, a ``Literal`` for choices), its
+default, and a `_doc` Meta with the help text, the unit, what unset means when the default
+is worked out at run time, and the `Kind` (`trio_chat._setting_kinds`): how a value is
+written in the environment (a size like ``16K``, ``HOST:PORT`` or ``off``, a comma list,
+a path, a secret...). `SETTINGS` reads those declarations back through
+``msgspec.inspect``, and everything else is derived from it:
+
+- `Settings.from_env`: each variable goes through its kind's parser (a string to plain
+  data), then ``msgspec.convert`` checks the type and the bounds. Every failure is one
+  `ConfigError` naming the variable, the value and the rule, the rule itself written from
+  the declaration (``must be a whole number from 0 to 255``).
+- The flags of ``trio-chat serve`` (`trio_chat._cli`), with the help, rule and default.
+- The README's settings table (`settings_table`; ``trio-chat settings`` prints it).
+  tests/test_config.py fails when the README's table differs: the README is read on
+  GitHub as it is, with no build step to regenerate it, and the failing test shows a
+  branch that adds a setting the exact rows to paste.
+
+Why a msgspec ``Struct`` rather than a table of our own: mypy sees every field with its
+type, ``Settings(...)`` builds one in tests, and ``msgspec.convert`` checks the very
+bounds the documentation shows, so the checks cannot drift from it.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Final, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Final, Literal
+
+import msgspec
+from msgspec import Meta
 
 from ._errors import ConfigError
-from ._hosts import parse_allowed_hosts
+from ._setting_kinds import (
+    BIND,
+    CHOICE,
+    GROUP,
+    HOSTS,
+    INTERFACE,
+    KIB,
+    MIB,
+    ORIGINS,
+    PATH,
+    PLAIN,
+    SECRET,
+    SIZE,
+    Kind,
+    url,
+)
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Mapping
+    from collections.abc import Mapping
 
 SECONDS: Final = 1.0
-KIB: Final = 1024
-MIB: Final = 1024 * KIB
 
 ClusterMode = Literal["off", "host", "lan"]
 StoreKind = Literal["sqlite", "memory"]
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class Settings:
+def _doc(text: str, *, kind: Kind = PLAIN, unit: str = "", unset: str = "") -> Meta:
+    """A setting's documentation: help text, how it is written, its unit, unset meaning."""
+    return Meta(description=text, extra={"kind": kind, "unit": unit, "unset": unset})
+
+
+Port = Annotated[int, Meta(ge=0, le=65535)]
+
+
+class Settings(msgspec.Struct, frozen=True, kw_only=True):
     """Everything an operator can set. Defaults are what ``make run`` uses."""
 
-    #: Where the SQLite history, the node identity and the host cluster key live.
-    data_dir: Path = Path("data")
-    #: ``sqlite`` (durable, the default) or ``memory`` (lost on exit; for benchmarks).
-    store: StoreKind = "sqlite"
-    #: Per-connection token bucket: messages per second (0 turns limiting off) and burst.
-    rate_limit: float = 10.0
-    rate_burst: int = 20
-    #: Rate-limited frames a connection may send before it is closed with 1008.
-    rate_strikes: int = 20
-    max_text: int = 4000
-    #: Largest incoming WebSocket message; more closes with 1009.
-    max_frame: int = 16 * KIB
-    max_rooms: int = 50
-    history_on_join: int = 50
-    #: Most messages a ``join`` with ``since`` replays; beyond it the client gets ``reset``.
-    resume_max: int = 1000
-    #: The chat socket's address, or None when it is turned off (``off``).
-    ws_bind: tuple[str, int] | None = ("127.0.0.1", 8001)
-    #: The chat socket URL the page is told to use; derived from ws_bind when unset.
-    ws_public_url: str | None = None
-    #: Clients served at once over both WebSockets; past it new ones get HTTP 503.
-    #: None: derived from RLIMIT_NOFILE (`trio_chat._limits.default_max_connections`).
-    max_connections: int | None = None
-    #: Clients served at once from one (peer) address; past it new ones get HTTP 503.
-    max_connections_per_ip: int = 256
-    #: Bytes of unsent frames a client may hold before it is closed with 4008 "slow".
-    backlog: int = 1 * MIB
-    allowed_origins: frozenset[str] = frozenset()
-    #: Host names the server answers to (DNS-rebinding defence; ``*``: any). None: loopback
-    #: names only when bound to loopback, else any (`trio_chat._hosts`).
-    allowed_hosts: frozenset[str] | None = None
-    #: Every interval each client is pinged; one that sent nothing since the last is cut.
-    keepalive_interval: float = 20 * SECONDS
-    #: How long connections get to close on shutdown before they are cut.
-    shutdown_grace: float = 3 * SECONDS
-    cluster: ClusterMode = "host"
-    cluster_group: str = "239.255.77.77"
-    cluster_port: int = 47477
-    cluster_interface: str = "127.0.0.1"
-    cluster_ttl: int = 0
-    cluster_secret: bytes | None = None
-    cluster_key_file: Path | None = None
-    #: This node's HTTP API as peers should reach it (for healing gaps from history).
-    http_url: str | None = None
+    data_dir: Annotated[
+        Path, _doc("history (`history.sqlite3`), node identity, host cluster key", kind=PATH)
+    ] = Path("data")
+    store: Annotated[
+        StoreKind,
+        _doc("`memory` keeps history in the process only (benchmarks)", kind=CHOICE),
+    ] = "sqlite"
+    rate_limit: Annotated[
+        float,
+        Meta(ge=0),
+        _doc("frames a connection may send per second (`0`: no limit)", unit="per second"),
+    ] = 10.0
+    rate_burst: Annotated[int, Meta(ge=1), _doc("burst of the per-connection rate limit")] = 20
+    rate_strikes: Annotated[
+        int, Meta(ge=1), _doc("rate-limited frames a connection may send before close 1008")
+    ] = 20
+    max_text: Annotated[
+        int, Meta(ge=1), _doc("longest message a client may send", unit="characters")
+    ] = 4000
+    max_frame: Annotated[
+        int,
+        Meta(ge=KIB),
+        _doc("largest incoming WebSocket message (more: close 1009)", kind=SIZE, unit="bytes"),
+    ] = 16 * KIB
+    max_rooms: Annotated[int, Meta(ge=1), _doc("rooms one connection may be in")] = 50
+    history_on_join: Annotated[
+        int, Meta(ge=0), _doc("messages replayed on `join`", unit="messages")
+    ] = 50
+    resume_max: Annotated[
+        int,
+        Meta(ge=1),
+        _doc("most messages a `join` with `since` replays; beyond, `reset`", unit="messages"),
+    ] = 1000
+    ws_bind: Annotated[
+        tuple[str, Port] | None,
+        _doc("the chat socket; `off` disables it (the page then uses `/ws`)", kind=BIND),
+    ] = ("127.0.0.1", 8001)
+    ws_public_url: Annotated[
+        str | None,
+        _doc(
+            "the chat socket URL given to the page, behind a proxy",
+            kind=url("ws", "wss"),
+            unset="from the page's host",
+        ),
+    ] = None
+    max_connections: Annotated[
+        Annotated[int, Meta(ge=1)] | None,
+        _doc(
+            "clients at once over both WebSockets; more get HTTP 503. Unset: `(nofile - 256)"
+            " * 0.9`, `nofile` being the soft `RLIMIT_NOFILE` after it is raised to the hard"
+            " one at start (docs/architecture.md)",
+            unset="from `RLIMIT_NOFILE`",
+        ),
+    ] = None
+    max_connections_per_ip: Annotated[
+        int,
+        Meta(ge=1),
+        _doc(
+            "clients at once from one peer address; more get HTTP 503 (behind a proxy that"
+            " is the proxy's address: trusted-proxy support is not built yet)"
+        ),
+    ] = 256
+    backlog: Annotated[
+        int,
+        Meta(ge=KIB),
+        _doc(
+            "unsent broadcast bytes per client before close 4008 (replies it asked for do"
+            " not count)",
+            kind=SIZE,
+            unit="bytes",
+        ),
+    ] = 1 * MIB
+    allowed_origins: Annotated[
+        frozenset[str],
+        _doc("origins allowed besides the page's own", kind=ORIGINS, unset="none"),
+    ] = frozenset()
+    allowed_hosts: Annotated[
+        frozenset[str] | None,
+        _doc(
+            "`Host` names answered on both sockets (`.example.com`: the domain and its"
+            " subdomains; `*`: any); others get 400. Set it in production: it stops"
+            " DNS-rebinding pages (trio_chat/_hosts.py)",
+            kind=HOSTS,
+            unset="loopback names when bound to loopback, else `*`",
+        ),
+    ] = None
+    keepalive_interval: Annotated[
+        float,
+        Meta(gt=0),
+        _doc("time between pings; a client silent since the last is cut", unit="seconds"),
+    ] = 20 * SECONDS
+    shutdown_grace: Annotated[
+        float,
+        Meta(ge=0),
+        _doc("time clients get to close on shutdown before they are cut", unit="seconds"),
+    ] = 3 * SECONDS
+    cluster: Annotated[
+        ClusterMode,
+        _doc(
+            "`off`; `host`: the workers of this host (loopback, TTL 0); `lan`: hosts on"
+            " a LAN (needs a secret and an interface)",
+            kind=CHOICE,
+        ),
+    ] = "host"
+    cluster_group: Annotated[str, _doc("multicast group of the cluster", kind=GROUP)] = (
+        "239.255.77.77"
+    )
+    cluster_port: Annotated[
+        int, Meta(ge=1, le=65535), _doc("UDP port of the cluster's multicast group")
+    ] = 47477
+    cluster_interface: Annotated[
+        str,
+        _doc(
+            "this host's address on the interface to multicast on (LAN mode: on the LAN)",
+            kind=INTERFACE,
+        ),
+    ] = "127.0.0.1"
+    cluster_ttl: Annotated[
+        int,
+        Meta(ge=0, le=255),
+        _doc("multicast TTL: `0` keeps datagrams on this host; LAN mode's default is `1`"),
+    ] = 0
+    cluster_secret: Annotated[
+        Annotated[bytes, Meta(min_length=16)] | None,
+        _doc(
+            "the cluster key (LAN mode needs it or a key file). As a flag it shows in"
+            " `ps`: prefer the variable or `--cluster-key-file`",
+            kind=SECRET,
+            unset="host mode: made in the data dir",
+        ),
+    ] = None
+    cluster_key_file: Annotated[
+        Path | None,
+        _doc("a file holding the cluster key", kind=PATH, unset="none"),
+    ] = None
+    http_url: Annotated[
+        str | None,
+        _doc(
+            "this node's HTTP address as peers reach it (healing gaps from history)",
+            kind=url("http", "https"),
+            unset="set by `trio-chat serve` from `--bind`",
+        ),
+    ] = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
-        """Read the ``TRIO_CHAT_*`` variables.
+        """Read the ``TRIO_CHAT_*`` variables; unset or empty ones keep their default.
 
         Raises:
           ConfigError: a value is malformed or out of range.
         """
         env = os.environ if environ is None else environ
-        values: dict[str, object] = {}
-        for field in dataclasses.fields(cls):
-            var = "TRIO_CHAT_" + field.name.upper()
-            raw = env.get(var)
-            if raw is None or raw == "":
-                continue
-            parse = _PARSERS[field.name]
-            try:
-                values[field.name] = parse(raw.strip())
-            except ValueError as exc:
-                reason = str(exc)
-                if reason.startswith(("could not convert", "invalid literal")):
-                    reason = "must be a number"
-                raise ConfigError(f"{var}={raw!r}: {reason}") from None
+        values: dict[str, Any] = {}
+        for setting in SETTINGS:
+            raw = env.get(setting.var, "").strip()
+            if raw:
+                values[setting.name] = setting.parse(raw)
         if values.get("cluster") == "lan":
             # LAN mode reaches the segment unless told otherwise.
             values.setdefault("cluster_ttl", 1)
-        settings = cls(**values)  # type: ignore[arg-type]
+        settings = cls(**values)
         settings.check()
         return settings
 
@@ -137,119 +271,125 @@ class Settings:
         return f"ws://{host}:{port}/ws"
 
 
-def _positive_float(raw: str) -> float:
-    value = float(raw)
-    if not value > 0:
-        raise ValueError("must be a number above 0")
-    return value
+@dataclass(frozen=True, slots=True)
+class Setting:
+    """One declared setting, as `SETTINGS` reads it from `Settings`."""
+
+    name: str
+    #: The annotated type ``msgspec.convert`` checks a parsed value against.
+    type: Any
+    default: object
+    help: str
+    kind: Kind
+    unit: str
+    unset: str
+    #: What values are taken, from the kind and the type's bounds ("must be " + rule).
+    rule: str
+
+    @property
+    def var(self) -> str:
+        return "TRIO_CHAT_" + self.name.upper()
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    def parse(self, raw: str) -> object:
+        """The value of this setting written as ``raw``.
+
+        Raises:
+          ConfigError: ``raw`` breaks the rule; the message names the variable and value.
+        """
+        try:
+            data = self.kind.parse(raw)
+        except ValueError as exc:
+            raise self._refusal(raw, str(exc)) from None
+        try:
+            return msgspec.convert(data, self.type, strict=False, dec_hook=_dec_hook)
+        except msgspec.ValidationError:
+            raise self._refusal(raw, "") from None
+
+    def render(self, value: object) -> str:
+        """``value`` as written in the environment ("" for None: unset)."""
+        return "" if value is None else self.kind.render(value)
+
+    def default_text(self) -> str:
+        """The default as the docs show it, Markdown: the value and its unit, or ``unset``."""
+        rendered = "" if self.kind.secret else self.render(self.default)
+        if not rendered:
+            return self.unset
+        return f"`{rendered}` {self.unit}".rstrip()
+
+    def _refusal(self, raw: str, reason: str) -> ConfigError:
+        shown = f"({len(raw)} characters, not shown)" if self.kind.secret else repr(raw)
+        return ConfigError(f"{self.var}={shown}: {reason or 'must be ' + self.rule}")
 
 
-def _non_negative_float(raw: str) -> float:
-    value = float(raw)
-    if not value >= 0:
-        raise ValueError("must be a number, 0 or above")
-    return value
+def _dec_hook(type_: type, obj: object) -> object:
+    if type_ is Path and isinstance(obj, str):
+        return Path(obj)
+    raise NotImplementedError
 
 
-def _positive_int(raw: str) -> int:
-    value = int(raw)
-    if value < 1:
-        raise ValueError("must be a whole number above 0")
-    return value
+def _rule(kind: Kind, info: msgspec.inspect.Type) -> str:
+    """What values a setting takes, from its kind and its type's bounds."""
+    if isinstance(info, msgspec.inspect.Metadata):
+        info = info.type
+    if isinstance(info, msgspec.inspect.UnionType):
+        (info,) = (t for t in info.types if not isinstance(t, msgspec.inspect.NoneType))
+    if isinstance(info, msgspec.inspect.LiteralType):
+        return "one of " + ", ".join(map(str, info.values))
+    if isinstance(info, msgspec.inspect.IntType | msgspec.inspect.FloatType):
+        whole = isinstance(info, msgspec.inspect.IntType)
+        what = kind.what or ("a whole number" if whole else "a number")
+        show = kind.render
+        if info.ge is not None and info.le is not None:
+            return f"{what} from {show(info.ge)} to {show(info.le)}"
+        if info.gt is not None or (whole and info.ge == 1):
+            return f"{what} above {show(info.gt or 0)}"
+        if info.ge == 0:
+            return f"{what}, 0 or above"
+        if info.ge is not None:
+            return f"{what}, at least {show(info.ge)}"
+        return what
+    if isinstance(info, msgspec.inspect.BytesType) and info.min_length:
+        return f"text of at least {info.min_length} characters"
+    return kind.what or "text"
 
 
-def _size(raw: str) -> int:
-    """A byte count, with an optional K/M suffix (``1M`` = 1 MiB)."""
-    units = {"k": KIB, "m": MIB}
-    factor = units.get(raw[-1:].lower(), 1)
-    number = raw[:-1] if factor != 1 else raw
-    value = int(number) * factor
-    if value < 1 * KIB:
-        raise ValueError("must be at least 1K")
-    return value
+def _declared() -> tuple[Setting, ...]:
+    settings = []
+    for field in msgspec.structs.fields(Settings):
+        info = msgspec.inspect.type_info(field.type)
+        if not isinstance(info, msgspec.inspect.Metadata) or not info.extra:
+            raise TypeError(f"Settings.{field.name} is declared without _doc(...)")
+        kind: Kind = info.extra["kind"]
+        settings.append(
+            Setting(
+                name=field.name,
+                type=field.type,
+                default=field.default,
+                help=(info.extra_json_schema or {})["description"],
+                kind=kind,
+                unit=info.extra["unit"],
+                unset=info.extra["unset"],
+                rule=_rule(kind, info),
+            )
+        )
+    return tuple(settings)
 
 
-def _bind(raw: str) -> tuple[str, int] | None:
-    if raw.lower() == "off":
-        return None
-    host, sep, port = raw.rpartition(":")
-    if not sep or not host:
-        raise ValueError("must be HOST:PORT or off")
-    return host.strip("[]"), _port(port)
+#: Every setting, in declaration order.
+SETTINGS: Final = _declared()
 
 
-def _port(raw: str) -> int:
-    value = int(raw)
-    if not 0 <= value <= 65535:
-        raise ValueError("must be a port number, 0 to 65535")
-    return value
-
-
-def _choice(*options: str) -> Callable[[str], str]:
-    def parse(raw: str) -> str:
-        if raw.lower() not in options:
-            raise ValueError("must be one of " + ", ".join(options))
-        return raw.lower()
-
-    return parse
-
-
-def _ttl(raw: str) -> int:
-    value = int(raw)
-    if not 0 <= value <= 255:
-        raise ValueError("must be 0 to 255")
-    return value
-
-
-def _url(*schemes: str) -> Callable[[str], str]:
-    def parse(raw: str) -> str:
-        if not raw.startswith(tuple(s + "://" for s in schemes)):
-            raise ValueError("must start with " + " or ".join(s + "://" for s in schemes))
-        return raw.rstrip("/")
-
-    return parse
-
-
-def _origins(raw: str) -> frozenset[str]:
-    origins = frozenset(o.strip().rstrip("/") for o in raw.split(",") if o.strip())
-    for origin in origins:
-        if not origin.startswith(("http://", "https://")):
-            raise ValueError(f"{origin!r} is not an origin like https://chat.example.com")
-    return origins
-
-
-def _secret(raw: str) -> bytes:
-    if len(raw) < 16:
-        raise ValueError("must be at least 16 characters")
-    return raw.encode()
-
-
-_PARSERS: Final[dict[str, Callable[[str], object]]] = {
-    "data_dir": Path,
-    "store": _choice("sqlite", "memory"),
-    "rate_limit": _non_negative_float,
-    "rate_burst": _positive_int,
-    "rate_strikes": _positive_int,
-    "max_text": _positive_int,
-    "max_frame": _size,
-    "max_rooms": _positive_int,
-    "history_on_join": lambda raw: _positive_int(raw) if raw != "0" else 0,
-    "resume_max": _positive_int,
-    "ws_bind": _bind,
-    "ws_public_url": _url("ws", "wss"),
-    "max_connections": _positive_int,
-    "max_connections_per_ip": _positive_int,
-    "backlog": _size,
-    "allowed_origins": _origins,
-    "allowed_hosts": parse_allowed_hosts,
-    "keepalive_interval": _positive_float,
-    "shutdown_grace": _non_negative_float,
-    "cluster": _choice("off", "host", "lan"),
-    "cluster_group": str,
-    "cluster_port": _port,
-    "cluster_interface": str,
-    "cluster_ttl": _ttl,
-    "cluster_secret": _secret,
-    "cluster_key_file": Path,
-    "http_url": _url("http", "https"),
-}
+def settings_table() -> str:
+    """The README's settings table (Markdown), one row per setting."""
+    rows = [
+        "| variable | flag | default | takes | meaning |",
+        "|---|---|---|---|---|",
+    ]
+    rows += [
+        f"| `{s.var}` | `{s.flag}` | {s.default_text()} | {s.rule} | {s.help} |" for s in SETTINGS
+    ]
+    return "\n".join(rows) + "\n"

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Final, NoReturn, Protocol
 
 import trio
 
+from ._config import Settings
 from ._errors import ChatError, ConfigError
 from ._link_events import Delivered, Gap, LinkEvent, LinkSettings, LinkStatistics
 from ._link_packet import MAX_PACKET_SIZE, PacketCodec
@@ -28,8 +29,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-DEFAULT_GROUP: Final = "239.255.77.77"
-DEFAULT_PORT: Final = 7777
+# The cluster settings' defaults are the operator's (`Settings`), declared once there.
+_DEFAULTS: Final = Settings()
 #: About one second of deliveries at the 1,000 messages/s we aim at: a consumer further
 #: behind than that is stuck, not busy, and we would rather heal than queue without end.
 EVENT_BUFFER: Final = 1024
@@ -64,11 +65,11 @@ class LinkConfig:
     node_id: str
     incarnation: int
     http_url: str
-    port: int = DEFAULT_PORT
-    group: str = DEFAULT_GROUP
-    interface: str = "127.0.0.1"
+    port: int = _DEFAULTS.cluster_port
+    group: str = _DEFAULTS.cluster_group
+    interface: str = _DEFAULTS.cluster_interface
     #: 0 keeps datagrams on this host; 1 reaches the LAN segment.
-    ttl: int = 0
+    ttl: int = _DEFAULTS.cluster_ttl
     #: Must stay on for workers of one host to hear each other.
     loop: bool = True
     rcvbuf: int = 4 * _MIB
