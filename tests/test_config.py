@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from trio_chat import ConfigError, Settings
-from trio_chat._cluster import cluster_secret
+from trio_chat.node._cluster import cluster_secret
 
 
 def test_defaults() -> None:

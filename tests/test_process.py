@@ -23,7 +23,7 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed, open_websocket_url
 
-from trio_chat._supervisor import START_FAILED
+from trio_chat.app._supervisor import START_FAILED
 
 from _server_process import kill_group, log_tail, worker_pids
 

@@ -11,8 +11,8 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Final, Literal
 
-from ._errors import ConfigError
-from ._hosts import parse_allowed_hosts
+from .._errors import ConfigError
+from ..protocol._hosts import parse_allowed_hosts
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping

@@ -12,8 +12,8 @@ from typing import Final
 import trio
 from hypercorn.config import Config
 
-from ._config import Settings
-from ._errors import ConfigError
+from .._errors import ConfigError
+from ..settings._settings import Settings
 
 # Flags of ``serve`` that set a TRIO_CHAT_* variable (flag, variable, help).
 _SETTING_FLAGS: Final = [
@@ -69,7 +69,7 @@ _SETTING_FLAGS: Final = [
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``trio-chat`` command."""
-    from . import _client
+    from ..client import _terminal
 
     parser = argparse.ArgumentParser(
         prog="trio-chat", description="A real-time chat server on Trio."
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         serve.add_argument(flag, help=help_text)
 
     client = commands.add_parser("client", help="chat from the terminal")
-    _client.add_arguments(client)
+    _terminal.add_arguments(client)
 
     cluster = commands.add_parser(
         "cluster", help="show the peers this host sees and test multicast"
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         return _serve(args)
     if args.command == "client":
-        return _client.run(args)
+        return _terminal.run(args)
     return _cluster_check(args)
 
 
@@ -138,9 +138,9 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _cluster_check(args: argparse.Namespace) -> int:
-    from ._cluster import link_config
-    from ._identity import claim_identity
-    from ._link_diag import run_cluster_check
+    from ..link._diag import run_cluster_check
+    from ..node._cluster import link_config
+    from ..node._identity import claim_identity
 
     try:
         settings = Settings.from_env()
