@@ -61,7 +61,7 @@
     nameInput: $("name-input"),
   };
 
-  // Same rule as the server (trio_chat/_protocol.py ROOM_PATTERN).
+  // Same rule as the server (trio_chat/protocol/_wire.py ROOM_PATTERN).
   const ROOM_RE = /^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$/;
   const TYPING_SEND_EVERY_MS = 2000;
   const TYPING_SHOW_MS = 4000;
