@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable, Iterator
     from pathlib import Path
 
-    from trio_chat._store import Store
+    from trio_chat.node._store import Store
 
 TIMEOUT = 10
 

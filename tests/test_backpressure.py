@@ -16,7 +16,7 @@ import trio
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, CloseConnection, Ping, Request, TextMessage
 
-from trio_chat._store import Message
+from trio_chat.node._store import Message
 
 from conftest import eventually, make_settings, start_server
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-from trio_chat._boundary import FailureBoundary
+from trio_chat.server._boundary import FailureBoundary
 
 if TYPE_CHECKING:
     import pytest

@@ -1,6 +1,6 @@
 """Settings: declared once; every bad value stops the server with a message naming it.
 
-The declaration (`trio_chat._config.Settings`) is the source of the defaults, the
+The declaration (`trio_chat.settings._settings.Settings`) is the source of the defaults, the
 ``serve`` flags and the README table: these tests check that each of those agrees with
 it, rather than repeating the default values.
 """
@@ -14,10 +14,10 @@ from typing import Final
 import pytest
 
 from trio_chat import ConfigError, Settings
-from trio_chat._cli import build_parser
-from trio_chat._cluster import cluster_secret
-from trio_chat._config import SETTINGS, settings_table
-from trio_chat._link import LinkConfig
+from trio_chat.app._cli import build_parser
+from trio_chat.link._socket import LinkConfig
+from trio_chat.node._cluster import cluster_secret
+from trio_chat.settings._settings import SETTINGS, settings_table
 
 README: Final = Path(__file__).parent.parent / "README.md"
 

@@ -15,16 +15,16 @@ import trio
 from trio_websocket import ConnectionClosed
 
 from trio_chat import Settings
-from trio_chat._cluster import (
+from trio_chat._errors import ConfigError
+from trio_chat.node._cluster import (
     HEAL_HEADER,
     SEEN_SIGNATURES,
     SIGNATURE_AGE,
     HealRequests,
     sign_heal_request,
 )
-from trio_chat._errors import ConfigError
-from trio_chat._hosts import host_allowed
-from trio_chat._session import Session
+from trio_chat.protocol._hosts import host_allowed
+from trio_chat.server._session import Session
 
 from _netns import free_udp_port
 from conftest import make_settings, start_server

@@ -5,8 +5,8 @@ from __future__ import annotations
 import trio
 import trio.testing
 
-from trio_chat._hub import Hub, Outgoing
-from trio_chat._protocol import Ack, MessageEvent, Presence, TypingEvent, decode_events
+from trio_chat.protocol._wire import Ack, MessageEvent, Presence, TypingEvent, decode_events
+from trio_chat.server._hub import Hub, Outgoing
 
 
 class Recorder:

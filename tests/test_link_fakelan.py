@@ -15,9 +15,9 @@ import pytest
 import trio
 import trio.testing
 
-from trio_chat._link import EVENT_BUFFER, ClusterLink, LinkConfig
-from trio_chat._link_events import Delivered, Gap, LinkEvent, PeerDown, PeerStatus, PeerUp
-from trio_chat._link_packet import Data, PacketCodec
+from trio_chat.link._events import Delivered, Gap, LinkEvent, PeerDown, PeerStatus, PeerUp
+from trio_chat.link._packet import Data, PacketCodec
+from trio_chat.link._socket import EVENT_BUFFER, ClusterLink, LinkConfig
 
 SECRET = b"fakelan secret, 32 bytes long..."
 CLUSTER = "fakelan"

@@ -16,9 +16,9 @@ import pytest
 import trio
 
 from trio_chat._errors import ConfigError
-from trio_chat._link import ClusterLink, LinkConfig, MulticastTransport, new_incarnation
-from trio_chat._link_diag import run_cluster_check
-from trio_chat._link_events import Delivered, PeerDown, PeerUp
+from trio_chat.link._diag import run_cluster_check
+from trio_chat.link._events import Delivered, PeerDown, PeerUp
+from trio_chat.link._socket import ClusterLink, LinkConfig, MulticastTransport, new_incarnation
 
 
 def free_udp_port() -> int:
@@ -111,7 +111,7 @@ async def test_a_clamped_receive_buffer_is_reported(
     config: LinkConfig, caplog: pytest.LogCaptureFixture
 ) -> None:
     huge = replace(config, rcvbuf=1 << 30)
-    with caplog.at_level(logging.WARNING, logger="trio_chat._link"):
+    with caplog.at_level(logging.WARNING, logger="trio_chat.link"):
         transport = MulticastTransport(huge)
     transport.close()
     assert transport.rcvbuf < 1 << 30

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from trio_chat._errors import ConfigError
-from trio_chat._link_events import (
+from trio_chat.link._events import (
     MAX_PAYLOAD,
     Delivered,
     Gap,
@@ -21,8 +21,8 @@ from trio_chat._link_events import (
     PeerStatus,
     PeerUp,
 )
-from trio_chat._link_packet import MAX_PACKET_SIZE, Data, Heartbeat, PacketCodec
-from trio_chat._link_state import LinkState
+from trio_chat.link._packet import MAX_PACKET_SIZE, Data, Heartbeat, PacketCodec
+from trio_chat.link._state import LinkState
 
 SECRET = b"0123456789abcdef0123456789abcdef"
 START = 1_700_000_000.0

@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from trio_chat import ProtocolError
-from trio_chat._names import (
+from trio_chat.protocol._names import (
     NAME_PATTERN,
     is_invisible,
     name_keys,
@@ -18,7 +18,7 @@ from trio_chat._names import (
     prototypes,
     skeleton,
 )
-from trio_chat._protocol import Hello, decode_command_untrusted
+from trio_chat.protocol._wire import Hello, decode_command_untrusted
 
 CYRILLIC_A = "\u0430"
 CYRILLIC_IE = "\u0435"

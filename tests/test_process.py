@@ -23,7 +23,7 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed, open_websocket_url
 
-from trio_chat._supervisor import START_FAILED
+from trio_chat.app._supervisor import START_FAILED
 
 from _server_process import kill_group, log_tail, worker_pids
 
@@ -386,7 +386,8 @@ async def test_chat_socket_port_in_use_stops_the_server(
 # hub of a real ``trio-chat serve`` process): nothing a client sends can do it any more.
 BUGGY_HUB: Final = """
 import sys, trio
-from trio_chat import _cli, _hub
+from trio_chat.app import _cli
+from trio_chat.server import _hub
 hub_run = _hub.Hub.run
 async def buggy_run(self, *, task_status=trio.TASK_STATUS_IGNORED):
     async with trio.open_nursery() as nursery:

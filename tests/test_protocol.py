@@ -11,8 +11,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from trio_chat import ProtocolError
-from trio_chat._ids import IdClock, id_millis
-from trio_chat._protocol import (
+from trio_chat.protocol._ids import IdClock, id_millis
+from trio_chat.protocol._wire import (
     Join,
     MessageEvent,
     Presence,
@@ -152,18 +152,20 @@ def test_ids_sort_in_time_order_and_never_repeat() -> None:
 
 def test_pure_modules_import_no_trio() -> None:
     code = (
-        "import sys, trio_chat._protocol, trio_chat._names, trio_chat._ids, trio_chat._link_packet, "
-        "trio_chat._link_events, trio_chat._link_state; print('trio' in sys.modules)"
+        "import sys, trio_chat.protocol, trio_chat.settings, trio_chat.link._packet, "
+        "trio_chat.link._events, trio_chat.link._state; print('trio' in sys.modules)"
     )
-    # trio_chat/__init__ imports the app (and trio); load the pure modules on their own.
+    # trio_chat/__init__ imports the app (and trio), link/__init__ its socket shell: stand
+    # in for both packages so that only the pure modules themselves are loaded.
     out = subprocess.run(
         [
             sys.executable,
             "-c",
-            "import importlib.util, sys\n"
-            "import types\n"
-            "pkg = types.ModuleType('trio_chat'); pkg.__path__ = [__import__('os').path.join("
-            "__import__('os').getcwd(), 'trio_chat')]; sys.modules['trio_chat'] = pkg\n" + code,
+            "import os, sys, types\n"
+            "for name in ('trio_chat', 'trio_chat.link'):\n"
+            "    pkg = types.ModuleType(name)\n"
+            "    pkg.__path__ = [os.path.join(os.getcwd(), *name.split('.'))]\n"
+            "    sys.modules[name] = pkg\n" + code,
         ],
         capture_output=True,
         text=True,

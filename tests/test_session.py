@@ -10,16 +10,17 @@ from typing import TYPE_CHECKING, Any
 import trio
 import trio.testing
 
-from trio_chat._node import Node
-from trio_chat._protocol import ErrorEvent, Pong, Presence, decode_events
-from trio_chat._session import CLOSE_POLICY, Session, _TokenBucket
-from trio_chat._store import MemoryStore, Message
+from trio_chat.node._node import Node
+from trio_chat.node._store import MemoryStore, Message
+from trio_chat.protocol._codes import CLOSE_POLICY
+from trio_chat.protocol._wire import ErrorEvent, Pong, Presence, decode_events
+from trio_chat.server._session import Session, _TokenBucket
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
     from pathlib import Path
 
-    from trio_chat._hub import Outgoing
+    from trio_chat.server._hub import Outgoing
 
 from conftest import make_settings
 

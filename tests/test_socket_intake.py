@@ -21,16 +21,16 @@ from trio_websocket import open_websocket_url
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, BytesMessage, CloseConnection, Request, TextMessage
 
-from trio_chat._boundary import FailureBoundary
-from trio_chat._limits import ConnectionLimits, default_max_connections
-from trio_chat._websocket import HANDSHAKE_TIMEOUT, WebSocketServer
+from trio_chat.server._boundary import FailureBoundary
+from trio_chat.server._limits import ConnectionLimits, default_max_connections
+from trio_chat.server._listener import HANDSHAKE_TIMEOUT, WebSocketServer
 
 from conftest import eventually, make_settings, start_server
 
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from trio_chat._websocket import HandshakeRequest, WebSocketConnection
+    from trio_chat.server._connection import HandshakeRequest, WebSocketConnection
 
     from conftest import Server
 

@@ -18,8 +18,8 @@ import trio
 from hypothesis import given
 from hypothesis import strategies as st
 
-from trio_chat._ids import IdClock
-from trio_chat._store import MemoryStore, Message, SqliteStore, Store
+from trio_chat.node._store import MemoryStore, Message, SqliteStore, Store
+from trio_chat.protocol._ids import IdClock
 
 from conftest import make_settings, start_server
 

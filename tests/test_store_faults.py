@@ -29,12 +29,13 @@ import httpx
 import pytest
 import trio
 
-from trio_chat._client import ChatClient
-from trio_chat._cluster import HEAL_HEADER, sign_heal_request
 from trio_chat._errors import StoreError
-from trio_chat._ids import IdClock
-from trio_chat._node import RETRY_FIRST, RETRY_MAX, Node
-from trio_chat._protocol import (
+from trio_chat.client._terminal import ChatClient
+from trio_chat.node._cluster import HEAL_HEADER, sign_heal_request
+from trio_chat.node._node import RETRY_FIRST, RETRY_MAX, Node
+from trio_chat.node._store import MemoryStore, Message, SqliteStore
+from trio_chat.protocol._ids import IdClock
+from trio_chat.protocol._wire import (
     STORE_UNAVAILABLE,
     Ack,
     ErrorEvent,
@@ -43,8 +44,7 @@ from trio_chat._protocol import (
     MessageEvent,
     decode_events,
 )
-from trio_chat._session import Session
-from trio_chat._store import MemoryStore, Message, SqliteStore
+from trio_chat.server._session import Session
 
 from conftest import TIMEOUT, Client, Server, fill, make_settings, start_server
 
@@ -52,7 +52,7 @@ if TYPE_CHECKING:
     from collections.abc import AsyncIterator
     from pathlib import Path
 
-    from trio_chat._hub import Outgoing
+    from trio_chat.server._hub import Outgoing
 
 ROOM: Final = "r"
 

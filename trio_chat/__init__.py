@@ -6,12 +6,12 @@
 
 from __future__ import annotations
 
-from ._app import ChatApp as ChatApp
-from ._app import app as app
-from ._config import Settings as Settings
 from ._errors import BadPacket as BadPacket
 from ._errors import ChatError as ChatError
 from ._errors import ConfigError as ConfigError
 from ._errors import ProtocolError as ProtocolError
+from .app._app import ChatApp as ChatApp
+from .app._app import app as app
+from .settings._settings import Settings as Settings
 
 __all__ = ["BadPacket", "ChatApp", "ChatError", "ConfigError", "ProtocolError", "Settings", "app"]

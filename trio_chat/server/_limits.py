@@ -20,6 +20,8 @@ import resource
 import time
 from typing import TYPE_CHECKING, Final
 
+from ..protocol._codes import TOO_MANY_CONNECTIONS, TOO_MANY_FROM_ADDRESS
+
 if TYPE_CHECKING:
     from collections.abc import Callable
 
@@ -39,8 +41,6 @@ _UNLIMITED_NOFILE: Final = 1 << 20
 LOG_INTERVAL: Final = 60.0
 
 #: Why a client was refused: the code counted in ``/metrics`` (``errors_total``).
-TOO_MANY_CONNECTIONS: Final = "too_many_connections"
-TOO_MANY_FROM_ADDRESS: Final = "too_many_from_address"
 #: Seconds a refused client is told to wait (``Retry-After``).
 RETRY_AFTER: Final = 5
 

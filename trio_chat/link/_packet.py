@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from ._errors import BadPacket, ConfigError
+from .._errors import BadPacket, ConfigError
 
 #: Every datagram fits in 1200 bytes: below any LAN or tunnel MTU, so IP never fragments
 #: it (a lost IP fragment loses the whole datagram).

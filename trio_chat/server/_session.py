@@ -21,10 +21,10 @@ from typing import TYPE_CHECKING, Final, Protocol
 
 import trio
 
-from ._errors import ProtocolError, StoreError
-from ._hub import Outgoing
-from ._names import normalize_name_untrusted
-from ._protocol import (
+from .._errors import ProtocolError, StoreError
+from ..protocol._codes import CLOSE_POLICY, CLOSE_SLOW
+from ..protocol._names import normalize_name_untrusted
+from ..protocol._wire import (
     BAD_NAME,
     ErrorEvent,
     Event,
@@ -48,17 +48,16 @@ from ._protocol import (
     is_valid_client_id,
     store_unavailable,
 )
+from ._hub import Outgoing
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Iterator
     from contextlib import AbstractAsyncContextManager
 
-    from ._node import Node
+    from ..node._node import Node
 
 log = logging.getLogger("trio_chat.session")
 
-CLOSE_POLICY: Final = 1008
-CLOSE_SLOW: Final = 4008
 # A join's replay goes out in frames of about this size, each encoded once the socket
 # has drained: the connection holds one frame of it at a time, not the whole replay.
 _REPLAY_FRAME: Final = 32 * 1024

@@ -13,9 +13,11 @@ import collections
 import contextlib
 import dataclasses
 import logging
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING
 
 import trio
+
+from ..protocol._codes import CLOSE_SLOW
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable
@@ -23,8 +25,6 @@ if TYPE_CHECKING:
     from ._hub import Outgoing
 
 log = logging.getLogger("trio_chat.transport")
-
-CLOSE_SLOW: Final = 4008
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -11,13 +11,13 @@ import sys
 import trio
 from hypercorn.config import Config
 
-from ._config import SETTINGS, Settings, settings_table
-from ._errors import ConfigError
+from .._errors import ConfigError
+from ..settings._settings import SETTINGS, Settings, settings_table
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``trio-chat`` command."""
-    from . import _client
+    from ..client import _terminal
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         return _serve(args)
     if args.command == "client":
-        return _client.run(args)
+        return _terminal.run(args)
     if args.command == "settings":
         print(settings_table(), end="")
         return 0
@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The parser of the ``trio-chat`` command; ``serve`` has a flag for every setting."""
-    from . import _client
+    from ..client import _terminal
 
     parser = argparse.ArgumentParser(
         prog="trio-chat", description="A real-time chat server on Trio."
@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
         )
 
     client = commands.add_parser("client", help="chat from the terminal")
-    _client.add_arguments(client)
+    _terminal.add_arguments(client)
 
     cluster = commands.add_parser(
         "cluster", help="show the peers this host sees and test multicast"
@@ -102,9 +102,9 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _cluster_check(args: argparse.Namespace) -> int:
-    from ._cluster import link_config
-    from ._identity import claim_identity
-    from ._link_diag import run_cluster_check
+    from ..link._diag import run_cluster_check
+    from ..node._cluster import link_config
+    from ..node._identity import claim_identity
 
     try:
         settings = Settings.from_env()

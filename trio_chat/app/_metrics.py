@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from ._node import Node
+    from ..node._node import Node
 
 
 def render_metrics(node: Node) -> str:

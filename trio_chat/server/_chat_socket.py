@@ -7,13 +7,13 @@ import logging
 import urllib.parse
 from typing import TYPE_CHECKING
 
-from ._hosts import host_allowed
+from ..protocol._hosts import host_allowed
+from ._connection import ConnectionClosed
 from ._session import Session, origin_allowed
-from ._websocket import ConnectionClosed
 
 if TYPE_CHECKING:
-    from ._node import Node
-    from ._websocket import HandshakeRequest, WebSocketConnection
+    from ..node._node import Node
+    from ._connection import HandshakeRequest, WebSocketConnection
 
 log = logging.getLogger("trio_chat.chat_socket")
 

@@ -1,7 +1,7 @@
 """What the cluster link tells its user: events, peer states, settings and statistics.
 
-Pure data (frozen dataclasses and an enum), shared by the state machine (`_link_state`),
-the trio shell (`_link`) and the node's cluster glue.
+Pure data (frozen dataclasses and an enum), shared by the state machine (`_state`),
+the trio shell (`_socket`) and the node's cluster glue.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import enum
 from dataclasses import dataclass
 from typing import Final
 
-from ._errors import ConfigError
+from .._errors import ConfigError
 
 #: The largest payload one `broadcast` may carry (fragmented on the wire).
 MAX_PAYLOAD: Final = 64 * 1024

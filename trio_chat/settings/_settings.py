@@ -5,7 +5,7 @@ setting: its name (the variable is ``TRIO_CHAT_`` + the name in capitals, the fl
 ``trio-chat serve`` is ``--`` + the name with dashes), its type, its bounds as
 ``msgspec.Meta`` constraints (``ge``/``gt``/``le``, a ``Literal`` for choices), its
 default, and a `_doc` Meta with the help text, the unit, what unset means when the default
-is worked out at run time, and the `Kind` (`trio_chat._setting_kinds`): how a value is
+is worked out at run time, and the `Kind` (`trio_chat.settings._kinds`): how a value is
 written in the environment (a size like ``16K``, ``HOST:PORT`` or ``off``, a comma list,
 a path, a secret...). `SETTINGS` reads those declarations back through
 ``msgspec.inspect``, and everything else is derived from it:
@@ -14,7 +14,7 @@ a path, a secret...). `SETTINGS` reads those declarations back through
   data), then ``msgspec.convert`` checks the type and the bounds. Every failure is one
   `ConfigError` naming the variable, the value and the rule, the rule itself written from
   the declaration (``must be a whole number from 0 to 255``).
-- The flags of ``trio-chat serve`` (`trio_chat._cli`), with the help, rule and default.
+- The flags of ``trio-chat serve`` (`trio_chat.app._cli`), with the help, rule and default.
 - The README's settings table (`settings_table`; ``trio-chat settings`` prints it).
   tests/test_config.py fails when the README's table differs: the README is read on
   GitHub as it is, with no build step to regenerate it, and the failing test shows a
@@ -35,8 +35,8 @@ from typing import TYPE_CHECKING, Annotated, Any, Final, Literal
 import msgspec
 from msgspec import Meta
 
-from ._errors import ConfigError
-from ._setting_kinds import (
+from .._errors import ConfigError
+from ._kinds import (
     BIND,
     CHOICE,
     GROUP,

@@ -22,33 +22,34 @@ import trio
 from quart import Response, abort, jsonify, request, send_from_directory, websocket
 from quart_trio import QuartTrio
 
-from ._cluster import HEAL_HEADER, HEAL_PAGE, link_config
-from ._config import Settings
-from ._errors import ConfigError, ProtocolError, StoreError
-from ._hosts import bound_to_loopback, host_allowed
-from ._identity import NodeIdentity, claim_identity
-from ._limits import RETRY_AFTER, raise_nofile_limit, refusal_body
-from ._metrics import render_metrics
-from ._node import Node, open_store
-from ._protocol import (
+from .._errors import ConfigError, ProtocolError, StoreError
+from ..node._cluster import HEAL_HEADER, HEAL_PAGE, link_config
+from ..node._identity import NodeIdentity, claim_identity
+from ..node._node import Node, open_store
+from ..protocol._codes import CLOSE_INTERNAL_ERROR, CLOSE_TOO_BIG, CLOSE_UNSUPPORTED
+from ..protocol._hosts import bound_to_loopback, host_allowed
+from ..protocol._wire import (
     ROOM_PATTERN,
     STORE_UNAVAILABLE,
     History,
     encode_event,
     history_request_untrusted,
 )
-from ._session import Session, origin_allowed
-from ._transport import AsgiTransport
+from ..server._asgi_transport import AsgiTransport
+from ..server._limits import RETRY_AFTER, raise_nofile_limit, refusal_body
+from ..server._session import Session, origin_allowed
+from ..settings._settings import Settings
+from ._metrics import render_metrics
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
 
-    from ._store import Store
+    from ..node._store import Store
 
 log = logging.getLogger("trio_chat.app")
 
 WEB_DIR: Final = Path(
-    os.environ.get("TRIO_CHAT_WEB_DIR", Path(__file__).resolve().parent.parent / "web")
+    os.environ.get("TRIO_CHAT_WEB_DIR", Path(__file__).resolve().parents[2] / "web")
 )
 
 _Scope = dict[str, Any]
@@ -61,7 +62,6 @@ MAX_TARGET: Final = 8 * 1024
 # No file under web/ has a name this long, and the file system refuses longer ones
 # (ENAMETOOLONG: 255 bytes a component) with an error instead of "not found".
 _MAX_FILE_NAME: Final = 255
-_CLOSE_INTERNAL_ERROR: Final = 1011
 
 
 class ChatApp:
@@ -383,11 +383,11 @@ async def _serve_fallback(node: Node) -> None:
             raise ProtocolError(
                 "binary_unsupported",
                 "binary frames are not part of the protocol: send JSON text",
-                close_code=1003,
+                close_code=CLOSE_UNSUPPORTED,
             )
         if len(data) > max_frame // 4 and len(data.encode()) > max_frame:
             raise ProtocolError(
-                "too_big", f"messages are limited to {max_frame} bytes", close_code=1009
+                "too_big", f"messages are limited to {max_frame} bytes", close_code=CLOSE_TOO_BIG
             )
         return data
 
@@ -408,7 +408,7 @@ async def _serve_fallback(node: Node) -> None:
                 # (rate-limited). Left to Quart, it would log every traceback and close
                 # the client with 1000 as if all were well.
                 node.failures.record("ws_fallback", exc, transport.remote)
-                transport.close_nowait(_CLOSE_INTERNAL_ERROR, "internal error")
+                transport.close_nowait(CLOSE_INTERNAL_ERROR, "internal error")
             # The session closed the connection: let the writer send the close frame.
             with trio.move_on_after(node.settings.shutdown_grace, shield=True):
                 await transport.done.wait()

@@ -30,25 +30,26 @@ from typing import TYPE_CHECKING, Final, NoReturn, TypeVar, TypeVarTuple
 
 import trio
 
-from ._boundary import FailureBoundary
-from ._chat_socket import handle_chat_socket
+from .._errors import ProtocolError, StoreError
+from ..protocol._codes import CLOSE_GOING_AWAY
+from ..protocol._ids import IdClock
+from ..protocol._names import name_keys, prototypes
+from ..protocol._wire import Ack, Presence, store_unavailable
+from ..server._boundary import FailureBoundary
+from ..server._chat_socket import handle_chat_socket
+from ..server._hub import Hub
+from ..server._limits import ConnectionLimits, default_max_connections
+from ..server._listener import WebSocketServer
 from ._cluster import Cluster
-from ._errors import ProtocolError, StoreError
-from ._hub import Hub
-from ._ids import IdClock
-from ._limits import ConnectionLimits, default_max_connections
-from ._names import name_keys, prototypes
-from ._protocol import Ack, Presence, store_unavailable
 from ._store import MemoryStore, Message, SqliteStore, Store
-from ._websocket import CLOSE_GOING_AWAY, WebSocketServer
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from ._config import Settings
-    from ._link import LinkConfig
-    from ._protocol import Send, TypingEvent
-    from ._session import Session
+    from ..link._socket import LinkConfig
+    from ..protocol._wire import Send, TypingEvent
+    from ..server._session import Session
+    from ..settings._settings import Settings
 
 log = logging.getLogger("trio_chat.node")
 

@@ -1,7 +1,7 @@
 """How each setting is written in the environment: parsers from text, and back.
 
 A `Kind` turns a variable's text into plain data that ``msgspec.convert`` then checks
-against the setting's declared type and bounds (`trio_chat._config`), and renders a
+against the setting's declared type and bounds (`trio_chat.settings._settings`), and renders a
 value back so the docs can show defaults that parse to themselves.
 """
 
@@ -12,7 +12,7 @@ import socket
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
-from ._hosts import parse_allowed_hosts
+from ..protocol._hosts import parse_allowed_hosts
 
 if TYPE_CHECKING:
     from collections.abc import Callable

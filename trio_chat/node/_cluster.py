@@ -23,16 +23,16 @@ import httpx
 import msgspec
 import trio
 
-from ._errors import ConfigError, StoreError
+from .._errors import ConfigError, StoreError
+from ..link._events import Delivered, Gap, PeerDown, PeerStatus, PeerUp
+from ..link._socket import ClusterLink, LinkConfig
+from ..protocol._names import name_keys
+from ..protocol._wire import Presence, TypingEvent
 from ._identity import create_once
-from ._link import ClusterLink, LinkConfig
-from ._link_events import Delivered, Gap, PeerDown, PeerStatus, PeerUp
-from ._names import name_keys
-from ._protocol import Presence, TypingEvent
 from ._store import Message
 
 if TYPE_CHECKING:
-    from ._config import Settings
+    from ..settings._settings import Settings
     from ._identity import NodeIdentity
     from ._node import Node
 

@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Final, NoReturn, Protocol
 
 import trio
 
-from ._protocol import Event, encode_events
-from ._websocket import encode_text_frame
+from ..protocol._frames import encode_text_frame
+from ..protocol._wire import Event, encode_events
 
 if TYPE_CHECKING:
     from collections.abc import Iterable

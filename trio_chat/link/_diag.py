@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from ._errors import ConfigError
-from ._link import ClusterLink, LinkConfig, new_incarnation
+from .._errors import ConfigError
+from ._socket import ClusterLink, LinkConfig, new_incarnation
 
 if TYPE_CHECKING:
     from typing import TextIO

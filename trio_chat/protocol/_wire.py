@@ -15,7 +15,7 @@ from typing import Annotated, Final
 
 import msgspec
 
-from ._errors import ProtocolError
+from .._errors import ProtocolError
 from ._names import MAX_NAME_INPUT, normalize_name_untrusted
 
 #: Room names: a letter or digit, then up to 63 letters, digits, ``_`` or ``-``.

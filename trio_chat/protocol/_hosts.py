@@ -23,10 +23,19 @@ from __future__ import annotations
 import ipaddress
 import re
 import urllib.parse
-from typing import TYPE_CHECKING, Final
+from typing import Final, Protocol
 
-if TYPE_CHECKING:
-    from ._config import Settings
+
+class HostSettings(Protocol):
+    """What the Host rules read of `trio_chat.Settings` (this layer sits below it)."""
+
+    @property
+    def allowed_hosts(self) -> frozenset[str] | None: ...
+    @property
+    def ws_bind(self) -> tuple[str, int] | None: ...
+    @property
+    def http_url(self) -> str | None: ...
+
 
 # A Host header: a name or an IPv4 address, or an IPv6 address in brackets; a port.
 _HOST_HEADER: Final = re.compile(r"(?:\[(?P<v6>[0-9a-f:.]+)\]|(?P<name>[a-z0-9_.-]+))(?::\d*)?")
@@ -55,7 +64,7 @@ def parse_allowed_hosts(raw: str) -> frozenset[str]:
     return frozenset(entries)
 
 
-def host_allowed(host: str, settings: Settings) -> bool:
+def host_allowed(host: str, settings: HostSettings) -> bool:
     """Whether a request with this ``Host`` header (host[:port]) may be answered."""
     allowed = settings.allowed_hosts
     if allowed is None and not bound_to_loopback(settings):
@@ -73,7 +82,7 @@ def host_allowed(host: str, settings: Settings) -> bool:
     )
 
 
-def bound_to_loopback(settings: Settings) -> bool:
+def bound_to_loopback(settings: HostSettings) -> bool:
     """Whether every address the server is known to listen on is a loopback one."""
     if settings.ws_bind is not None and not _is_loopback(settings.ws_bind[0]):
         return False

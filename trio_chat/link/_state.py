@@ -4,7 +4,7 @@ Theory of operation
 -------------------
 Pure: no trio, no sockets, no clock. Time enters as ``now`` (seconds, Unix epoch) and the
 shell calls ``tick(now)`` at ``next_deadline()``. Everything is multicast to the whole
-group; packets come from ``_link_packet`` (authenticated, at most 1200 bytes).
+group; packets come from ``_packet`` (authenticated, at most 1200 bytes).
 
 Sending. Each broadcast is cut into fragments, one sequence number each (1, 2, ...), kept in
 a retransmit buffer that always holds a contiguous range ``[low_seq, next_seq)``. The buffer
@@ -44,8 +44,8 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Final, Literal
 
-from ._errors import BadPacket
-from ._link_events import (
+from .._errors import BadPacket
+from ._events import (
     MAX_PAYLOAD,
     Delivered,
     Gap,
@@ -57,7 +57,7 @@ from ._link_events import (
     PeerStatus,
     PeerUp,
 )
-from ._link_packet import (
+from ._packet import (
     MAX_ACKS,
     MAX_NAK_RANGES,
     Ack,

@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Final, Protocol
 
 import msgspec
 
-from ._errors import StoreError
-from ._protocol import MessageEvent
+from .._errors import StoreError
+from ..protocol._wire import MessageEvent
 
 if TYPE_CHECKING:
     from collections.abc import Iterator

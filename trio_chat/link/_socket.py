@@ -16,18 +16,18 @@ from typing import TYPE_CHECKING, Final, NoReturn, Protocol
 
 import trio
 
-from ._config import Settings
-from ._errors import ChatError, ConfigError
-from ._link_events import Delivered, Gap, LinkEvent, LinkSettings, LinkStatistics
-from ._link_packet import MAX_PACKET_SIZE, PacketCodec
-from ._link_state import LinkState
+from .._errors import ChatError, ConfigError
+from ..settings._settings import Settings
+from ._events import Delivered, Gap, LinkEvent, LinkSettings, LinkStatistics
+from ._packet import MAX_PACKET_SIZE, PacketCodec
+from ._state import LinkState
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from ._link_events import PeerInfo
+    from ._events import PeerInfo
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("trio_chat.link")
 
 # The cluster settings' defaults are the operator's (`Settings`), declared once there.
 _DEFAULTS: Final = Settings()

@@ -42,6 +42,8 @@ from trio_websocket import (
     open_websocket_url,
 )
 
+from ..protocol._codes import CLOSE_SLOW
+
 if TYPE_CHECKING:
     import argparse
     from collections.abc import Callable
@@ -59,8 +61,6 @@ RETRY_INTERVAL: Final = 5.0
 CONNECT_TIMEOUT: Final = 10.0
 CLOSE_TIMEOUT: Final = 2.0
 BACKOFF_BASE: Final = 0.5
-#: Close code the server uses for a client that could not keep up (see docs/protocol.md).
-CLOSE_SLOW: Final = 4008
 #: How long EOF on stdin waits for unacked sends before exiting.
 EOF_DRAIN_TIMEOUT: Final = 10.0
 

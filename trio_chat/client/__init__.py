@@ -1,0 +1,7 @@
+"""The terminal client (``trio-chat client``): it speaks the wire protocol, nothing else of the server."""
+
+from __future__ import annotations
+
+from ._terminal import ChatClient as ChatClient
+
+__all__ = ["ChatClient"]
