@@ -26,6 +26,7 @@ from ._cluster import HEAL_HEADER, HEAL_PAGE, link_config
 from ._config import Settings
 from ._errors import ConfigError, ProtocolError, StoreError
 from ._hosts import bound_to_loopback, host_allowed
+from ._hypercorn import install as install_hypercorn_boundary
 from ._identity import NodeIdentity, claim_identity
 from ._limits import RETRY_AFTER, raise_nofile_limit, refusal_body
 from ._metrics import render_metrics
@@ -62,6 +63,13 @@ MAX_TARGET: Final = 8 * 1024
 # (ENAMETOOLONG: 255 bytes a component) with an error instead of "not found".
 _MAX_FILE_NAME: Final = 255
 _CLOSE_INTERNAL_ERROR: Final = 1011
+# After the server's close on /ws, how long the client's answer is awaited (as on the
+# chat socket).
+_CLOSE_DRAIN: Final = 2.0
+
+# Hypercorn's connection handler, behind our failure boundary (trio_chat/_hypercorn.py):
+# before any worker serves, whoever imports the app (trio-chat serve, plain hypercorn).
+install_hypercorn_boundary()
 
 
 class ChatApp:
@@ -414,6 +422,14 @@ async def _serve_fallback(node: Node) -> None:
                 await transport.done.wait()
         finally:
             nursery.cancel_scope.cancel()
+    # The server closed: read on until the client's answer. Left unread, Quart-trio's and
+    # hypercorn's queues (10 messages each) fill, hypercorn's reader blocks on them and
+    # never sees the client's FIN, and the socket stays in CLOSE-WAIT for ever. The
+    # disconnect ends this handler (Quart-trio cancels it); a client that never answers
+    # is left after the bound.
+    with trio.move_on_after(_CLOSE_DRAIN):
+        while True:
+            await websocket.receive()
 
 
 app: Final = ChatApp(take_sigterm=True)
