@@ -65,12 +65,14 @@ class _WSStream(WSStream):
         self._answered = trio.Event()
 
     async def handle(self, event: StreamEvent) -> None:
-        if isinstance(event, Data) and not self.closed and not self._answered.is_set():
+        if isinstance(event, Data) and not self.closed:
             # The reader waits here, as it waits on a full app queue: the client's
             # bytes push back on it, none are lost, and none are answered with a 400.
             await self._answered.wait()
             if not self.handshake.accepted:
-                return  # Refused: the bytes were for a WebSocket that never opened.
+                # Refused: the bytes were for a WebSocket that never opened (and a 400
+                # after the app's refusal would be a second response).
+                return
         await super().handle(event)
 
     async def app_send(self, message: ASGISendEvent | None) -> None:
