@@ -57,18 +57,30 @@ async def exchange(port: int, data: bytes, *, until: bytes | None = None) -> byt
     return bytes(reply)
 
 
-def events(reply: bytes) -> list[dict[str, Any]]:
-    """The JSON events in the server's frames after its 101."""
+def frames(reply: bytes) -> list[Any]:
+    """The server's frames after its 101."""
     head, _, rest = reply.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 101 "), reply[:200]
     parser = FrameProtocol(client=True, extensions=[])
     parser.receive_bytes(rest)
+    return list(parser.received_frames())
+
+
+def events(reply: bytes) -> list[dict[str, Any]]:
+    """The JSON events in the server's frames after its 101."""
     return [
         json.loads(line)
-        for frame in parser.received_frames()
+        for frame in frames(reply)
         if frame.opcode is Opcode.TEXT
         for line in frame.payload.split("\n")
     ]
+
+
+def close_code(reply: bytes) -> int:
+    """The code of the server's close frame, its last frame."""
+    last = frames(reply)[-1]
+    assert last.opcode is Opcode.CLOSE, last
+    return int(last.payload[0])
 
 
 async def still_serving(server: Server, connect: Any) -> None:
@@ -160,6 +172,17 @@ async def test_a_frame_sent_while_hypercorn_closes_is_not_an_error(
     assert errors(caplog) == []
 
 
+async def test_an_empty_binary_frame_closes_1003_like_any_binary_frame(
+    server: Server, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Found by make fuzz: Quart-trio turns it into None, which the session took for text.
+    request = valid_handshake() + Frame(OP_BINARY, b"").encode()
+    reply = await exchange(port_of(server.http_url), request)
+    assert close_code(reply) == 1003
+    assert server.node.failures.statistics().contained == {}
+    assert errors(caplog) == []
+
+
 def open_descriptors() -> int:
     return len(os.listdir("/proc/self/fd"))
 
@@ -177,7 +200,7 @@ async def test_a_flood_closed_with_1008_gives_its_descriptor_back(
     for _ in range(attempts):
         reply = await exchange(port, valid_handshake() + flood)
         # Closed by the server with 1008 (policy: the rate limit).
-        assert reply.endswith(b"\x88\x0e\x03\xf0rate_limited"), reply[-50:]
+        assert close_code(reply) == 1008
     # The server answers each client's FIN: no socket stays in CLOSE-WAIT.
     await eventually(lambda: open_descriptors() <= start)
     await eventually(lambda: not server.node.sessions)

@@ -387,7 +387,9 @@ async def _serve_fallback(node: Node) -> None:
 
     async def receive() -> str:
         data = await websocket.receive()
-        if isinstance(data, bytes):
+        # Not ``isinstance(data, bytes)``: Quart-trio hands an empty binary message on as
+        # None (``event.get("bytes") or event["text"]``).
+        if not isinstance(data, str):
             raise ProtocolError(
                 "binary_unsupported",
                 "binary frames are not part of the protocol: send JSON text",
