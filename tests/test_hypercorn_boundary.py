@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 
 #: How long to read the server's answer when it does not close.
 READ_DEADLINE: Final = 1.0
-#: Tries to lose hypercorn's own race (about one in two does).
+#: Tries to make hypercorn's reader lose its own race, which goes either way.
 ATTEMPTS: Final = 20
 JOIN: Final = Frame(OP_TEXT, b'{"type":"join","room":"general"}')
 
