@@ -205,8 +205,9 @@ ISSUE_HANDSHAKES: Final = [
 ]
 
 #: Found by ``make fuzz``: bytes that arrive with the upgrade request, before the 101.
-#: Hypercorn 0.18 answers them with a 400 that its h11 state refuses; the
-#: LocalProtocolError escapes the connection and stops hypercorn's whole server.
+#: Hypercorn 0.18 answered them with a 400 that its h11 state refused; the
+#: LocalProtocolError escaped the connection and stopped hypercorn's whole server (fixed in
+#: trio_chat/_hypercorn.py: the bytes wait for the 101).
 FOUND_HANDSHAKES: Final = [valid_handshake() + b"x"]
 
 

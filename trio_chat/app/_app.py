@@ -39,6 +39,7 @@ from ..server._asgi_transport import AsgiTransport
 from ..server._limits import RETRY_AFTER, raise_nofile_limit, refusal_body
 from ..server._session import Session, origin_allowed
 from ..settings._settings import Settings
+from ._hypercorn import install as install_hypercorn_boundary
 from ._metrics import render_metrics
 
 if TYPE_CHECKING:
@@ -62,6 +63,13 @@ MAX_TARGET: Final = 8 * 1024
 # No file under web/ has a name this long, and the file system refuses longer ones
 # (ENAMETOOLONG: 255 bytes a component) with an error instead of "not found".
 _MAX_FILE_NAME: Final = 255
+# After the server's close on /ws, how long the client's answer is awaited (as on the
+# chat socket).
+_CLOSE_DRAIN: Final = 2.0
+
+# Hypercorn's connection handler, behind our failure boundary (app/_hypercorn.py):
+# before any worker serves, whoever imports the app (trio-chat serve, plain hypercorn).
+install_hypercorn_boundary()
 
 
 class ChatApp:
@@ -379,7 +387,9 @@ async def _serve_fallback(node: Node) -> None:
 
     async def receive() -> str:
         data = await websocket.receive()
-        if isinstance(data, bytes):
+        # Not ``isinstance(data, bytes)``: Quart-trio hands an empty binary message on as
+        # None (``event.get("bytes") or event["text"]``).
+        if not isinstance(data, str):
             raise ProtocolError(
                 "binary_unsupported",
                 "binary frames are not part of the protocol: send JSON text",
@@ -414,6 +424,14 @@ async def _serve_fallback(node: Node) -> None:
                 await transport.done.wait()
         finally:
             nursery.cancel_scope.cancel()
+    # The server closed: read on until the client's answer. Left unread, Quart-trio's and
+    # hypercorn's queues (10 messages each) fill, hypercorn's reader blocks on them and
+    # never sees the client's FIN, and the socket stays in CLOSE-WAIT for ever. The
+    # disconnect ends this handler (Quart-trio cancels it); a client that never answers
+    # is left after the bound.
+    with trio.move_on_after(_CLOSE_DRAIN):
+        while True:
+            await websocket.receive()
 
 
 app: Final = ChatApp(take_sigterm=True)
