@@ -170,6 +170,7 @@ class Cluster:
 
     def __init__(self, bus: Bus, history: History, presence: Presence) -> None:
         self.bus = bus
+        #: Signs and checks requests for a node's history (``/api/cluster/messages``).
         self.secret = bus.heal_secret
         self.heal_requests = HealRequests(bus.heal_secret)
         self._out = Broadcaster(bus)
