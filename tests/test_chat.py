@@ -139,7 +139,7 @@ async def test_a_name_in_a_room_on_another_node_is_taken(
     two = await start_server(nursery, make_settings(tmp_path / "two", **cluster))
     async with connect(one.chat_socket_url, "alice") as alice:
         await alice.join("general")
-        await eventually(lambda: "alice" in two.node.cluster.names())
+        await eventually(lambda: "alice" in two.node.presence.remote_names())
         async with (
             connect(two.chat_socket_url, "alice") as second,
             connect(two.fallback_url, "\u0430lice") as fake,
@@ -148,7 +148,7 @@ async def test_a_name_in_a_room_on_another_node_is_taken(
             # and a suffixed name is compared by its skeleton too
             assert fake.welcome["name"] == "\u0430lice-3"
     # alice left: her name is free on the other node once it hears so
-    await eventually(lambda: not two.node.cluster.names())
+    await eventually(lambda: not two.node.presence.remote_names())
     async with connect(two.chat_socket_url, "alice") as alice:
         assert alice.welcome["name"] == "alice"
 

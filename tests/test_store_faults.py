@@ -32,7 +32,8 @@ import trio
 from trio_chat._errors import StoreError
 from trio_chat.client._terminal import ChatClient
 from trio_chat.node._cluster import HEAL_HEADER, sign_heal_request
-from trio_chat.node._node import RETRY_FIRST, RETRY_MAX, Node
+from trio_chat.node._history import RETRY_FIRST, RETRY_MAX
+from trio_chat.node._node import Node
 from trio_chat.node._store import MemoryStore, Message, SqliteStore
 from trio_chat.protocol._ids import IdClock
 from trio_chat.protocol._wire import (
@@ -269,7 +270,7 @@ async def test_other_nodes_messages_in_a_failed_commit_are_kept_and_retried(
             text="from a peer",
             ts=time.time(),
         )
-        await node.deliver_remote(remote)
+        await node.history.deliver_remote(remote)
         # No client sends: the commit task retries on its own, with backoff.
         with trio.fail_after(TIMEOUT):
             while node.statistics().store_failures.get("write", 0) < 3:  # noqa: ASYNC110
@@ -483,7 +484,7 @@ async def test_the_commit_task_retries_with_backoff(
         remote = Message(
             id=IdClock("peer-1").next_id(1000), room=ROOM, sender="dora", text="hi", ts=0.0
         )
-        await node.deliver_remote(remote)
+        await node.history.deliver_remote(remote)
         assert await inbox.next_of(MessageEvent) == remote.event()
         gaps = [b - a for a, b in zip(store.attempts, store.attempts[1:], strict=False)]
         expected = [0.1, 0.2, 0.4, 0.8, 1.6, 3.2, RETRY_MAX, RETRY_MAX]

@@ -23,8 +23,9 @@ from quart import Response, abort, jsonify, request, send_from_directory, websoc
 from quart_trio import QuartTrio
 
 from .._errors import ConfigError, ProtocolError, StoreError
-from ..node._cluster import HEAL_HEADER, HEAL_PAGE, link_config
+from ..node._cluster import HEAL_HEADER, HEAL_PAGE
 from ..node._identity import NodeIdentity, claim_identity
+from ..node._multicast import MulticastBus, link_config
 from ..node._node import Node, open_store
 from ..protocol._codes import CLOSE_INTERNAL_ERROR, CLOSE_TOO_BIG, CLOSE_UNSUPPORTED
 from ..protocol._hosts import bound_to_loopback, host_allowed
@@ -148,9 +149,10 @@ class ChatApp:
             settings = self._settings = self._settings or Settings.from_env()
             raise_nofile_limit()
             identity = claim_identity(settings.data_dir)
-            link = None
+            bus = None
             if settings.cluster != "off":
                 link = link_config(settings, identity, http_url=settings.http_url or "")
+                bus = MulticastBus.from_config(link)
             store = self._store if self._store is not None else open_store(settings)
         except Exception as exc:
             # Anything at all: an exception escaping the lifespan would make hypercorn
@@ -166,7 +168,7 @@ class ChatApp:
         started = False
         try:
             async with trio.open_nursery() as nursery:
-                node = Node(settings, identity.node_id, store, link)
+                node = Node(settings, identity.node_id, store, bus)
                 await nursery.start(node.run)
                 if self._take_sigterm:
                     nursery.start_soon(_close_on_sigterm, node)
@@ -349,7 +351,7 @@ def _make_quart(chat: ChatApp) -> QuartTrio:
         ):
             return f"limit must be a whole number from 1 to {HEAL_PAGE}\n", 400
         try:
-            found = await n.read_store(n.store.from_origin, origin, after, int(limit))
+            found = await n.history.read_store(n.store.from_origin, origin, after, int(limit))
         except StoreError:
             # The peer asks another node, or heals later.
             return "this node's store is unavailable\n", 503

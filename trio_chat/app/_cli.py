@@ -103,8 +103,8 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _cluster_check(args: argparse.Namespace) -> int:
     from ..link._diag import run_cluster_check
-    from ..node._cluster import link_config
     from ..node._identity import claim_identity
+    from ..node._multicast import link_config
 
     try:
         settings = Settings.from_env()

@@ -1,44 +1,39 @@
 """The node's side of the cluster: what it sends its peers and what it does with theirs.
 
-Every committed local message, presence change and typing notice goes to the link as one
-payload. From the link come peers' payloads (in order per sender, exactly once), peers
-arriving and leaving, and gaps the link could not repair. A gap is healed from history:
-first from the store (workers of one host share one SQLite file, and the sender commits
-before it sends), then from peers' HTTP API. A message is delivered to clients at most
-once whichever way it came: ids already seen are skipped.
+Every committed local message, presence change and typing notice goes to the `Bus` as one
+payload (`Broadcaster`). From the bus come peers' payloads (in order per sender, exactly
+once), peers arriving and leaving, and gaps the engine could not repair (`Cluster`). A gap
+is healed from history: first from the store (workers of one host share one SQLite file,
+and the sender commits before it sends), then from a peer (`Bus.fetch`). A message is
+delivered to clients at most once whichever way it came: ids already seen are skipped.
+Presence changes go to `Presence`, the one path to the hub. Nothing here knows which
+engine runs the bus.
 """
 
 from __future__ import annotations
 
 import collections
-import dataclasses
 import hashlib
 import hmac
 import logging
 import secrets
-import time
 from typing import TYPE_CHECKING, Final, NoReturn
 
-import httpx
 import msgspec
 import trio
 
-from .._errors import ConfigError, StoreError
-from ..link._events import Delivered, Gap, PeerDown, PeerStatus, PeerUp
-from ..link._socket import ClusterLink, LinkConfig
-from ..protocol._names import name_keys
-from ..protocol._wire import Presence, TypingEvent
-from ._identity import create_once
-from ._store import Message
+from .._errors import StoreError
+from ._bus import Gap, Payload, PeerDown, PeerUp
+
+# At run time: msgspec resolves `RemoteMessage`'s field annotation when decoding.
+from ._store import Message  # noqa: TC001
 
 if TYPE_CHECKING:
-    from ..settings._settings import Settings
-    from ._identity import NodeIdentity
-    from ._node import Node
+    from ._bus import Bus
+    from ._history import History
+    from ._presence import Presence
 
 log = logging.getLogger("trio_chat.cluster")
-# One line per heal request is noise; failures are logged here.
-logging.getLogger("httpx").setLevel(logging.WARNING)
 
 # Ids of remote messages recently delivered; a repair or a heal that brings one again
 # is dropped. Far more than a gap can span.
@@ -47,7 +42,6 @@ _RECENT_IDS: Final = 100_000
 _SNAPSHOT_INTERVAL: Final = 15.0
 #: Most messages one heal request asks for (and `/api/cluster/messages` gives).
 HEAL_PAGE: Final = 1000
-_HEAL_TIMEOUT: Final = 10.0
 #: A signed heal request is accepted this many seconds either side of its time stamp
 #: (peers' clocks must agree that closely), and only once.
 SIGNATURE_AGE: Final = 30.0
@@ -55,6 +49,7 @@ SIGNATURE_AGE: Final = 30.0
 #: remembered, and peers send a few a second at most: past this, something is wrong,
 #: and refusing (the peer retries at the next gap) is safer than forgetting.
 SEEN_SIGNATURES: Final = 10_000
+#: The header that carries a heal request's signature.
 HEAL_HEADER: Final = "X-Trio-Chat-Cluster"
 # Digits of a signature's time stamp (Unix seconds), at most: more is not a time.
 _STAMP_DIGITS: Final = 12
@@ -82,48 +77,10 @@ class Snapshot(msgspec.Struct, tag="s", array_like=True):
     rooms: dict[str, list[str]]
 
 
-Payload = RemoteMessage | RemotePresence | RemoteTyping | Snapshot
+Body = RemoteMessage | RemotePresence | RemoteTyping | Snapshot
 
 _encoder: Final = msgspec.msgpack.Encoder()
-_decoder: Final[msgspec.msgpack.Decoder[Payload]] = msgspec.msgpack.Decoder(Payload)
-_messages_decoder: Final = msgspec.json.Decoder(list[Message])
-
-
-def cluster_secret(settings: Settings) -> bytes:
-    """The cluster secret: set, read from the key file, or (host mode) made once.
-
-    Raises:
-      ConfigError: the key file cannot be read, or holds too short a secret.
-    """
-    if settings.cluster_secret is not None:
-        return settings.cluster_secret
-    path = settings.cluster_key_file
-    if path is None:
-        path = settings.data_dir / "cluster.key"
-        # Readable by the owner only: whoever reads it can join the cluster.
-        create_once(path, secrets.token_urlsafe(32), 0o600)
-    try:
-        secret = path.read_bytes().strip()
-    except OSError as exc:
-        raise ConfigError(f"cannot read the cluster key file {path}: {exc.strerror}") from None
-    if len(secret) < 16:
-        raise ConfigError(f"the cluster key in {path} is shorter than 16 bytes")
-    return secret
-
-
-def link_config(settings: Settings, identity: NodeIdentity, *, http_url: str) -> LinkConfig:
-    """The link's configuration for this node."""
-    return LinkConfig(
-        secret=cluster_secret(settings),
-        cluster_id=f"trio-chat/{settings.cluster_group}:{settings.cluster_port}",
-        node_id=identity.node_id,
-        incarnation=identity.incarnation,
-        http_url=http_url,
-        port=settings.cluster_port,
-        group=settings.cluster_group,
-        interface=settings.cluster_interface,
-        ttl=settings.cluster_ttl,
-    )
+_decoder: Final[msgspec.msgpack.Decoder[Body]] = msgspec.msgpack.Decoder(Body)
 
 
 def sign_heal_request(
@@ -176,33 +133,18 @@ class HealRequests:
         return True
 
 
-class Cluster:
-    """Joins a node to its peers through the multicast link.
+class Broadcaster:
+    """Sends this node's messages, presence and typing to its peers, one payload each.
 
     Args:
-      node: the node to serve.
-      config: the link's configuration (`link_config`).
+      bus: the cluster engine.
     """
 
-    def __init__(self, node: Node, config: LinkConfig) -> None:
-        self.node = node
-        self.secret = config.secret
-        self.heal_requests = HealRequests(config.secret)
-        self.link = ClusterLink(config)
-        #: Members of each room on each peer: peer -> room -> name -> connections.
-        self._presence: dict[str, dict[str, collections.Counter[str]]] = {}
-        #: Skeletons of the names in ``_presence``; None when presence changed since.
-        self._skeletons: frozenset[str] | None = None
-        #: The newest message id delivered from each origin: where a heal starts.
-        self._last_from: dict[str, str] = {}
-        self._recent: collections.OrderedDict[str, None] = collections.OrderedDict()
-        self.gaps_healed = 0
-        self.healed_messages = 0
+    def __init__(self, bus: Bus) -> None:
+        self._bus = bus
 
-    # -- out ----------------------------------------------------------------------------
-
-    def _send(self, payload: Payload) -> None:
-        self.link.broadcast(_encoder.encode(payload))
+    def _send(self, body: Body) -> None:
+        self._bus.send(_encoder.encode(body))
 
     def send_message(self, message: Message) -> None:
         self._send(RemoteMessage(message))
@@ -213,82 +155,77 @@ class Cluster:
     def send_typing(self, room: str, name: str) -> None:
         self._send(RemoteTyping(room, name))
 
-    def _send_snapshot(self) -> None:
-        hub = self.node.hub
-        self._send(Snapshot({room: hub.members(room) for room in hub.room_names()}))
+    def send_snapshot(self, rooms: dict[str, list[str]]) -> None:
+        self._send(Snapshot(rooms))
 
-    def members(self, room: str) -> list[str]:
-        """Names in ``room`` on other nodes."""
-        names: dict[str, None] = {}
-        for rooms in self._presence.values():
-            names.update(dict.fromkeys(rooms.get(room, ())))
-        return list(names)
 
-    def names(self) -> set[str]:
-        """Every name in a room on another node (peers announce no one else)."""
-        return {
-            name for rooms in self._presence.values() for names in rooms.values() for name in names
-        }
+class Cluster:
+    """Acts on what the bus brings: peers' messages and presence, peers up and down, gaps.
 
-    def name_skeletons(self) -> frozenset[str]:
-        """The confusable skeletons of `names`, kept until presence changes.
+    Args:
+      bus: the cluster engine.
+      history: where peers' messages are stored and broadcast, and healing reads.
+      presence: where peers' presence goes.
+    """
 
-        A join storm claims many names while remote presence stands still: each claim
-        is then a set lookup, not a pass over every remote name.
-        """
-        if self._skeletons is None:
-            self._skeletons = frozenset(key for name in self.names() for key in name_keys(name))
-        return self._skeletons
-
-    # -- in -----------------------------------------------------------------------------
+    def __init__(self, bus: Bus, history: History, presence: Presence) -> None:
+        self.bus = bus
+        #: Signs and checks requests for a node's history (``/api/cluster/messages``).
+        self.secret = bus.heal_secret
+        self.heal_requests = HealRequests(bus.heal_secret)
+        self._out = Broadcaster(bus)
+        self._history = history
+        self._presence = presence
+        #: The newest message id delivered from each origin: where a heal starts.
+        self._last_from: dict[str, str] = {}
+        self._recent: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self.gaps_healed = 0
+        self.healed_messages = 0
 
     async def run(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> NoReturn:
-        """Run the link and act on its events until cancelled."""
+        """Run the bus and act on its events until cancelled."""
         async with trio.open_nursery() as nursery:
-            await nursery.start(self.link.run)
+            await nursery.start(self.bus.run)
             nursery.start_soon(self._announce_forever)
             task_status.started()
-            async for event in self.link.events:
-                match event:
-                    case Delivered(origin=origin, payload=payload):
-                        await self._on_payload(origin, payload)
+            while True:
+                match await self.bus.receive():
+                    case Payload(origin=origin, data=data):
+                        await self._on_payload(origin, data)
                     case PeerUp(node=peer):
                         log.info("peer %s is up", peer)
-                        self._send_snapshot()
+                        self._out.send_snapshot(self._presence.local_rooms())
                         nursery.start_soon(self._catch_up, peer)
                     case PeerDown(node=peer, reason=reason):
                         log.info("peer %s is down (%s)", peer, reason)
-                        self._forget(peer)
-                    case Gap(origin=origin, first_seq=first, last_seq=last):
-                        log.warning(
-                            "gap from %s (seq %d-%d): healing from history", origin, first, last
-                        )
+                        self._presence.peer_down(peer)
+                    case Gap(origin=origin, detail=detail):
+                        log.warning("gap from %s (%s): healing from history", origin, detail)
                         nursery.start_soon(self._heal, origin)
-        raise AssertionError("the link's event channel closed")
 
     async def _announce_forever(self) -> NoReturn:
         while True:
             await trio.sleep(_SNAPSHOT_INTERVAL)
-            self._send_snapshot()
+            self._out.send_snapshot(self._presence.local_rooms())
 
     async def _on_payload(self, origin: str, data: bytes) -> None:
         try:
-            payload = _decoder.decode(data)
+            body = _decoder.decode(data)
         except msgspec.DecodeError:
             # Authenticated, so a peer of ours sent it: a bug or another version.
             log.error("dropped an undecodable payload from %s", origin)
             return
-        match payload:
+        match body:
             case RemoteMessage(message=message):
                 await self._deliver(message)
             case RemotePresence(room=room, name=name, joined=joined):
-                self._apply_presence(origin, room, name, joined=joined)
+                self._presence.remote_change(origin, room, name, joined=joined)
             case RemoteTyping(room=room, name=name):
-                self.node.hub.publish_nowait(room, TypingEvent(room=room, sender=name))
+                self._presence.remote_typing(room, name)
             case Snapshot(rooms=rooms):
-                self._apply_snapshot(origin, rooms)
+                self._presence.remote_snapshot(origin, rooms)
 
     async def _deliver(self, message: Message) -> bool:
         if message.id in self._recent:
@@ -299,55 +236,24 @@ class Cluster:
         origin = message.origin
         if message.id > self._last_from.get(origin, ""):
             self._last_from[origin] = message.id
-        await self.node.deliver_remote(message)
+        await self._history.deliver_remote(message)
         return True
-
-    def _apply_presence(self, peer: str, room: str, name: str, *, joined: bool) -> None:
-        self._skeletons = None
-        rooms = self._presence.setdefault(peer, {})
-        names = rooms.setdefault(room, collections.Counter())
-        if joined:
-            names[name] += 1
-            if names[name] == 1:
-                self.node.hub.publish_nowait(room, Presence(room=room, joined=name))
-        elif names[name] > 0:
-            names[name] -= 1
-            if names[name] == 0:
-                del names[name]
-                self.node.hub.publish_nowait(room, Presence(room=room, left=name))
-
-    def _apply_snapshot(self, peer: str, rooms: dict[str, list[str]]) -> None:
-        old = self._presence.get(peer, {})
-        new = {room: collections.Counter(names) for room, names in rooms.items()}
-        hub = self.node.hub
-        for room in old.keys() | new.keys():
-            before, after = set(old.get(room, ())), set(new.get(room, ()))
-            for name in after - before:
-                hub.publish_nowait(room, Presence(room=room, joined=name))
-            for name in before - after:
-                hub.publish_nowait(room, Presence(room=room, left=name))
-        self._presence[peer] = new
-        self._skeletons = None
-
-    def _forget(self, peer: str) -> None:
-        self._apply_snapshot(peer, {})
-        del self._presence[peer]
-        self._skeletons = None
 
     # -- healing ------------------------------------------------------------------------
 
     async def _catch_up(self, origin: str) -> None:
         """A peer came up: get what it accepted that we never stored.
 
-        The link delivers a peer's messages from the first heartbeat we hear on; what it
+        The bus delivers a peer's messages from the first time we hear it; what it
         sent before (while we were down, or before we started) comes from history, from
         just after the newest message of it we stored. While our store cannot say which
         that is, this waits (with backoff) rather than guess and replay old messages.
         """
+        history = self._history
         delay = _STORE_RETRY_FIRST
         while True:
             try:
-                newest = await self.node.read_store(self.node.store.newest_from, origin)
+                newest = await history.read_store(history.store.newest_from, origin)
                 break
             except StoreError:
                 await trio.sleep(delay)
@@ -358,54 +264,25 @@ class Cluster:
     async def _heal(self, origin: str) -> None:
         after = self._last_from.get(origin, "")
         healed = 0
-        for source in [self._from_store, self._from_peers]:
-            for message in await source(origin, after):
-                healed += await self._deliver(message)
+        for message in await self._from_store(origin, after):
+            healed += await self._deliver(message)
+        # What the store lacked: the bus asks a peer (the multicast engine: its HTTP API).
+        for message in await self.bus.fetch(origin, after, HEAL_PAGE):
+            healed += await self._deliver(message)
         self.gaps_healed += 1
         self.healed_messages += healed
         if healed:
             log.info("healed %d messages from %s", healed, origin)
 
     async def _from_store(self, origin: str, after: str) -> list[Message]:
+        history = self._history
         try:
-            return await self.node.read_store(self.node.store.from_origin, origin, after, HEAL_PAGE)
+            return await history.read_store(history.store.from_origin, origin, after, HEAL_PAGE)
         except StoreError:
-            # The node logged it; the peers' history serves instead.
+            # History logged it; the peers' history serves instead.
             return []
 
-    async def _from_peers(self, origin: str, after: str) -> list[Message]:
-        peers = [
-            p
-            for p in self.link.peers()
-            if p.http_url and p.status in (PeerStatus.ALIVE, PeerStatus.SUSPECT)
-        ]
-        # The origin has everything it sent; any other peer has what it received.
-        peers.sort(key=lambda p: p.node != origin)
-        for peer in peers:
-            url = f"{peer.http_url}/api/cluster/messages"
-            limit = str(HEAL_PAGE)
-            signature = sign_heal_request(self.secret, origin, after, limit, time.time())
-            params = {"origin": origin, "after": after, "limit": limit}
-            try:
-                with trio.fail_after(_HEAL_TIMEOUT):
-                    async with httpx.AsyncClient() as client:
-                        response = await client.get(
-                            url, params=params, headers={HEAL_HEADER: signature}
-                        )
-                response.raise_for_status()
-                return _messages_decoder.decode(response.content)
-            except (httpx.HTTPError, trio.TooSlowError, msgspec.DecodeError) as exc:
-                log.warning("healing from %s failed: %s", peer.node, exc)
-        return []
-
     def statistics(self) -> dict[str, int]:
-        link = self.link.statistics()
-        counts = dataclasses.asdict(link.link)
-        counts.update(
-            rcvbuf=link.rcvbuf,
-            send_failures=link.send_failures,
-            events_overflowed=link.events_overflowed,
-            gaps_healed=self.gaps_healed,
-            healed_messages=self.healed_messages,
-        )
+        counts = self.bus.statistics()
+        counts.update(gaps_healed=self.gaps_healed, healed_messages=self.healed_messages)
         return counts

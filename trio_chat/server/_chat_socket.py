@@ -12,14 +12,14 @@ from ._connection import ConnectionClosed
 from ._session import Session, origin_allowed
 
 if TYPE_CHECKING:
-    from ..node._node import Node
     from ._connection import HandshakeRequest, WebSocketConnection
+    from ._ports import ChatService
 
 log = logging.getLogger("trio_chat.chat_socket")
 
 
 async def handle_chat_socket(
-    node: Node, conn: WebSocketConnection, request: HandshakeRequest
+    node: ChatService, conn: WebSocketConnection, request: HandshakeRequest
 ) -> None:
     """Check the handshake, then run the client's session until it ends.
 

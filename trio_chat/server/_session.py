@@ -54,7 +54,7 @@ if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Iterator
     from contextlib import AbstractAsyncContextManager
 
-    from ..node._node import Node
+    from ._ports import ChatService
 
 log = logging.getLogger("trio_chat.session")
 
@@ -140,7 +140,7 @@ class Session:
     """A connected client: its name, its rooms, and the commands it sends.
 
     Args:
-      node: the node the client is connected to.
+      node: the node the client is connected to, through its narrow `ChatService` port.
       transport: the client's outbound path.
       name: the nickname it asked for (``?name=``), or None for a guest name.
       client_id: the client's retry secret (``?client_id=``), or None: then its cids
@@ -148,7 +148,11 @@ class Session:
     """
 
     def __init__(
-        self, node: Node, transport: Transport, name: str | None, client_id: str | None = None
+        self,
+        node: ChatService,
+        transport: Transport,
+        name: str | None,
+        client_id: str | None = None,
     ) -> None:
         self.node = node
         self.transport = transport
@@ -334,13 +338,13 @@ class Session:
             case Ping():
                 self.send(Pong())
             case Hello(name=name):
-                if self.node.hub.rooms_of(self):
+                if self.node.rooms_of(self):
                     raise ProtocolError("hello_too_late", "say hello before joining rooms")
                 self.node.rename(self, name)
                 self.send(Welcome(name=self.name, node=self.node.node_id))
 
     def _require_joined(self, room: str) -> None:
-        if room not in self.node.hub.rooms_of(self):
+        if room not in self.node.rooms_of(self):
             raise ProtocolError("not_joined", f"join {room!r} first")
 
     async def _send(self, command: Send) -> None:
@@ -360,10 +364,10 @@ class Session:
 
     async def _join(self, command: Join) -> None:
         room = command.room
-        hub = self.node.hub
-        if room in hub.rooms_of(self):
+        rooms = self.node.rooms_of(self)
+        if room in rooms:
             raise ProtocolError("already_joined", f"already in {room!r}")
-        if len(hub.rooms_of(self)) >= self._settings.max_rooms:
+        if len(rooms) >= self._settings.max_rooms:
             raise ProtocolError(
                 "too_many_rooms", f"at most {self._settings.max_rooms} rooms at once"
             )

@@ -1,0 +1,274 @@
+"""The node's side of the cluster, in one process: `Node`s over the link on a `FakeLan`.
+
+Each node is a real `Node` (history, names, presence, cluster) with a memory store, its
+bus a `MulticastBus` over a `ClusterLink` on the fake LAN, and its clients real
+`Session`s over a recording transport. Everything runs under ``autojump_clock``: the
+link's heartbeats and failure detection take virtual seconds, the tests milliseconds.
+
+The bus's heal fetch is injected (`LanBus.fetch`): it answers from the peer's store as
+its ``/api/cluster/messages`` would, so no HTTP server is needed. The HTTP fetch itself
+is exercised by tests/test_cluster_processes.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import TYPE_CHECKING, Any
+
+import trio
+import trio.testing
+from test_link_fakelan import CLUSTER, SECRET, FakeLan, data_of, wall_clock, wall_ms
+from test_session import Recorder, open_session
+
+from trio_chat.link._events import PeerStatus
+from trio_chat.link._socket import ClusterLink, LinkConfig
+from trio_chat.node._multicast import MulticastBus
+from trio_chat.node._node import Node
+from trio_chat.node._store import MemoryStore, Message
+from trio_chat.protocol._wire import Joined, MessageEvent, Presence
+
+from conftest import eventually, make_settings
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from trio_chat.server._session import Session
+
+ROOM = "general"
+
+
+class LanBus(MulticastBus):
+    """The multicast bus, with the heal fetch answered from the peers' stores."""
+
+    def __init__(self, link: ClusterLink, name: str, cluster: dict[str, ChatNode]) -> None:
+        super().__init__(link, SECRET)
+        self._name = name
+        self._cluster = cluster
+        #: (origin, after) of each fetch.
+        self.fetches: list[tuple[str, str]] = []
+
+    async def fetch(self, origin: str, after: str, limit: int) -> list[Message]:
+        await trio.lowlevel.checkpoint()
+        self.fetches.append((origin, after))
+        peers = [n for n in self._cluster.values() if n.alive and n.name != self._name]
+        # As MulticastBus.fetch: the origin first, it has everything it sent.
+        peers.sort(key=lambda n: n.name != origin)
+        for peer in peers:
+            return peer.node.store.from_origin(origin, after, limit)
+        return []
+
+
+@dataclasses.dataclass
+class ChatNode:
+    name: str
+    node: Node
+    bus: LanBus
+    nursery: trio.Nursery
+    scope: trio.CancelScope
+    lan: FakeLan
+    alive: bool = True
+
+    async def client(self, name: str) -> tuple[Session, Recorder, trio.MemorySendChannel[str]]:
+        return await open_session(self.nursery, self.node, name)
+
+    def crash(self) -> None:
+        """Stop dead: no goodbye, no presence update leaves it."""
+        self.alive = False
+        self.lan.endpoints[self.name].unplugged = True
+        self.scope.cancel()
+
+
+async def start_chat_node(
+    nursery: trio.Nursery,
+    lan: FakeLan,
+    cluster: dict[str, ChatNode],
+    tmp_path: Path,
+    name: str,
+    *,
+    store: MemoryStore | None = None,
+    **link: Any,
+) -> ChatNode:
+    config = LinkConfig(
+        secret=SECRET,
+        cluster_id=CLUSTER,
+        node_id=name,
+        incarnation=wall_ms(),
+        http_url=f"http://{name}",
+        **link,
+    )
+    bus = LanBus(
+        ClusterLink(config, transport=lan.endpoint(name), wall_clock=wall_clock), name, cluster
+    )
+    settings = make_settings(tmp_path / name, ws_bind=None)
+    node = Node(settings, name, store or MemoryStore(), bus)
+
+    async def run(task_status: trio.TaskStatus[ChatNode]) -> None:
+        with trio.CancelScope() as scope:
+            async with trio.open_nursery() as inner:
+                await inner.start(node.run)
+                task_status.started(ChatNode(name, node, bus, inner, scope, lan))
+                await trio.sleep_forever()
+
+    chat_node: ChatNode = await nursery.start(run)
+    cluster[name] = chat_node
+    return chat_node
+
+
+async def all_up(nodes: list[ChatNode]) -> None:
+    """Every node has heard every other (the link delivers from the first heartbeat)."""
+    names = {n.name for n in nodes}
+    await eventually(
+        lambda: all(
+            {p.node for p in n.bus.link.peers() if p.status is PeerStatus.ALIVE} == names - {n.name}
+            for n in nodes
+        )
+    )
+
+
+def texts(recorder: Recorder) -> list[str]:
+    return [e.text for e in recorder.events if isinstance(e, MessageEvent)]
+
+
+async def join(send: trio.MemorySendChannel[str], recorder: Recorder, room: str = ROOM) -> Joined:
+    await send.send(json.dumps({"type": "join", "room": room}))
+    await eventually(lambda: any(isinstance(e, Joined) for e in recorder.events))
+    return next(e for e in recorder.events if isinstance(e, Joined))
+
+
+async def test_a_message_is_stored_and_delivered_once_on_every_node(
+    autojump_clock: trio.testing.MockClock, tmp_path: Path
+) -> None:
+    cluster: dict[str, ChatNode] = {}
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            # Lost and duplicated datagrams: the link repairs and dedupes them.
+            lan = FakeLan(nursery, seed=11, loss=0.2, duplicate=0.2, max_delay=0.005)
+            nodes = [
+                await start_chat_node(nursery, lan, cluster, tmp_path, f"n{i}") for i in range(3)
+            ]
+            await all_up(nodes)
+            clients = [await nodes[i].client(f"user{i}") for i in range(3)]
+            for _, recorder, send in clients:
+                await join(send, recorder)
+            _, _, alice = clients[0]
+            for i in range(20):
+                await alice.send(json.dumps({"type": "send", "room": ROOM, "text": f"m{i}"}))
+                await trio.sleep(0.05)
+            sent = [f"m{i}" for i in range(20)]
+            for _, recorder, _ in clients:
+                await eventually(lambda r=recorder: len(texts(r)) >= 20)
+            # Nothing more is on its way: a second copy would have arrived by now.
+            await trio.sleep(5)
+            nursery.cancel_scope.cancel()
+    for node, (_, recorder, _) in zip(nodes, clients, strict=True):
+        assert texts(recorder) == sent
+        assert [m.text for m in node.node.store.latest(ROOM, 100)] == sent
+        assert node.node.statistics().duplicates == 0
+
+
+async def test_presence_merges_across_nodes_and_a_dead_peers_members_leave(
+    autojump_clock: trio.testing.MockClock, tmp_path: Path
+) -> None:
+    cluster: dict[str, ChatNode] = {}
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            lan = FakeLan(nursery, seed=12, loss=0.1)
+            a, b, c = [await start_chat_node(nursery, lan, cluster, tmp_path, n) for n in "abc"]
+            await all_up([a, b, c])
+            _, alice_rec, alice = await a.client("alice")
+            _, bob_rec, bob = await b.client("bob")
+            await join(alice, alice_rec)
+            await join(bob, bob_rec)
+            # Peers' members in the order their presence arrived, which varies.
+            await eventually(lambda: sorted(c.node.members(ROOM)) == ["alice", "bob"])
+            carol_session, carol_rec, carol = await c.client("carol")
+            members = (await join(carol, carol_rec)).members
+            assert members[0] == "carol"
+            assert sorted(members[1:]) == ["alice", "bob"]
+            # A name in a room on a peer is taken here too.
+            second, _, _ = await c.client("alice")
+            assert second.name == "alice-2"
+            await eventually(lambda: "carol" in a.node.members(ROOM))
+            b.crash()
+            # Dead after ~6.5 virtual seconds of silence: its members leave everywhere.
+            await eventually(lambda: Presence(room=ROOM, left="bob") in carol_rec.events)
+            assert c.node.members(ROOM) == ["carol", "alice"]
+            assert a.node.members(ROOM) == ["alice", "carol"]
+            assert Presence(room=ROOM, left="bob") in alice_rec.events
+            assert carol_session.name == "carol"
+            nursery.cancel_scope.cancel()
+    # Each arrival was announced once on each other node.
+    assert carol_rec.events.count(Presence(room=ROOM, joined="bob")) == 0
+    assert alice_rec.events.count(Presence(room=ROOM, joined="bob")) == 1
+    assert alice_rec.events.count(Presence(room=ROOM, joined="carol")) == 1
+
+
+async def test_a_gap_is_healed_from_a_peer_through_the_bus(
+    autojump_clock: trio.testing.MockClock, tmp_path: Path
+) -> None:
+    cluster: dict[str, ChatNode] = {}
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            lan = FakeLan(nursery, seed=13)
+            # A retransmit buffer of 16 packets: what b misses beyond it is gone from the link.
+            a = await start_chat_node(nursery, lan, cluster, tmp_path, "a", buffer_packets=16)
+            b = await start_chat_node(nursery, lan, cluster, tmp_path, "b")
+            await all_up([a, b])
+            _, alice_rec, alice = await a.client("alice")
+            _, bob_rec, bob = await b.client("bob")
+            await join(alice, alice_rec)
+            await join(bob, bob_rec)
+            await eventually(lambda: a.node.members(ROOM) == ["alice", "bob"])
+            # b stays alive (heartbeats pass) but receives none of a's data for a while.
+            lan.filter = lambda s, r, d: s == "a" and r == "b" and data_of(d) is not None
+            for i in range(40):
+                await alice.send(json.dumps({"type": "send", "room": ROOM, "text": f"m{i}"}))
+                # Within the client rate limit (20 a second).
+                await trio.sleep(0.06)
+            await eventually(lambda: len(texts(alice_rec)) == 40)
+            lan.filter = lambda s, r, d: False
+            await eventually(lambda: len(texts(bob_rec)) >= 40)
+            await trio.sleep(5)
+            nursery.cancel_scope.cancel()
+    sent = [f"m{i}" for i in range(40)]
+    assert sorted(texts(bob_rec), key=lambda t: int(t[1:])) == sent
+    assert sorted(m.text for m in b.node.store.latest(ROOM, 100)) == sorted(sent)
+    assert b.node.cluster is not None
+    # The first heal is the catch-up when a came up; then the gaps the link gave up on.
+    assert b.bus.fetches[0] == ("a", "")
+    assert len(b.bus.fetches) == b.node.cluster.gaps_healed >= 2
+    assert {origin for origin, _ in b.bus.fetches} == {"a"}
+    # At least what a's 16-packet buffer evicted came through the bus alone.
+    assert b.node.cluster.healed_messages >= 24
+
+
+async def test_a_restarted_peer_catches_up_what_it_missed(
+    autojump_clock: trio.testing.MockClock, tmp_path: Path
+) -> None:
+    cluster: dict[str, ChatNode] = {}
+    b_store = MemoryStore()
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            lan = FakeLan(nursery, seed=14)
+            a = await start_chat_node(nursery, lan, cluster, tmp_path, "a")
+            b = await start_chat_node(nursery, lan, cluster, tmp_path, "b", store=b_store)
+            await all_up([a, b])
+            _, alice_rec, alice = await a.client("alice")
+            await join(alice, alice_rec)
+            await alice.send(json.dumps({"type": "send", "room": ROOM, "text": "before"}))
+            await eventually(lambda: len(b_store.latest(ROOM, 10)) == 1)
+            b.crash()
+            for text in ["while", "b", "was", "down"]:
+                await alice.send(json.dumps({"type": "send", "room": ROOM, "text": text}))
+            await eventually(lambda: len(texts(alice_rec)) == 5)
+            # The same store, a newer incarnation: as a worker restarted by its supervisor.
+            b2 = await start_chat_node(nursery, lan, cluster, tmp_path, "b", store=b_store)
+            await all_up([a, b2])
+            await eventually(lambda: len(b_store.latest(ROOM, 10)) == 5)
+            _, bob_rec, bob = await b2.client("bob")
+            await join(bob, bob_rec)
+            nursery.cancel_scope.cancel()
+    assert texts(bob_rec) == ["before", "while", "b", "was", "down"]
+    # It asked only for what followed the newest message of a's it had stored.
+    assert b2.bus.fetches == [("a", b_store.latest(ROOM, 10)[0].id)]

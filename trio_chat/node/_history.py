@@ -1,0 +1,312 @@
+"""History: accepting messages, group commit, replay and paging, the store's threads.
+
+Message flow: a session's ``send`` becomes a `Message` with a fresh id and goes into the
+commit channel. The commit task writes everything waiting in one transaction, then, in
+order, broadcasts each message to its room, sends it to cluster peers, and acks it to its
+sender: an ack always means "stored", and a client never sees a message that a restart
+could take back.
+
+A store that fails (`StoreError`: disk full, I/O error, locked, corrupt) does not stop the
+node; it degrades. A failed commit acks nothing: its local senders get the error
+``store_unavailable`` (they retry with the same cid), and other nodes' messages are kept
+and written first at the next attempt. The commit task retries with backoff
+(`RETRY_FIRST` doubling to `RETRY_MAX`); until the retry is due, new sends are refused at
+once instead of queueing behind a dead disk. A failed history read refuses that one
+request. ``store_up`` (``/healthz``) is False from a failed write to the next good one.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import time
+from typing import TYPE_CHECKING, Final, NoReturn, Protocol, TypeVar, TypeVarTuple
+
+import trio
+
+from .._errors import ProtocolError, StoreError
+from ..protocol._wire import Ack, store_unavailable
+from ._store import Message
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from ..protocol._ids import IdClock
+    from ..protocol._wire import Send
+    from ..server._hub import Hub
+    from ..server._ports import Member
+    from ..settings._settings import Settings
+    from ._store import Store
+
+log = logging.getLogger("trio_chat.node")
+
+_Args = TypeVarTuple("_Args")
+_R = TypeVar("_R")
+
+# Messages accepted but not yet committed. A full channel makes senders wait, which
+# pushes back on their sockets while the disk catches up.
+_COMMIT_QUEUE: Final = 8192
+# Most messages per transaction: bounds one commit's latency.
+_MAX_COMMIT_BATCH: Final = 2000
+#: Seconds from a failed commit to the next attempt; doubled after each failure.
+RETRY_FIRST: Final = 0.1
+#: The longest wait between two attempts while the store keeps failing.
+RETRY_MAX: Final = 5.0
+# Store failures are logged at most this often (seconds), with how many were not.
+_STORE_LOG_INTERVAL: Final = 60.0
+
+
+class MessageOut(Protocol):
+    """Where a committed local message goes to peers (`_cluster.Broadcaster`)."""
+
+    def send_message(self, message: Message) -> None: ...
+
+
+@dataclasses.dataclass(slots=True)
+class _Pending:
+    message: Message
+    #: The local session that sent it; None for a message from another node.
+    sender: Member | None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Replay:
+    """What a client joining a room gets first (`History.replay`)."""
+
+    #: Oldest first.
+    messages: list[Message]
+    #: The client's ``since`` is unknown or too old: it must clear the room first.
+    reset: bool
+    #: The room holds messages older than the oldest of ``messages``. Always True on a
+    #: resume: the client's ``since`` is one of them.
+    more: bool
+
+
+class History:
+    """The node's messages: accepted, committed, broadcast, read back.
+
+    Args:
+      settings: the replay and resume bounds.
+      store: the history engine.
+      hub: where committed messages and acks go.
+      ids: this node's message id clock.
+      peers: where committed local messages go, or None without a cluster.
+      count_error: counts a refusal by its code.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        hub: Hub,
+        ids: IdClock,
+        peers: MessageOut | None,
+        count_error: Callable[[str], None],
+    ) -> None:
+        self.store = store
+        self._settings = settings
+        self._hub = hub
+        self._ids = ids
+        self._peers = peers
+        self._count_error = count_error
+        self._commit_send, self._commit_receive = trio.open_memory_channel[_Pending](_COMMIT_QUEUE)
+        self._read_limiter = trio.CapacityLimiter(1)
+        self._write_limiter = trio.CapacityLimiter(1)
+        self.messages_in = 0
+        self.commits = 0
+        self.committed = 0
+        self.duplicates = 0
+        #: False from a failed write until a write succeeds again (``/healthz``).
+        self.store_up = True
+        #: Store operations that failed, by ``"write"`` / ``"read"``.
+        self.store_failures: collections.Counter[str] = collections.Counter()
+        # While the store is down: when the commit task tries again (trio time).
+        self._retry_at = 0.0
+        self._store_logged_at = -_STORE_LOG_INTERVAL
+        self._store_unlogged = 0
+
+    # -- accepting ----------------------------------------------------------------------
+
+    async def submit(self, member: Member, command: Send) -> None:
+        """Accept a client's message: id it, queue it for commit. The ack follows commit.
+
+        Cancellation: a checkpoint; waits while the commit queue is full. If cancelled
+        the message was not accepted (no ack is sent; the client retries with its cid).
+
+        Raises:
+          StoreError: the store is down and its next attempt is not due yet.
+        """
+        self.messages_in += 1
+        if not self.store_up and trio.current_time() < self._retry_at:
+            await trio.lowlevel.checkpoint()
+            raise StoreError("the store is down; the next attempt is not due yet")
+        # A retried cid is caught by the store, in the commit's own transaction: no
+        # lookup per send, and two copies arriving together cannot both be stored.
+        dedupe = None if command.cid is None else member.retry_key(command.cid)
+        message = Message(
+            id=self._ids.next_id(time.time_ns() // 1_000_000),
+            room=command.room,
+            sender=member.name,
+            text=command.text,
+            ts=time.time(),
+            cid=command.cid,
+            dedupe=dedupe,
+        )
+        await self._commit_send.send(_Pending(message, member))
+
+    def submit_would_wait(self) -> bool:
+        """Whether `submit` would wait now: the commit queue is full (the store is behind)."""
+        stats = self._commit_send.statistics()
+        return stats.current_buffer_used >= stats.max_buffer_size
+
+    async def deliver_remote(self, message: Message) -> None:
+        """Store and broadcast a message another node accepted.
+
+        Cancellation: a checkpoint; waits while the commit queue is full.
+        """
+        self._ids.witness(message.id)
+        await self._commit_send.send(_Pending(message, None))
+
+    # -- committing ---------------------------------------------------------------------
+
+    async def run_commits(self) -> NoReturn:
+        """The group commit task: a node task, it runs until cancelled."""
+        # Other nodes' messages from a failed commit: written first at the next attempt.
+        held: list[_Pending] = []
+        delay = RETRY_FIRST
+        while True:
+            if held:
+                await trio.sleep_until(self._retry_at)
+                batch, held = held, []
+            else:
+                batch = [await self._commit_receive.receive()]
+            while len(batch) < _MAX_COMMIT_BATCH:
+                try:
+                    batch.append(self._commit_receive.receive_nowait())
+                except trio.WouldBlock:
+                    break
+            try:
+                duplicates = await self._write([p.message for p in batch])
+            except StoreError as exc:
+                self._retry_at = trio.current_time() + delay
+                delay = min(delay * 2, RETRY_MAX)
+                self._store_failed("write", exc)
+                held = await self._refuse_commit(batch)
+                continue
+            delay = RETRY_FIRST
+            if not self.store_up:
+                self.store_up = True
+                log.warning("the store accepts writes again")
+            await self._publish_commit(batch, duplicates)
+
+    async def _refuse_commit(self, batch: list[_Pending]) -> list[_Pending]:
+        """Tell a failed commit's local senders; return the other nodes' messages."""
+        held = []
+        for pending in batch:
+            message = pending.message
+            if pending.sender is None:
+                held.append(pending)
+                continue
+            self._count_error("store_unavailable")
+            refusal = store_unavailable(message.room, message.cid)
+            await self._hub.publish_to(pending.sender, message.room, refusal)
+        return held
+
+    async def _publish_commit(self, batch: list[_Pending], duplicates: dict[str, str]) -> None:
+        """Broadcast, forward and ack what one commit stored, in order."""
+        self.commits += 1
+        self.committed += len(batch) - len(duplicates)
+        for pending in batch:
+            message = pending.message
+            first = duplicates.get(message.id)
+            if first is not None:
+                self.duplicates += 1
+                if pending.sender is not None:
+                    ack = Ack(id=first, cid=message.cid, duplicate=True)
+                    await self._hub.publish_to(pending.sender, message.room, ack)
+                continue
+            if pending.sender is not None and self._peers is not None:
+                self._peers.send_message(message)
+            await self._hub.publish(message.room, message.event())
+            if pending.sender is not None:
+                ack = Ack(id=message.id, cid=message.cid)
+                await self._hub.publish_to(pending.sender, message.room, ack)
+
+    # -- reading ------------------------------------------------------------------------
+
+    async def replay(self, room: str, since: str | None) -> Replay:
+        """What a client joining ``room`` gets first.
+
+        Without ``since``: the latest messages. With it: every message after it, up to
+        the resume bound; past the bound, or for an id the room does not have, the
+        latest messages and ``reset`` (the client reloads the room).
+        """
+        reset = since is not None
+        if since is not None and await self.read_store(self.store.contains, room, since):
+            bound = self._settings.resume_max
+            missed = await self.read_store(self.store.after, room, since, bound + 1)
+            if len(missed) <= bound:
+                return Replay(missed, reset=False, more=True)
+        latest = self._settings.history_on_join
+        # One more than the page: whether it exists is whether older history does.
+        newest = await self.read_store(self.store.latest, room, latest + 1)
+        more = len(newest) > latest
+        return Replay(newest[1:] if more else newest, reset=reset, more=more)
+
+    async def page(self, room: str, before: str | None, limit: int) -> tuple[list[Message], bool]:
+        """A page of ``room``'s history older than ``before``, and whether more exist.
+
+        Raises:
+          ProtocolError: ``before`` is not a message of ``room`` (``unknown_id``).
+        """
+        if before is not None and not await self.read_store(self.store.contains, room, before):
+            raise ProtocolError("unknown_id", f"{room!r} has no message {before!r}")
+        messages = await self.read_store(self.store.before, room, before, limit + 1)
+        return messages[-limit:], len(messages) > limit
+
+    async def _write(self, messages: list[Message]) -> dict[str, str]:
+        if self.store.blocking:
+            return await trio.to_thread.run_sync(
+                self.store.write, messages, limiter=self._write_limiter
+            )
+        return self.store.write(messages)
+
+    async def read_store(self, fn: Callable[[*_Args], _R], *args: *_Args) -> _R:
+        """Call the store's read method ``fn`` off the event loop.
+
+        Raises:
+          StoreError: the store failed (counted and logged here); refuse that request.
+        """
+        try:
+            if self.store.blocking:
+                return await trio.to_thread.run_sync(fn, *args, limiter=self._read_limiter)
+            await trio.lowlevel.checkpoint()
+            return fn(*args)
+        except StoreError as exc:
+            self._store_failed("read", exc)
+            raise
+
+    def _store_failed(self, op: str, exc: StoreError) -> None:
+        """Count a failed store operation; log it, at most once a `_STORE_LOG_INTERVAL`.
+
+        A failure of every request while the disk is full must not fill the rest of it
+        with log lines; a write failure that takes the store down is always logged.
+        """
+        self.store_failures[op] += 1
+        going_down = op == "write" and self.store_up
+        if going_down:
+            self.store_up = False
+        now = time.monotonic()
+        if not going_down and now - self._store_logged_at < _STORE_LOG_INTERVAL:
+            self._store_unlogged += 1
+            return
+        skipped, self._store_unlogged = self._store_unlogged, 0
+        self._store_logged_at = now
+        log.error(
+            "store %s failed%s: %s%s",
+            op,
+            " (degraded: refusing sends until a write succeeds)" if going_down else "",
+            exc,
+            f" ({skipped} more store failures not logged)" if skipped else "",
+        )

@@ -1,0 +1,135 @@
+"""What a session needs from the node, as narrow Protocols.
+
+The server layer sits below the node (docs/architecture.md): a `Session` and the chat
+socket's handler talk to a `ChatService`, which the node implements, and never see the
+node's parts (hub, store, cluster). The node sees a session as a `Member`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from ..protocol._wire import MessageEvent, Send, TypingEvent
+    from ..settings._settings import Settings
+    from ._hub import Outgoing
+
+
+class Member(Protocol):
+    """A session as the node sees it: a hub subscriber with a name and a retry secret."""
+
+    name: str
+
+    def deliver_nowait(self, out: Outgoing) -> None:
+        """Queue a broadcast for the client. Must not block or raise."""
+
+    def retry_key(self, cid: str) -> str:
+        """The store's dedupe key for this client's ``cid``."""
+
+    def close(self, code: int, reason: str) -> None:
+        """Close the client with ``code``. Never blocks."""
+
+
+class StoredMessage(Protocol):
+    """A message from history."""
+
+    @property
+    def id(self) -> str: ...
+
+    def event(self) -> MessageEvent:
+        """The message as the clients see it."""
+
+
+class Replay(Protocol):
+    """What a client joining a room gets first."""
+
+    #: Oldest first.
+    @property
+    def messages(self) -> Sequence[StoredMessage]: ...
+
+    #: The client's ``since`` is unknown or too old: it must clear the room first.
+    @property
+    def reset(self) -> bool: ...
+
+    #: The room holds messages older than the oldest of ``messages``.
+    @property
+    def more(self) -> bool: ...
+
+
+class ChatService(Protocol):
+    """The node, as its sessions see it. Every method but the async ones is non-blocking."""
+
+    @property
+    def node_id(self) -> str: ...
+
+    @property
+    def settings(self) -> Settings: ...
+
+    # -- names --------------------------------------------------------------------------
+
+    def claim_name(self, wanted: str) -> str:
+        """Reserve ``wanted`` or, if it is taken, a numbered variant; return it."""
+
+    def rename(self, member: Member, wanted: str) -> None:
+        """Free ``member``'s name and claim ``wanted`` (sets ``member.name``)."""
+
+    # -- the session's life -------------------------------------------------------------
+
+    def register(self, member: Member) -> None:
+        """A session started (it is closed at shutdown)."""
+
+    def release(self, member: Member) -> None:
+        """A session ended: leave its rooms, free its name."""
+
+    # -- rooms --------------------------------------------------------------------------
+
+    async def join(self, room: str, member: Member, since: str | None) -> Replay:
+        """Subscribe ``member`` to ``room``, read its replay, then announce it.
+
+        Raises:
+          StoreError: the replay could not be read; ``member`` is not in the room.
+        """
+
+    def leave(self, room: str, member: Member) -> None:
+        """Unsubscribe ``member`` from ``room`` and announce it, if it was in."""
+
+    def rooms_of(self, member: Member) -> frozenset[str]:
+        """The rooms ``member`` is in."""
+
+    def members(self, room: str) -> list[str]:
+        """Who is in ``room``, cluster-wide."""
+
+    def typing(self, room: str, event: TypingEvent, member: Member) -> None:
+        """Tell the room (cluster-wide) that ``member`` is typing."""
+
+    # -- messages -----------------------------------------------------------------------
+
+    async def submit(self, member: Member, command: Send) -> None:
+        """Accept a message for commit; the ack follows the commit.
+
+        Raises:
+          StoreError: the store is down.
+        """
+
+    def submit_would_wait(self) -> bool:
+        """Whether `submit` would wait now (the store is behind)."""
+
+    async def page(
+        self, room: str, before: str | None, limit: int
+    ) -> tuple[Sequence[StoredMessage], bool]:
+        """A page of history older than ``before``, and whether more exist.
+
+        Raises:
+          ProtocolError: ``before`` is not a message of ``room``.
+          StoreError: the store failed.
+        """
+
+    # -- accounting ---------------------------------------------------------------------
+
+    def count_error(self, code: str) -> None:
+        """Count a refusal or error by its code (``/metrics``)."""
+
+    def count_slow(self) -> None:
+        """Count a client closed as slow outside the chat socket's write path."""
