@@ -41,6 +41,7 @@ PURE_MODULES = sorted(
         "settings/*.py",
         "link/_packet.py",
         "link/_events.py",
+        "link/_peer.py",
         "link/_state.py",
     )
     for path in _PACKAGE.glob(pattern)
