@@ -44,4 +44,4 @@ browsers:
 	apt-get update -q && apt-get install -y -q chromium
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .import_linter_cache
