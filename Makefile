@@ -10,7 +10,7 @@ help:
 	@echo "make run       create .venv if needed and serve the chat on http://127.0.0.1:8000"
 	@echo "make test      run the whole test suite"
 	@echo "make fuzz      fuzz both WebSocket ports with raw bytes for FUZZ_MINUTES (10); see .fuzz/"
-	@echo "make lint      ruff check, ruff format --check, mypy (strict on trio_chat/)"
+	@echo "make lint      ruff, mypy (strict), import-linter contracts, no import cycle, no module over 500 lines"
 	@echo "make browsers  install Debian's chromium for the browser tests (root, apt-get)"
 
 $(STAMP): pyproject.toml constraints.txt
@@ -37,9 +37,11 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports
+	$(BIN)/python tools/check_imports.py
 
 browsers:
 	apt-get update -q && apt-get install -y -q chromium
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .import_linter_cache

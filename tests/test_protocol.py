@@ -153,7 +153,8 @@ def test_ids_sort_in_time_order_and_never_repeat() -> None:
 def test_pure_modules_import_no_trio() -> None:
     code = (
         "import sys, trio_chat.protocol, trio_chat.settings, trio_chat.link._packet, "
-        "trio_chat.link._events, trio_chat.link._state; print('trio' in sys.modules)"
+        "trio_chat.link._events, trio_chat.link._peer, trio_chat.link._state; "
+        "print('trio' in sys.modules)"
     )
     # trio_chat/__init__ imports the app (and trio), link/__init__ its socket shell: stand
     # in for both packages so that only the pure modules themselves are loaded.

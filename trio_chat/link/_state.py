@@ -15,18 +15,9 @@ and until then it may be alive without our having heard it yet. Heartbeats (ever
 ``heartbeat_interval``) carry ``high_seq`` (tail loss shows as a gap), ``low_seq`` (what
 is below is gone) and acks of what we delivered from each peer.
 
-Receiving, per sender incarnation. Invariants:
-- ``next_expected - 1`` is the last sequence delivered or given up; fragments are
-  delivered in sequence order, each at most once (``pending`` holds only sequences
-  ``>= next_expected``);
-- a sequence is given up only when it cannot be repaired any more (the sender's
-  ``low_seq`` passed it, the sender left, died or restarted), and then exactly one ``Gap``
-  covers it;
-- missing sequences below ``known_high`` are NAKed after ``reorder_hold``, then with
-  doubling intervals; another receiver's NAK for the same loss postpones ours
-  (suppression, since the repair is multicast to all of us);
-- a peer's data is held until its first heartbeat says where to start: from 1 if it
-  started after us (we were there for all of it), else after its ``high_seq``.
+Receiving, per sender incarnation: in-order delivery, gaps and NAKs are `_peer`'s (its
+theory of operation states their invariants); this module feeds it packets and timer
+ticks, and queues and counts what it delivers.
 
 Membership. A node is known after an authenticated, fresh packet and up after its first
 heartbeat (``PeerUp``). Silent for ``suspect_after``: suspect, pinged every
@@ -42,7 +33,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Final, Literal
+from typing import TYPE_CHECKING, Final, Literal
 
 from .._errors import BadPacket
 from ._events import (
@@ -59,7 +50,6 @@ from ._events import (
 )
 from ._packet import (
     MAX_ACKS,
-    MAX_NAK_RANGES,
     Ack,
     Data,
     ForeignPacket,
@@ -70,9 +60,12 @@ from ._packet import (
     Nak,
     PacketCodec,
     Ping,
-    ReplayWindow,
     is_fresh,
 )
+from ._peer import Peer
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
 
 #: Immediate heartbeats (answers to hellos, pings, NAKs of evicted data) are at least this
 #: far apart, so a flood of requests cannot turn into a flood of heartbeats.
@@ -125,28 +118,6 @@ class _Sent:
         self.repaired_at = -math.inf
 
 
-class _Peer:
-    """What we know of one incarnation of another node."""
-
-    def __init__(self, node: str, incarnation: int, now: float, settings: LinkSettings) -> None:
-        self.node = node
-        self.incarnation = incarnation
-        self.http_url = ""
-        self.status = PeerStatus.JOINING
-        self.last_heard = now
-        self.ping_at = now
-        self.window = ReplayWindow()
-        self.next_expected = 1
-        self.known_high = 0
-        self.pending: dict[int, Data] = {}
-        self.nak_at: float | None = None
-        self.nak_interval = settings.nak_interval
-        self.frags: list[bytes] = []
-        self.frag_first_seq = 0
-        #: What this peer acked of *our* current incarnation.
-        self.acked_us = 0
-
-
 class LinkState:
     """One node's side of the cluster link.
 
@@ -174,7 +145,7 @@ class LinkState:
         self._incarnation = incarnation
         self._http_url = http_url
         self._settings = settings
-        self._peers: dict[str, _Peer] = {}
+        self._peers: dict[str, Peer] = {}
         self._buffer: dict[int, _Sent] = {}
         self._buffer_bytes = 0
         self._low_seq = 1
@@ -333,7 +304,7 @@ class LinkState:
         self._c.packets_dropped += 1
         setattr(self._c, reason, getattr(self._c, reason) + 1)
 
-    def _admit(self, node: str, incarnation: int, sent_ms: int, now: float) -> _Peer | None:
+    def _admit(self, node: str, incarnation: int, sent_ms: int, now: float) -> Peer | None:
         """Create the state of an incarnation we have not seen, if it may be trusted."""
         skew = self._settings.max_clock_skew
         if not is_fresh(sent_ms, now, skew) or incarnation / 1000 > now + skew:
@@ -341,7 +312,7 @@ class LinkState:
             return None
         old = self._peers.pop(node, None)
         if old is not None and old.status in _LIVE:
-            self._skip_to(old, old.known_high + 1)
+            self._emit(old.skip_to(old.known_high + 1))
             self._events.append(PeerDown(node, "restarted"))
         if old is None and len(self._peers) >= self._settings.max_peers:
             gone = [p for p in self._peers.values() if p.status not in _LIVE]
@@ -349,10 +320,10 @@ class LinkState:
                 self._drop("packets_overflow")
                 return None
             del self._peers[min(gone, key=lambda p: p.last_heard).node]
-        peer = self._peers[node] = _Peer(node, incarnation, now, self._settings)
+        peer = self._peers[node] = Peer(node, incarnation, now, self._settings)
         return peer
 
-    def _handle(self, peer: _Peer, message: Message, now: float) -> None:
+    def _handle(self, peer: Peer, message: Message, now: float) -> None:
         if isinstance(message, Data):
             self._on_data(peer, message, now)
         elif isinstance(message, Heartbeat):
@@ -368,7 +339,7 @@ class LinkState:
             peer.known_high = max(peer.known_high, message.high_seq)
             self._end(peer, PeerStatus.LEFT, "left", now)
 
-    def _on_data(self, peer: _Peer, data: Data, now: float) -> None:
+    def _on_data(self, peer: Peer, data: Data, now: float) -> None:
         self._c.fragments_received += 1
         if data.seq < peer.next_expected or data.seq in peer.pending:
             self._c.duplicates += 1
@@ -382,33 +353,24 @@ class LinkState:
         peer.pending[data.seq] = data
         if peer.status is not PeerStatus.JOINING:
             peer.known_high = max(peer.known_high, data.seq)
-            self._drain(peer, now)
+            self._emit(peer.drain(now))
 
-    def _on_heartbeat(self, peer: _Peer, hb: Heartbeat, now: float) -> None:
+    def _on_heartbeat(self, peer: Peer, hb: Heartbeat, now: float) -> None:
         peer.http_url = hb.http_url
         if peer.status is PeerStatus.JOINING:
-            self._join(peer, hb)
+            peer.join(hb.high_seq, self._incarnation)
             peer.status = PeerStatus.ALIVE
             self._events.append(PeerUp(peer.node, peer.incarnation, peer.http_url))
         if hb.hello:
             self._heartbeat_soon(now)
         peer.known_high = max(peer.known_high, hb.high_seq)
         if hb.low_seq > peer.next_expected:
-            self._skip_to(peer, hb.low_seq)
+            self._emit(peer.skip_to(hb.low_seq))
         for ack in hb.acks:
             if ack.node == self._node_id and ack.incarnation == self._incarnation:
                 peer.acked_us = max(peer.acked_us, ack.delivered)
         self._release(now)
-        self._drain(peer, now)
-
-    def _join(self, peer: _Peer, hb: Heartbeat) -> None:
-        """Decide where delivery from a new peer starts (see the theory of operation)."""
-        start = 1
-        if peer.incarnation < self._incarnation:
-            start = min([hb.high_seq + 1, *peer.pending])
-        peer.next_expected = start
-        peer.pending = {seq: d for seq, d in peer.pending.items() if seq >= start}
-        peer.known_high = max([start - 1, *peer.pending])
+        self._emit(peer.drain(now))
 
     def _on_nak(self, nak: Nak, now: float) -> None:
         if nak.target != self._node_id or nak.incarnation != self._incarnation:
@@ -440,59 +402,18 @@ class LinkState:
                     d = sent.data
                     self._send(Data(d.seq, d.frag_index, d.frag_count, d.chunk, True), now)
 
-    def _drain(self, peer: _Peer, now: float) -> None:
-        """Deliver what is in order, then arm or disarm the NAK timer."""
-        progressed = False
-        while peer.next_expected in peer.pending:
-            self._deliver(peer, peer.pending.pop(peer.next_expected))
-            progressed = True
-        if peer.known_high < peer.next_expected:
-            peer.nak_at = None
-            peer.nak_interval = self._settings.nak_interval
-            return
-        if progressed:
-            peer.nak_interval = self._settings.nak_interval
-        if peer.nak_at is None:
-            peer.nak_at = now + self._settings.reorder_hold
+    def _emit(self, events: Sequence[Delivered | Gap]) -> None:
+        """Queue what a peer's delivery produced, in order, and count it."""
+        for event in events:
+            if isinstance(event, Delivered):
+                self._c.messages_delivered += 1
+            else:
+                self._c.gaps += 1
+                self._c.gap_seqs += event.last_seq - event.first_seq + 1
+            self._events.append(event)
 
-    def _deliver(self, peer: _Peer, data: Data) -> None:
-        peer.next_expected = data.seq + 1
-        if data.frag_index == 0:
-            peer.frags = [data.chunk]
-            peer.frag_first_seq = data.seq
-        elif peer.frags and data.frag_index == len(peer.frags):
-            peer.frags.append(data.chunk)
-        else:
-            # The start of this message was given up in a Gap that covers it already.
-            peer.frags = []
-            return
-        if len(peer.frags) == data.frag_count:
-            payload = b"".join(peer.frags)
-            peer.frags = []
-            self._c.messages_delivered += 1
-            self._events.append(Delivered(peer.node, payload, peer.incarnation, data.seq))
-
-    def _skip_to(self, peer: _Peer, upto: int) -> None:
-        """Give up everything below ``upto`` that is missing; deliver what we have."""
-        for seq in sorted(s for s in peer.pending if s < upto):
-            if seq > peer.next_expected:
-                self._gap(peer, peer.next_expected, seq - 1)
-            self._deliver(peer, peer.pending.pop(seq))
-        if upto > peer.next_expected:
-            self._gap(peer, peer.next_expected, upto - 1)
-            peer.next_expected = upto
-
-    def _gap(self, peer: _Peer, first: int, last: int) -> None:
-        if peer.frags:
-            # The partly received message is lost with the gap: report its start too.
-            first = peer.frag_first_seq
-            peer.frags = []
-        self._c.gaps += 1
-        self._c.gap_seqs += last - first + 1
-        self._events.append(Gap(peer.node, peer.incarnation, first, last))
-
-    def _end(self, peer: _Peer, status: PeerStatus, reason: str, now: float) -> None:
-        self._skip_to(peer, peer.known_high + 1)
+    def _end(self, peer: Peer, status: PeerStatus, reason: str, now: float) -> None:
+        self._emit(peer.skip_to(peer.known_high + 1))
         peer.status = status
         peer.nak_at = None
         self._events.append(PeerDown(peer.node, reason))
@@ -542,20 +463,8 @@ class LinkState:
         self._last_heartbeat = now
         self._heartbeat_at = now + self._settings.heartbeat_interval
 
-    def _send_nak(self, peer: _Peer, now: float) -> None:
-        limit = min(peer.known_high, peer.next_expected + self._settings.receive_window - 1)
-        ranges: list[tuple[int, int]] = []
-        expect = peer.next_expected
-        for seq in sorted(s for s in peer.pending if s <= limit):
-            if seq > expect:
-                ranges.append((expect, seq - 1))
-            expect = seq + 1
-            if len(ranges) == MAX_NAK_RANGES:
-                break
-        if expect <= limit and len(ranges) < MAX_NAK_RANGES:
-            ranges.append((expect, limit))
-        peer.nak_at = now + peer.nak_interval
-        peer.nak_interval = min(2 * peer.nak_interval, self._settings.nak_interval_max)
-        if ranges:
+    def _send_nak(self, peer: Peer, now: float) -> None:
+        nak = peer.nak(now)
+        if nak is not None:
             self._c.naks_sent += 1
-            self._send(Nak(peer.node, peer.incarnation, ranges), now)
+            self._send(nak, now)

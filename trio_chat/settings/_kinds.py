@@ -2,13 +2,13 @@
 
 A `Kind` turns a variable's text into plain data that ``msgspec.convert`` then checks
 against the setting's declared type and bounds (`trio_chat.settings._settings`), and renders a
-value back so the docs can show defaults that parse to themselves.
+value back so the docs can show defaults that parse to themselves. Pure: the one kind that
+asks the host (`INTERFACE`) is in `trio_chat.settings._host_checks`.
 """
 
 from __future__ import annotations
 
 import ipaddress
-import socket
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
@@ -108,24 +108,6 @@ def _parse_group(raw: str) -> str:
     return str(group)
 
 
-def _parse_interface(raw: str) -> str:
-    """An IPv4 address this host has: the kernel lets a socket bind to no other."""
-    try:
-        address = ipaddress.IPv4Address(raw)
-    except ValueError:
-        raise ValueError from None
-    if address.is_multicast:
-        raise ValueError
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        try:
-            probe.bind((str(address), 0))
-        except OSError as exc:
-            raise ValueError(
-                f"must be an address of one of this host's interfaces ({exc.strerror})"
-            ) from None
-    return str(address)
-
-
 PLAIN: Final = Kind(lambda raw: raw, _render_plain)
 CHOICE: Final = Kind(str.lower, str)
 SIZE: Final = Kind(_parse_size, _render_size, "a size in bytes (K: KiB, M: MiB)")
@@ -137,4 +119,3 @@ HOSTS: Final = Kind(
     lambda raw: sorted(parse_allowed_hosts(raw)), _render_names, "comma-separated host names"
 )
 GROUP: Final = Kind(_parse_group, str, "an IPv4 multicast address (224.0.0.0-239.255.255.255)")
-INTERFACE: Final = Kind(_parse_interface, str, "an IPv4 address of this host")

@@ -36,12 +36,12 @@ import msgspec
 from msgspec import Meta
 
 from .._errors import ConfigError
+from ._host_checks import INTERFACE
 from ._kinds import (
     BIND,
     CHOICE,
     GROUP,
     HOSTS,
-    INTERFACE,
     KIB,
     MIB,
     ORIGINS,
