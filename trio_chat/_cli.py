@@ -121,7 +121,7 @@ def _serve(args: argparse.Namespace) -> int:
             os.environ[var] = value
     os.environ.setdefault("TRIO_CHAT_HTTP_URL", f"http://{args.bind}")
     try:
-        Settings.from_env()
+        settings = Settings.from_env()
     except ConfigError as exc:
         print(f"trio-chat: {exc}", file=sys.stderr)
         return 2
@@ -129,12 +129,28 @@ def _serve(args: argparse.Namespace) -> int:
     config.bind = [args.bind]
     config.accesslog = None
     config.errorlog = "-"
-    print(
-        f"trio-chat: http://{args.bind}/ (chat socket {os.environ.get('TRIO_CHAT_WS_BIND', '127.0.0.1:8001')})"
-    )
+    for line in first_lines(args.bind, settings):
+        print(f"trio-chat: {line}", flush=True)
     if args.workers > 1:
         return Supervisor(config, args.workers).run()
     return run_node(config, None, (signal.SIGTERM, signal.SIGINT))
+
+
+def first_lines(bind: str, settings: Settings) -> list[str]:
+    """What ``serve`` prints first: what to open, where the data lives, how to stop it."""
+    if settings.ws_bind is None:
+        chat = f"http://{bind}"  # the page's port serves /ws too
+    else:
+        host, port = settings.ws_bind
+        chat = f"ws://{f'[{host}]' if ':' in host else host}:{port}/ws"
+    data = f"data (history, node identity, cluster key) in {settings.data_dir.resolve()}"
+    if settings.store == "memory":
+        data += "; history is kept in memory only"
+    return [
+        f"open http://{bind}/ in a browser (in a terminal: trio-chat client {chat})",
+        data,
+        "stop with Ctrl-C",
+    ]
 
 
 def _cluster_check(args: argparse.Namespace) -> int:
