@@ -11,6 +11,17 @@ state outlives any one connection:
   the outbox is sent again; the server stores a ``cid`` once per ``client_id``, so a
   retry is never a duplicate.
 
+On a terminal, the prompt is prompt_toolkit's (``_client_screen``, which says why):
+incoming lines are printed above it and the line being typed is redrawn intact; a status
+line under it shows the current room and who is typing there. Piped stdin is read line by
+line as before.
+
+A connection the server refuses for good (HTTP 400, 403, 404, 426, a name it refuses,
+the auth close codes 4001-4003) ends the run with one plain sentence and exit status 1:
+trying again would be refused the same way. Everything else (connection refused, 503 over
+the connection cap, closes 1001, 1006, 1008, 1011, 4008) is transient and retried with
+backoff, as before.
+
 The ``client_id`` (sent as ``?client_id=``) is a random secret made once per run: the
 outbox lives in this process's memory only, so no retry outlives the run, and a file
 would be state to guard and share between runs for nothing. It is never the name,
@@ -37,6 +48,8 @@ import trio
 from trio_websocket import (
     CloseReason,
     ConnectionClosed,
+    ConnectionRejected,
+    ConnectionTimeout,
     HandshakeError,
     WebSocketConnection,
     open_websocket_url,
@@ -63,9 +76,18 @@ BACKOFF_BASE: Final = 0.5
 CLOSE_SLOW: Final = 4008
 #: How long EOF on stdin waits for unacked sends before exiting.
 EOF_DRAIN_TIMEOUT: Final = 10.0
+#: ``typing`` is sent at most this often while the user types (the page's pace too).
+TYPING_SEND_EVERY: Final = 2.0
+#: How long "bob is typing…" stays without a new ``typing`` from bob (the page's 4 s).
+TYPING_SHOW: Final = 4.0
+#: Close codes after which connecting again is refused the same way (auth, once it lands).
+PERMANENT_CLOSE_CODES: Final = frozenset({4001, 4002, 4003})
+#: Exit status after a refusal for good; 2 is a bad command line, 130 Ctrl-C.
+EXIT_REFUSED: Final = 1
+EXIT_INTERRUPTED: Final = 130
 
 HELP: Final = (
-    "commands: /join ROOM, /leave [ROOM], /rooms, /quit; other lines are sent to the "
+    "commands: /join ROOM, /leave [ROOM], /rooms, /who, /quit; other lines are sent to the "
     "current room (start with // to send a line beginning with /)"
 )
 
@@ -102,38 +124,66 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run the terminal client until ``/quit``, end of input or Ctrl-C.
+    """Run the terminal client until ``/quit``, end of input, Ctrl-C or a refusal.
 
     Args:
         args: Parsed arguments, as declared by :func:`add_arguments`.
 
     Returns:
-        The process exit status: 0 after ``/quit`` or end of input, 2 for a bad URL,
-        130 after Ctrl-C.
+        The process exit status: 0 after ``/quit`` or end of input (Ctrl-D), 1 when the
+        server refused the connection for good, 2 for a bad URL, 130 after Ctrl-C (as a
+        shell reports a program ended by SIGINT).
     """
     try:
         url = normalize_url(args.url)
     except ValueError as exc:
         print(f"trio-chat client: {exc}", file=sys.stderr)
         return 2
-    client = ChatClient(
-        url,
-        name=args.name,
-        rooms=args.rooms or ["general"],
-        max_backoff=args.max_backoff,
-        out=sys.stdout,
-    )
+    rooms = args.rooms or ["general"]
     try:
-        trio.run(client.run_until_quit, _read_stdin_lines)
+        if sys.stdin.isatty() and sys.stdout.isatty():
+            interrupted, failure = _run_on_terminal(url, args, rooms)
+        else:
+            client = ChatClient(
+                url, name=args.name, rooms=rooms, max_backoff=args.max_backoff, out=sys.stdout
+            )
+            trio.run(client.run_until_quit, _read_stdin_lines)
+            interrupted, failure = False, client.failure
     except KeyboardInterrupt:
-        return 130
-    return 0
+        # SIGINT outside the prompt (piped stdin, or between two prompts).
+        return EXIT_INTERRUPTED
+    if failure is not None:
+        print(f"trio-chat client: {failure}", file=sys.stderr)
+        return EXIT_REFUSED
+    return EXIT_INTERRUPTED if interrupted else 0
+
+
+def _run_on_terminal(
+    url: str, args: argparse.Namespace, rooms: list[str]
+) -> tuple[bool, str | None]:
+    """Run with prompt_toolkit's prompt; return (interrupted, failure)."""
+    from prompt_toolkit.patch_stdout import patch_stdout
+
+    from ._client_screen import TerminalScreen
+
+    with patch_stdout():
+        # sys.stdout is now the proxy that prints above the prompt.
+        client = ChatClient(
+            url, name=args.name, rooms=rooms, max_backoff=args.max_backoff, out=sys.stdout
+        )
+        screen = TerminalScreen(
+            client.prompt, on_typing=client.note_typing, on_interrupt=client.stop
+        )
+        client.set_status_callback(screen.set_status)
+        trio.run(client.run_until_quit, screen.read_lines)
+    return screen.interrupted, client.failure
 
 
 def normalize_url(url: str) -> str:
     """Turn what a user types into a WebSocket URL.
 
-    ``http(s)://`` becomes ``ws(s)://`` and an empty path becomes ``/ws``.
+    ``http(s)://`` becomes ``ws(s)://`` and an empty path (or ``/``, the page's URL)
+    becomes ``/ws``.
 
     Args:
         url: The URL given on the command line.
@@ -148,7 +198,8 @@ def normalize_url(url: str) -> str:
     scheme = {"http": "ws", "https": "wss"}.get(parts.scheme, parts.scheme)
     if scheme not in ("ws", "wss") or not parts.hostname:
         raise ValueError(f"not a ws:// or http:// URL: {url!r}")
-    return urlunsplit((scheme, parts.netloc, parts.path or "/ws", parts.query, ""))
+    path = parts.path if parts.path not in ("", "/") else "/ws"
+    return urlunsplit((scheme, parts.netloc, path, parts.query, ""))
 
 
 def _with_query(url: str, **params: str) -> str:
@@ -184,6 +235,10 @@ class _Room:
     rejoin: bool = False
     seen: set[str] = field(default_factory=set)
     seen_order: deque[str] = field(default_factory=deque)
+    #: Who is in the room (``joined``, then ``presence``), for ``/who``.
+    members: set[str] = field(default_factory=set)
+    #: Who is typing here -> when their "is typing" ends (``trio.current_time()``).
+    typing: dict[str, float] = field(default_factory=dict)
 
     def remember(self, msg_id: str) -> bool:
         """Record ``msg_id``; return False if it was seen before."""
@@ -243,6 +298,40 @@ class ChatClient:
         self._online = False
         self._outbox_empty = trio.Event()
         self._outbox_empty.set()
+        self._status: Callable[[str], None] | None = None
+        self._status_changed = trio.Event()
+        self._last_typing_sent = -math.inf
+        # Typing notices for the sender task; one waiting is enough (they say the same).
+        self._typing_out, self._typing_in = trio.open_memory_channel[str](1)
+        self._run_scope = trio.CancelScope()
+        self._quitting = False
+        #: Why the server refused this client for good (the run then ended), or None.
+        self.failure: str | None = None
+
+    def set_status_callback(self, status: Callable[[str], None]) -> None:
+        """Show the status line (current room, who is typing) through ``status``."""
+        self._status = status
+        self._status_changed.set()
+
+    def prompt(self) -> str:
+        """The prompt's text: the current room."""
+        return f"#{self._current}> " if self._current else "> "
+
+    def stop(self) -> None:
+        """End the run now, without waiting for unacked sends (Ctrl-C)."""
+        self._run_scope.cancel()
+
+    def note_typing(self, text: str) -> None:
+        """The user changed the line being typed: tell the room, at most every 2 s."""
+        room = self._rooms.get(self._current) if self._current else None
+        if room is None or not room.joined or not text.strip() or text.startswith("/"):
+            return
+        now = trio.current_time()
+        if now - self._last_typing_sent < TYPING_SEND_EVERY:
+            return
+        self._last_typing_sent = now
+        with contextlib.suppress(trio.WouldBlock):
+            self._typing_out.send_nowait(room.name)
 
     # --------------------------------------------------------------------- running
 
@@ -258,17 +347,45 @@ class ChatClient:
         Cancellation: closes the connection (bounded in time) and returns nothing.
         """
         send, receive = trio.open_memory_channel[str](STDIN_BUFFER)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(read_lines, send)
-            nursery.start_soon(self._connection_loop)
-            await self._process_input(receive)
-            nursery.cancel_scope.cancel()
+        with self._run_scope:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(read_lines, send)
+                nursery.start_soon(self._connection_loop)
+                nursery.start_soon(self._send_typing)
+                if self._status is not None:
+                    nursery.start_soon(self._show_status)
+                await self._process_input(receive)
+                nursery.cancel_scope.cancel()
+
+    async def _send_typing(self) -> None:
+        async for room in self._typing_in:
+            ws = self._ws
+            if ws is not None and room in self._rooms and self._rooms[room].joined:
+                await self._send(ws, {"type": "typing", "room": room})
+
+    async def _show_status(self) -> None:
+        """Keep the status line current: the room, and who is typing there until it ends."""
+        assert self._status is not None
+        while True:
+            now = trio.current_time()
+            room = self._rooms.get(self._current) if self._current else None
+            typing: list[str] = []
+            if room is not None:
+                room.typing = {who: end for who, end in room.typing.items() if end > now}
+                typing = sorted(room.typing)
+            text = f"#{room.name}" if room is not None else "no room: /join ROOM"
+            if typing:
+                verb = "is" if len(typing) == 1 else "are"
+                text += f" · {', '.join(_safe(t) for t in typing)} {verb} typing…"
+            self._status(text)
+            self._status_changed = trio.Event()
+            with trio.move_on_at(min(room.typing.values(), default=math.inf) if room else math.inf):
+                await self._status_changed.wait()
 
     async def _connection_loop(self) -> None:
         attempt = 0
         while True:
-            code: int | None = None
-            reason = ""
+            closed: CloseReason | None = None
             try:
                 async with open_websocket_url(
                     _with_query(self._url, name=self._name, client_id=self._client_id),
@@ -277,22 +394,32 @@ class ChatClient:
                 ) as ws:
                     attempt = 0
                     closed = await self._session(ws)
-                    if closed is not None:
-                        code, reason = closed.code, closed.reason or ""
+                    why, permanent = explain_close(closed)
             except (HandshakeError, OSError, ConnectionClosed) as exc:
-                reason = reason or type(exc).__name__
+                why, permanent = (
+                    explain_close(closed) if closed else explain_failure(exc, self._url)
+                )
             self._went_offline()
-            if code == CLOSE_SLOW:
+            if self._quitting or self.failure is not None:
+                return  # /quit, end of input, or refused for good (bad_name): the run ends
+            if permanent:
+                self._refused(why)
+                return
+            if closed is not None and closed.code == CLOSE_SLOW:
                 delay = 0.25 + random.random() * 0.75
-                self._say(f"* disconnected: too slow to keep up; catching up in {delay:.1f}s")
+                self._say(f"* disconnected: {why}; catching up in {delay:.1f}s")
             else:
                 # Full jitter over the upper half, so a restarted server is not stampeded.
                 cap = min(self._max_backoff, BACKOFF_BASE * 2**attempt)
                 delay = cap / 2 + random.random() * cap / 2
-                what = f" ({code} {reason})".rstrip() if code is not None else f" ({reason})"
-                self._say(f"* disconnected{what}; reconnecting in {delay:.1f}s")
+                self._say(f"* disconnected: {why}; reconnecting in {delay:.1f}s")
             attempt += 1
             await trio.sleep(delay)
+
+    def _refused(self, why: str) -> None:
+        """The server refused this client for good: end the run (exit status 1)."""
+        self.failure = why
+        self.stop()
 
     async def _session(self, ws: WebSocketConnection) -> CloseReason | None:
         """Serve one connection until it closes; return why it closed."""
@@ -347,6 +474,8 @@ class ChatClient:
         for room in self._rooms.values():
             room.joined = False
             room.rejoin = False  # every room is joined again on reconnect
+            room.typing.clear()
+        self._status_changed.set()
 
     # --------------------------------------------------------------------- server frames
 
@@ -372,6 +501,7 @@ class ChatClient:
             self._on_message(frame, room)
         elif kind == "joined" and room is not None:
             room.joined = True
+            room.members = {m for m in frame.get("members", []) if isinstance(m, str)}
             members = ", ".join(_safe(m) for m in frame.get("members", []))
             self._say(f"* joined #{room.name}: {members}")
             async with self._send_order:
@@ -388,10 +518,21 @@ class ChatClient:
         elif kind == "ack":
             self._settle(frame.get("cid"))
         elif kind == "presence" and room is not None:
-            if frame.get("joined"):
-                self._say(f"* #{room.name}: {_safe(frame['joined'])} joined")
-            if frame.get("left"):
-                self._say(f"* #{room.name}: {_safe(frame['left'])} left")
+            if isinstance(who := frame.get("joined"), str):
+                room.members.add(who)
+                self._say(f"* #{room.name}: {_safe(who)} joined")
+            if isinstance(who := frame.get("left"), str):
+                room.members.discard(who)
+                room.typing.pop(who, None)
+                self._status_changed.set()
+                self._say(f"* #{room.name}: {_safe(who)} left")
+        elif kind == "typing" and room is not None and isinstance(who := frame.get("from"), str):
+            room.typing[who] = trio.current_time() + TYPING_SHOW
+            self._status_changed.set()
+        elif kind == "error" and frame.get("code") == "bad_name":
+            self._refused(
+                f"the server refused the name {self._name!r}: {_safe(frame.get('message'))}"
+            )
         elif kind == "error":
             self._say(f"! error {_safe(frame.get('code'))}: {_safe(frame.get('message'))}")
             if frame.get("code") == "store_unavailable" and room is not None and not room.joined:
@@ -404,6 +545,8 @@ class ChatClient:
         self._settle(frame.get("cid"))
         if not room.remember(msg_id):
             return
+        if room.typing.pop(str(frame.get("from")), None) is not None:
+            self._status_changed.set()  # the message ends their "is typing"
         ts = frame.get("ts")
         clock = time.strftime("%H:%M:%S", time.localtime(ts)) if _is_number(ts) else "--:--:--"
         self._say(f"[{clock}] #{room.name} <{_safe(frame.get('from'))}> {_safe(frame.get('text'))}")
@@ -441,6 +584,7 @@ class ChatClient:
             return False
         if verb == "/join" and arg:
             self._current = arg
+            self._status_changed.set()
             if arg not in self._rooms:
                 self._rooms[arg] = _Room(arg)
                 if self._ws is not None and self._online:
@@ -459,7 +603,15 @@ class ChatClient:
                 await self._send(self._ws, {"type": "leave", "room": name})
             if self._current == name:
                 self._current = next(iter(self._rooms), None)
+                self._status_changed.set()
             self._say(f"* left #{name}" + (f"; now in #{self._current}" if self._current else ""))
+        elif verb == "/who":
+            room = self._rooms.get(self._current) if self._current else None
+            if room is None or not room.joined:
+                self._say(f"! not in #{self._current}" if room is None else "! not joined yet")
+            else:
+                who = ", ".join(_safe(m) for m in sorted(room.members))
+                self._say(f"* #{room.name}: {len(room.members)} here: {who}")
         elif verb == "/rooms":
             listing = " ".join(("*" if r == self._current else "") + "#" + r for r in self._rooms)
             self._say(f"* rooms: {listing or '(none)'}")
@@ -501,6 +653,7 @@ class ChatClient:
             await ws.send_message(json.dumps(frame))
 
     async def _close(self) -> None:
+        self._quitting = True
         ws = self._ws
         if ws is not None:
             with trio.move_on_after(CLOSE_TIMEOUT, shield=True):
@@ -509,6 +662,64 @@ class ChatClient:
     def _say(self, text: str) -> None:
         self._out.write(text + "\n")
         self._out.flush()
+
+
+def explain_close(closed: CloseReason | None) -> tuple[str, bool]:
+    """Say in one sentence why the server closed the connection, and whether for good."""
+    if closed is None:
+        return "the connection ended", False
+    code, reason = closed.code, _safe(closed.reason or "")
+    permanent = code in PERMANENT_CLOSE_CODES
+    sentence = {
+        1000: "the server closed the connection",
+        1001: "the server is shutting down (1001)",
+        1006: "the connection was lost (1006)",
+        1008: "the server closed the connection after too many refused frames in a row (1008)",
+        1011: "the server hit an internal error serving this client (1011)",
+        CLOSE_SLOW: "too slow to keep up (4008)",
+    }.get(code)
+    if sentence is None and permanent:
+        sentence = f"the server refused to let this client in ({code} {reason})".replace(" )", ")")
+    elif sentence is None:
+        sentence = f"the server closed the connection ({code} {reason})".replace(" )", ")")
+    return sentence, permanent
+
+
+def explain_failure(exc: Exception, url: str) -> tuple[str, bool]:
+    """Say in one sentence why connecting failed, and whether it would fail again for good.
+
+    The server's HTTP refusals of a handshake (docs/protocol.md) are for good, except 503
+    (over the connection cap, which passes) and other 5xx answers.
+    """
+    parts = urlsplit(url)
+    where = f"{parts.hostname}:{parts.port or (443 if parts.scheme == 'wss' else 80)}"
+    if isinstance(exc, ConnectionRejected):
+        status = exc.status_code
+        body = (exc.body or b"").decode("utf-8", "replace").strip()
+        if status == 400 and "host" in body.lower():
+            return (
+                f"the server does not answer to the host name {parts.hostname!r} (HTTP 400 bad "
+                "host): connect with 127.0.0.1 or localhost, or add the name to the server's "
+                "TRIO_CHAT_ALLOWED_HOSTS",
+                True,
+            )
+        known = {
+            400: "the server refused the handshake as malformed (HTTP 400)",
+            403: "the server refused this connection's origin (HTTP 403): it is not in the "
+            "server's TRIO_CHAT_ALLOWED_ORIGINS",
+            404: f"there is no chat socket at {parts.path} on {where} (HTTP 404): the path is /ws",
+            426: "the server speaks another WebSocket version (HTTP 426)",
+            503: "the server is full: too many connections (HTTP 503)",
+        }
+        sentence = known.get(status, f"the server refused the connection (HTTP {status})")
+        return sentence, status < 500
+    if isinstance(exc, ConnectionRefusedError):
+        return f"nothing listens at {where} (connection refused): is the server running?", False
+    if isinstance(exc, ConnectionTimeout):
+        return f"no answer from {where} within {CONNECT_TIMEOUT:.0f}s", False
+    if isinstance(exc, OSError):
+        return f"cannot reach {where}: {exc.strerror or exc}", False
+    return f"the connection failed ({type(exc).__name__})", False
 
 
 def _is_number(x: object) -> bool:
