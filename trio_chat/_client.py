@@ -693,6 +693,8 @@ def explain_failure(exc: Exception, url: str) -> tuple[str, bool]:
     """
     parts = urlsplit(url)
     where = f"{parts.hostname}:{parts.port or (443 if parts.scheme == 'wss' else 80)}"
+    if type(exc) is HandshakeError and isinstance(exc.__cause__, OSError):
+        exc = exc.__cause__  # trio-websocket wraps the socket's error
     if isinstance(exc, ConnectionRejected):
         status = exc.status_code
         body = (exc.body or b"").decode("utf-8", "replace").strip()
@@ -713,13 +715,22 @@ def explain_failure(exc: Exception, url: str) -> tuple[str, bool]:
         }
         sentence = known.get(status, f"the server refused the connection (HTTP {status})")
         return sentence, status < 500
-    if isinstance(exc, ConnectionRefusedError):
-        return f"nothing listens at {where} (connection refused): is the server running?", False
+    if _connection_refused(exc):
+        return f"nothing listens at {where} (connection refused; is the server running?)", False
     if isinstance(exc, ConnectionTimeout):
         return f"no answer from {where} within {CONNECT_TIMEOUT:.0f}s", False
     if isinstance(exc, OSError):
         return f"cannot reach {where}: {exc.strerror or exc}", False
     return f"the connection failed ({type(exc).__name__})", False
+
+
+def _connection_refused(exc: Exception) -> bool:
+    """Whether every address tried refused the connection (trio tries each address, then
+    raises an OSError caused by a group of each one's error)."""
+    cause = exc.__cause__
+    if isinstance(cause, BaseExceptionGroup):
+        return all(isinstance(e, ConnectionRefusedError) for e in cause.exceptions)
+    return isinstance(exc, ConnectionRefusedError)
 
 
 def _is_number(x: object) -> bool:
