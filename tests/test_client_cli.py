@@ -16,7 +16,15 @@ from typing import TYPE_CHECKING
 
 import pytest
 import trio
-from trio_websocket import WebSocketRequest, open_websocket_url, serve_websocket
+from trio_websocket import (
+    CloseReason,
+    ConnectionRejected,
+    WebSocketRequest,
+    open_websocket_url,
+    serve_websocket,
+)
+
+from trio_chat._client import explain_close
 
 from _server_process import BIN, Server
 from conftest import fill
@@ -348,6 +356,20 @@ async def test_refusals_our_server_cannot_give_this_client(
         nursery.cancel_scope.cancel()
 
 
+async def _hold_the_one_place(
+    url: str, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Connect once the server has let go of the readiness check's connection; hold on."""
+    with trio.fail_after(LINE_TIMEOUT):
+        while True:
+            try:
+                async with open_websocket_url(url):
+                    task_status.started()
+                    await trio.sleep_forever()
+            except ConnectionRejected:
+                await trio.sleep(0.05)  # poll interval, bounded by LINE_TIMEOUT
+
+
 async def test_transient_refusals_are_retried(tmp_path: Path, clients: list[Client]) -> None:
     """Nothing listening, then a server at its connection cap (503): both retried."""
     server = Server(
@@ -365,12 +387,28 @@ async def test_transient_refusals_are_retried(tmp_path: Path, clients: list[Clie
         client.proc.send_signal(signal.SIGSTOP)
         try:
             await trio.to_thread.run_sync(server.start)
-            async with open_websocket_url(server.chat_url):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(_hold_the_one_place, server.chat_url)
                 client.proc.send_signal(signal.SIGCONT)
                 await client.expect(
                     r"^\* disconnected: the server is full: too many connections \(HTTP 503\); "
                     "reconnecting in"
                 )
+                nursery.cancel_scope.cancel()
             await client.expect(r"^\* connected as alice")
         finally:
             client.proc.send_signal(signal.SIGCONT)
+
+
+@pytest.mark.parametrize(
+    ("code", "sentence"),
+    [
+        (1001, "the server is shutting down (1001)"),
+        (1006, "the connection was lost (1006)"),
+        (1008, "the server closed the connection after too many refused frames in a row (1008)"),
+        (1011, "the server hit an internal error serving this client (1011)"),
+        (4008, "too slow to keep up (4008)"),
+    ],
+)
+def test_transient_close_codes_have_a_sentence(code: int, sentence: str) -> None:
+    assert explain_close(CloseReason(code, None)) == (sentence, False)

@@ -162,6 +162,7 @@ def _run_on_terminal(
     url: str, args: argparse.Namespace, rooms: list[str]
 ) -> tuple[bool, str | None]:
     """Run with prompt_toolkit's prompt; return (interrupted, failure)."""
+    # Imported here: piped runs (scripts, tests) do without prompt_toolkit's start-up cost.
     from prompt_toolkit.patch_stdout import patch_stdout
 
     from ._client_screen import TerminalScreen

@@ -21,6 +21,7 @@ after SIGINT), and the terminal is restored before the process exits, with no tr
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from typing import TYPE_CHECKING, Final
 
@@ -84,7 +85,9 @@ class TerminalScreen:
         token = trio.lowlevel.current_trio_token()
 
         def changed(buffer: Buffer) -> None:
-            token.run_sync_soon(self._on_typing, buffer.text)
+            # A key pressed as the run ends has no one to tell.
+            with contextlib.suppress(trio.RunFinishedError):
+                token.run_sync_soon(self._on_typing, buffer.text)
 
         self._session.default_buffer.on_text_changed += changed
         async with send:
