@@ -227,6 +227,8 @@ def start_server(
         env.update(
             TRIO_CHAT_WS_BIND=f"127.0.0.1:{ws_port}" if ws_port else "off",
             TRIO_CHAT_RATE_LIMIT="0",
+            # Every load client comes from 127.0.0.1: the per-address cap (256) is not measured.
+            TRIO_CHAT_MAX_CONNECTIONS_PER_IP="1000000",
             TRIO_CHAT_DATA_DIR=str(data_dir),
             TRIO_CHAT_STORE=store,
             TRIO_CHAT_CLUSTER=cluster,
