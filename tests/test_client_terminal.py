@@ -173,16 +173,33 @@ async def test_typing_is_shown_then_cleared_and_sent(server: Server, pane: Pane)
         assert frame["from"] == "alice"
 
 
-@pytest.mark.parametrize(("key", "status"), [("C-c", 130), ("C-d", 0)])
-async def test_ctrl_c_and_ctrl_d_exit_without_a_traceback(
-    server: Server, pane: Pane, key: str, status: int
+@pytest.mark.parametrize(("keys", "status"), [("C-c", 130), ("C-d", 0), ("/quit Enter", 0)])
+async def test_ctrl_c_ctrl_d_and_quit_exit_without_a_traceback(
+    server: Server, pane: Pane, keys: str, status: int
 ) -> None:
     await start_alice(pane, server)
-    if key == "C-c":
+    if keys == "C-c":
         await pane.keys("not sent", literal=True)  # Ctrl-C drops the line being typed
-    await pane.keys(key)
+    if keys.startswith("/"):
+        command, key = keys.split()
+        await pane.keys(command, literal=True)
+        await pane.keys(key)
+    else:
+        await pane.keys(keys)
     assert await pane.exit_status() == status
     screen = await pane.screen()
     assert "Traceback" not in screen, screen
     assert "Error" not in screen, screen
-    assert "not sent" not in "".join(server.stored_texts("general"))
+    stored = await trio.to_thread.run_sync(server.stored_texts, "general")
+    assert "not sent" not in stored
+
+
+async def test_a_refusal_for_good_gives_the_terminal_back_with_one_sentence(
+    server: Server, pane: Pane
+) -> None:
+    await pane.start([str(BIN / "trio-chat"), "client", server.chat_url, "--name", "no name"])
+    assert await pane.exit_status() == 1
+    screen = lines_of(await pane.screen())
+    assert sum(1 for x in screen if x.startswith("trio-chat client: ")) == 1, screen
+    assert any(x.startswith("trio-chat client: the server refused the name") for x in screen)
+    assert not any("Traceback" in x or "reconnecting" in x for x in screen), screen
