@@ -7,6 +7,7 @@ wait: the tests wait for output lines, or poll with a deadline.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -15,6 +16,15 @@ from typing import TYPE_CHECKING
 
 import pytest
 import trio
+from trio_websocket import (
+    CloseReason,
+    ConnectionRejected,
+    WebSocketRequest,
+    open_websocket_url,
+    serve_websocket,
+)
+
+from trio_chat.client._explain import explain_close
 
 from _server_process import BIN, Server
 from conftest import fill
@@ -22,6 +32,8 @@ from conftest import fill
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Iterator
     from pathlib import Path
+
+    from trio_websocket import WebSocketServer
 
 pytestmark = pytest.mark.slow
 
@@ -240,3 +252,163 @@ async def test_client_sends_again_what_a_full_disk_refused(
             assert alice.count(r"^\* (dis)?connected") == 1  # the connection stayed up
     finally:
         server.stop()
+
+
+async def test_who_lists_the_members_of_the_current_room(
+    server: Server, clients: list[Client]
+) -> None:
+    with trio.fail_after(60):
+        alice = await start_client(clients, server.chat_url, "alice", "general")
+        await alice.expect(r"^\* joined #general")
+        bob = await start_client(clients, server.chat_url, "bob", "general")
+        await bob.expect(r"^\* joined #general")
+        await alice.expect(r"#general: bob joined")
+        await alice.say("/who")
+        await alice.expect(r"^\* #general: 2 here: alice, bob$")
+        await alice.say("/join quiet")
+        await alice.expect(r"^\* joined #quiet")
+        await alice.say("/who")
+        await alice.expect(r"^\* #quiet: 1 here: alice$")
+        await alice.say("/join general")
+        await bob.say("/quit")
+        await alice.expect(r"#general: bob left")
+        await alice.say("/who")
+        await alice.expect(r"^\* #general: 1 here: alice$")
+
+
+async def expect_refused(client: Client, sentence: str) -> None:
+    """The client exits 1 with ``sentence`` (a regex) as its one line, without retrying."""
+    with trio.fail_after(LINE_TIMEOUT):
+        assert await client.proc.wait() == 1
+    await client.expect("^trio-chat client: " + sentence)
+    assert client.count("reconnecting") == 0, client.output()
+    assert client.count("Traceback") == 0, client.output()
+
+
+async def test_refusals_for_good_end_the_run_with_one_sentence(
+    server: Server, clients: list[Client]
+) -> None:
+    wrong_path = server.chat_url.replace("/ws", "/chat")
+    with trio.fail_after(60):
+        lost = await start_client(clients, wrong_path, "alice", "general")
+        nameless = await start_client(clients, server.chat_url, "no name", "general")
+        await expect_refused(
+            lost,
+            r"there is no chat socket at /chat on 127\.0\.0\.1:\d+ \(HTTP 404\): the path is /ws$",
+        )
+        await expect_refused(nameless, r"the server refused the name 'no name': ")
+
+
+async def test_a_host_name_the_server_refuses(tmp_path: Path, clients: list[Client]) -> None:
+    # 127.0.0.1 stays allowed for the helper's readiness check; the client says localhost.
+    server = Server(
+        tmp_path / "data", tmp_path / "server.log", env={"TRIO_CHAT_ALLOWED_HOSTS": "127.0.0.1"}
+    )
+    try:
+        server.start()
+        url = server.chat_url.replace("127.0.0.1", "localhost")
+        client = await start_client(clients, url, "alice", "general")
+        await expect_refused(
+            client,
+            r"the server does not answer to the host name 'localhost' \(HTTP 400 bad host\): ",
+        )
+    finally:
+        server.stop()
+
+
+async def _answer_http(status: str, stream: trio.SocketStream) -> None:
+    """A server that refuses every WebSocket handshake with ``status``."""
+    request = b""
+    while b"\r\n\r\n" not in request and (data := await stream.receive_some()):
+        request += data
+    await stream.send_all(f"HTTP/1.1 {status}\r\nContent-Length: 0\r\n\r\n".encode())
+    await stream.aclose()
+
+
+async def _close_4001(request: WebSocketRequest) -> None:
+    ws = await request.accept()
+    await ws.aclose(code=4001, reason="sign in first")
+
+
+@pytest.mark.parametrize(
+    ("answer", "sentence"),
+    [
+        ("403 Forbidden", r"the server refused this connection's origin \(HTTP 403\): "),
+        ("426 Upgrade Required", r"the server speaks another WebSocket version \(HTTP 426\)$"),
+        ("close 4001", r"the server refused to let this client in \(4001 sign in first\)$"),
+    ],
+)
+async def test_refusals_our_server_cannot_give_this_client(
+    clients: list[Client], answer: str, sentence: str
+) -> None:
+    """403 (the client sends no Origin) and the auth close codes, from a stand-in server."""
+    async with trio.open_nursery() as nursery:
+        if answer.startswith("close"):
+            ws_server: WebSocketServer = await nursery.start(
+                serve_websocket, _close_4001, "127.0.0.1", 0, None
+            )
+            port = ws_server.port
+        else:
+            listeners = await nursery.start(trio.serve_tcp, lambda s: _answer_http(answer, s), 0)
+            port = listeners[0].socket.getsockname()[1]
+        client = await start_client(clients, f"ws://127.0.0.1:{port}/ws", "alice", "general")
+        await expect_refused(client, sentence)
+        nursery.cancel_scope.cancel()
+
+
+async def _hold_the_one_place(
+    url: str, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Connect once the server has let go of the readiness check's connection; hold on."""
+    with trio.fail_after(LINE_TIMEOUT):
+        while True:
+            try:
+                async with open_websocket_url(url):
+                    task_status.started()
+                    await trio.sleep_forever()
+            except ConnectionRejected:
+                await trio.sleep(0.05)  # poll interval, bounded by LINE_TIMEOUT
+
+
+async def test_transient_refusals_are_retried(tmp_path: Path, clients: list[Client]) -> None:
+    """Nothing listening, then a server at its connection cap (503): both retried."""
+    server = Server(
+        tmp_path / "data", tmp_path / "server.log", env={"TRIO_CHAT_MAX_CONNECTIONS": "1"}
+    )
+    port = server.ws_port
+    with trio.fail_after(60), contextlib.ExitStack() as cleanup:
+        cleanup.callback(server.stop)
+        client = await start_client(clients, server.chat_url, "alice", "general")
+        await client.expect(
+            rf"^\* disconnected: nothing listens at 127\.0\.0\.1:{port} \(connection refused; "
+            r"is the server running\?\); reconnecting in"
+        )
+        # Stopped, so that the one place goes to the holder, not to the client's next try.
+        client.proc.send_signal(signal.SIGSTOP)
+        try:
+            await trio.to_thread.run_sync(server.start)
+            async with trio.open_nursery() as nursery:
+                await nursery.start(_hold_the_one_place, server.chat_url)
+                client.proc.send_signal(signal.SIGCONT)
+                await client.expect(
+                    r"^\* disconnected: the server is full: too many connections \(HTTP 503\); "
+                    "reconnecting in"
+                )
+                nursery.cancel_scope.cancel()
+            await client.expect(r"^\* connected as alice")
+        finally:
+            client.proc.send_signal(signal.SIGCONT)
+
+
+@pytest.mark.parametrize(
+    ("code", "sentence"),
+    [
+        (1001, "the server is shutting down (1001)"),
+        (1006, "the connection was lost (1006)"),
+        (1008, "the server closed the connection after too many refused frames in a row (1008)"),
+        (1011, "the server hit an internal error serving this client (1011)"),
+        (4008, "too slow to keep up (4008)"),
+    ],
+)
+def test_transient_close_codes_have_a_sentence(code: int, sentence: str) -> None:
+    assert explain_close(CloseReason(code, None)) == (sentence, False)

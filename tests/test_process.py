@@ -286,6 +286,25 @@ BAD_SETTINGS: Final = [
 ]
 
 
+async def test_serve_says_what_to_open_where_the_data_is_and_how_to_stop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first lines of a real ``trio-chat serve``, with a relative data directory."""
+    monkeypatch.chdir(tmp_path)
+    server = ServerProcess(Path("rel-data"), tmp_path / "server.log", cli=True)
+    try:
+        await server.start()
+        first = server.log_path.read_text().splitlines()[:3]
+    finally:
+        await server.kill()
+    assert first == [
+        f"trio-chat: open http://127.0.0.1:{server.http_port}/ in a browser"
+        f" (in a terminal: trio-chat client ws://127.0.0.1:{server.ws_port}/ws)",
+        f"trio-chat: data (history, node identity, cluster key) in {tmp_path / 'rel-data'}",
+        "trio-chat: stop with Ctrl-C",
+    ]
+
+
 async def test_serve_refuses_bad_settings(tmp_path: Path) -> None:
     """Each bad value: exit status 2 and one line naming the variable, before any start.
 

@@ -30,7 +30,7 @@ import pytest
 import trio
 
 from trio_chat._errors import StoreError
-from trio_chat.client._terminal import ChatClient
+from trio_chat.client._chat import ChatClient
 from trio_chat.node._cluster import HEAL_HEADER, sign_heal_request
 from trio_chat.node._history import RETRY_FIRST, RETRY_MAX
 from trio_chat.node._node import Node

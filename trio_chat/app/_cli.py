@@ -94,11 +94,28 @@ def _serve(args: argparse.Namespace) -> int:
     config.bind = [args.bind]
     config.accesslog = None
     config.errorlog = "-"
-    ws_bind = next(s for s in SETTINGS if s.name == "ws_bind").render(settings.ws_bind)
-    print(f"trio-chat: http://{args.bind}/ (chat socket {ws_bind})")
+    for line in first_lines(args.bind, settings):
+        print(f"trio-chat: {line}", flush=True)
     if args.workers > 1:
         return Supervisor(config, args.workers).run()
     return run_node(config, None, (signal.SIGTERM, signal.SIGINT))
+
+
+def first_lines(bind: str, settings: Settings) -> list[str]:
+    """What ``serve`` prints first: what to open, where the data lives, how to stop it."""
+    if settings.ws_bind is None:
+        chat = f"http://{bind}"  # the page's port serves /ws too
+    else:
+        host, port = settings.ws_bind
+        chat = f"ws://{f'[{host}]' if ':' in host else host}:{port}/ws"
+    data = f"data (history, node identity, cluster key) in {settings.data_dir.resolve()}"
+    if settings.store == "memory":
+        data += "; history is kept in memory only"
+    return [
+        f"open http://{bind}/ in a browser (in a terminal: trio-chat client {chat})",
+        data,
+        "stop with Ctrl-C",
+    ]
 
 
 def _cluster_check(args: argparse.Namespace) -> int:

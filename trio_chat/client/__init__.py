@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from ._terminal import ChatClient as ChatClient
+from ._chat import ChatClient as ChatClient
 
 __all__ = ["ChatClient"]
