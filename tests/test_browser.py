@@ -344,7 +344,7 @@ def test_server_restart_page_resumes_exactly_once(
     server.stop()
     status = alice.locator("#status")
     expect(status).to_have_attribute("data-state", "reconnecting")
-    expect(status).to_contain_text("reconnecting…")
+    expect(status).to_contain_text("reconnecting in")
     shot(alice, "reconnecting", transport)
     # Keep alice off the network until bob has talked, so she must catch up by resuming.
     alice.context.set_offline(True)
