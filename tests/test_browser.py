@@ -660,3 +660,255 @@ def test_page_sends_a_retry_secret_kept_per_tab(
     other_id = other_tab.evaluate(read_id)
     assert re.fullmatch(r"[A-Za-z0-9_-]{22}", other_id)
     assert other_id != client_id
+
+
+# --------------------------------------------------------------------------- issue 15: the page as people expect it
+
+
+def test_links_are_clickable_and_only_http(server: Server, pages: Pages, transport: str) -> None:
+    from playwright.sync_api import expect
+
+    alice = pages.open(server, "alice")
+    bob = pages.open(server, "bob")
+    say(bob, "docs at https://example.org/a?b=1&c=2, not javascript:alert(1) or ftp://x.org")
+    text = message_with(alice, "docs at").locator(".text")
+    link = text.locator("a")
+    expect(link).to_have_count(1)
+    expect(link).to_have_text("https://example.org/a?b=1&c=2")  # the comma ends the sentence
+    expect(link).to_have_attribute("href", "https://example.org/a?b=1&c=2")
+    expect(link).to_have_attribute("rel", "noopener noreferrer")
+    expect(link).to_have_attribute("target", "_blank")
+    expect(text).to_have_text(
+        "docs at https://example.org/a?b=1&c=2, not javascript:alert(1) or ftp://x.org"
+    )
+    say(bob, 'https://x.org/"><img src=y onerror="window.__pwned=1">')
+    expect(message_with(alice, "x.org/").locator("a")).to_have_attribute("href", "https://x.org/")
+    assert alice.locator(".log img").count() == 0
+    assert alice.evaluate("window.__pwned") is None
+
+
+def test_shift_enter_writes_lines_that_are_shown(
+    server: Server, pages: Pages, transport: str
+) -> None:
+    from playwright.sync_api import expect
+
+    alice = pages.open(server, "alice")
+    bob = pages.open(server, "bob")
+    box = alice.locator("#text")
+    box.press_sequentially("first line")
+    box.press("Shift+Enter")
+    box.press_sequentially("second line")
+    expect(messages(alice)).to_have_count(0)  # Shift+Enter did not send
+    box.press("Enter")
+    text = message_with(bob, "second line").locator(".text")
+    expect(text).to_have_text("first line\nsecond line")
+    assert text.evaluate("e => getComputedStyle(e).whiteSpace") == "pre-wrap"
+    line = bob.locator(".log .from").first.bounding_box()
+    box_two = text.bounding_box()
+    assert line is not None
+    assert box_two is not None
+    assert box_two["height"] > 1.5 * line["height"], "the two lines are shown as one"
+    assert server.stored_texts("general") == ["first line\nsecond line"]
+
+
+def test_right_to_left_text_lays_out_right_to_left(
+    server: Server, pages: Pages, transport: str
+) -> None:
+    from playwright.sync_api import expect
+
+    alice = pages.open(server, "alice")
+    say(alice, "שלום לכולם")
+    say(alice, "مرحبا بالجميع")
+    say(alice, "hello everyone")
+    for text, direction in [("שלום", "rtl"), ("مرحبا", "rtl"), ("hello", "ltr")]:
+        node = message_with(alice, text).locator(".text")
+        expect(node).to_have_attribute("dir", "auto")
+        assert node.evaluate("(e, d) => e.matches(':dir(' + d + ')')", direction), text
+
+
+#: The page's clock in the day-separator test starts at noon of this day (UTC, as is the
+#: page's time zone there), so "today" never depends on when the test runs.
+PAGE_NOON_TS = 1_772_625_600  # 2026-03-04 12:00 UTC, a Wednesday
+DAY_S = 86_400
+
+
+def _days_back(line: str) -> str:
+    """A server frame with each message's ``ts`` moved N days back if its text starts ``[-N]``,
+    and to the page's noon if ``[0]``: a real server's messages, sent days apart."""
+    event = json.loads(line)
+    for m in [event, *event.get("messages", [])]:
+        found = re.match(r"\[(-?\d+)\]", str(m.get("text", "")))
+        if m.get("type") == "message" and found:
+            m["ts"] = PAGE_NOON_TS + int(found.group(1)) * DAY_S + (m["ts"] % 60)
+    return json.dumps(event)
+
+
+def test_day_separators_and_grouping(server: Server, pages: Pages, transport: str) -> None:
+    from playwright.sync_api import expect
+
+    send_as(
+        server.chat_url,
+        "bob",
+        "general",
+        ["[-3] three days ago", "[-3] same day, same sender", "[-1] yesterday", "[0] today"],
+    )
+
+    def route(ws: WebSocketRoute) -> None:
+        to_server = ws.connect_to_server()
+        to_server.on_message(
+            lambda m: (
+                ws.send("\n".join(_days_back(x) for x in m.split("\n") if x))
+                if isinstance(m, str)
+                else ws.send(m)
+            )
+        )
+
+    ctx = pages.browser.new_context(timezone_id="UTC", locale="en-US")
+    ctx.set_default_timeout(STEP_TIMEOUT_MS)
+    pages.contexts.append(ctx)
+    alice = ctx.new_page()
+    alice.route_web_socket("**/ws?*", route)
+    alice.clock.install(time=PAGE_NOON_TS)  # runs on from the page's noon
+    alice.goto(f"{server.base}/?name=alice{_q(transport)}#general")
+    wait_online(alice, transport)
+    expect(messages(alice)).to_have_count(4)
+    say(alice, "[0] mine")
+    send_as(server.chat_url, "carol", "general", ["[0] live, from carol"])
+    expect(messages(alice)).to_have_count(6)
+    expect(alice.locator(".log li.pending")).to_have_count(0)
+    rows = alice.eval_on_selector_all(
+        '.log[data-room="general"] > li:not(.system)',
+        """els => els.map(e => e.classList.contains("day") ? "-- " + e.textContent + " --"
+            : (e.classList.contains("grouped") ? "  " : e.dataset.from + ": ")
+              + e.querySelector(".text").textContent)""",
+    )
+    assert rows == [
+        "-- Sunday, March 1, 2026 --",
+        "bob: [-3] three days ago",
+        "  [-3] same day, same sender",
+        "-- Yesterday --",
+        "bob: [-1] yesterday",
+        "-- Today --",
+        "bob: [0] today",
+        "alice: [0] mine",
+        "carol: [0] live, from carol",
+    ]
+    # A grouped message keeps its sender for screen readers, hidden from view.
+    grouped = message_with(alice, "same sender").locator(".from")
+    expect(grouped).to_have_text("bob")
+    assert grouped.evaluate("e => e.getBoundingClientRect().width") <= 1
+    shot(alice, "day-separators", transport)
+
+
+def test_room_browser_lists_rooms_with_members_and_joins_in_one_click(
+    server: Server, pages: Pages, transport: str
+) -> None:
+    from playwright.sync_api import expect
+
+    alice = pages.open(server, "alice")
+    pages.open(server, "bob", "random")
+    pages.open(server, "carol", "random")
+    pages.open(server, "dave", "lobby")
+    alice.locator("#browse").click()
+    dialog = alice.locator("#rooms-dialog")
+    expect(dialog).to_be_visible()
+    rows = dialog.locator("#rooms-dialog-list li")
+    # Busiest first; the one alice is in counts her.
+    expect(rows).to_have_text(
+        [
+            re.compile(r"#random\s+2 members\s+Join"),
+            re.compile(r"#general\s+1 member\s+Join"),
+            re.compile(r"#lobby\s+1 member\s+Join"),
+        ]
+    )
+    expect(rows.first.locator("button")).to_be_focused()
+    shot(alice, "room-browser", transport)
+    dialog.get_by_role("button", name="Join lobby").click()
+    expect(dialog).to_be_hidden()
+    expect(alice.locator("#room-title")).to_have_text("#lobby")
+    expect(alice.locator("#member-list li")).to_have_text(["alice (you)", "dave"])
+    expect_focus_on_message_box(alice)
+
+
+def test_unread_total_is_in_the_tab_title(server: Server, pages: Pages, transport: str) -> None:
+    from playwright.sync_api import expect
+
+    alice = pages.open(server, "alice", "a")
+    alice.locator("#join-input").fill("b")
+    alice.keyboard.press("Enter")
+    expect(alice.locator("#member-list li")).to_have_text(["alice (you)"])  # joined b
+    expect(alice).to_have_title("#b · trio-chat")
+    send_as(server.chat_url, "bob", "a", ["one", "two", "three"])
+    expect(alice).to_have_title("(3) #b · trio-chat")
+    alice.keyboard.press("Alt+ArrowUp")
+    expect(alice).to_have_title("#a · trio-chat")
+
+
+def test_each_tab_has_its_own_name(server: Server, pages: Pages, transport: str) -> None:
+    from playwright.sync_api import expect
+
+    ctx = pages.browser.new_context()
+    ctx.set_default_timeout(STEP_TIMEOUT_MS)
+    pages.contexts.append(ctx)
+    first = ctx.new_page()
+    first.goto(f"{server.base}/?name=alice{_q(transport)}#general")
+    wait_online(first, transport)
+    # A new tab is asked, with the last name used already typed: Enter keeps it.
+    second = ctx.new_page()
+    second.goto(f"{server.base}/?{_q(transport)}#general")
+    expect(second.locator("#name-input")).to_be_focused()
+    expect(second.locator("#name-input")).to_have_value("alice")
+    second.keyboard.type("bob")
+    second.keyboard.press("Enter")
+    wait_online(second, transport)
+    expect(second.locator("#me-name")).to_have_text("bob")
+    # Renaming in the second tab leaves the first alone, across reloads too.
+    second.locator("#rename").click()
+    second.keyboard.type("carol")
+    second.keyboard.press("Enter")
+    expect(second.locator("#me-name")).to_have_text("carol")
+    wait_online(second, transport)
+    expect(first.locator("#member-list li")).to_have_text(["alice (you)", "carol"])
+    third = ctx.new_page()
+    third.goto(f"{server.base}/?{_q(transport)}#general")
+    expect(third.locator("#name-input")).to_have_value("carol")  # the last one used
+    third.close()
+    first.reload()
+    wait_online(first, transport)
+    expect(first.locator("#me-name")).to_have_text(re.compile(r"^alice(-\d+)?$"))
+    second.reload()
+    wait_online(second, transport)
+    expect(second.locator("#me-name")).to_have_text(re.compile(r"^carol(-\d+)?$"))
+
+
+def test_a_refused_name_is_explained_and_asked_again(
+    server: Server, pages: Pages, transport: str
+) -> None:
+    from playwright.sync_api import expect
+
+    page = pages.open(server, "no spaces!", wait_joined=False)
+    expect(page.locator("#name-dialog")).to_be_visible()
+    expect(page.locator("#name-refused")).to_contain_text("Refused: names are 1-32 letters")
+    expect(page.locator("#name-input")).to_be_focused()
+    shot(page, "name-refused", transport)
+    page.keyboard.press("Control+a")
+    page.keyboard.type("dora")
+    page.keyboard.press("Enter")
+    expect(page.locator("#me-name")).to_have_text("dora")
+    wait_online(page, transport)
+    expect(page.locator("#member-list li")).to_have_text(["dora (you)"])
+    expect(page).to_have_url(re.compile(r"\?name=dora"))  # a reload keeps the new one
+
+
+def test_a_suffixed_name_is_explained(server: Server, pages: Pages, transport: str) -> None:
+    from playwright.sync_api import expect
+
+    first = pages.open(server, "alice")
+    second = pages.open(server, "alice")
+    expect(second.locator("#me-name")).to_have_text("alice-2")
+    expect(second.locator("#name-note")).to_have_text(
+        "\u201calice\u201d is in use, so you are \u201calice-2\u201d here."
+        " Change it with \u201cchange\u201d."
+    )
+    expect(first.locator("#name-note")).to_be_hidden()
+    shot(second, "name-suffixed", transport)

@@ -119,6 +119,7 @@ function tryUrl(list, i) {
 
 function welcomed() {
   online = true;
+  lastWhy = "";
   attempt = 0;
   hooks.status("online", "online" + (kind === "fallback" ? " (via /ws)" : ""));
   clearInterval(pingTimer);
@@ -130,7 +131,8 @@ function disconnected(code, reason) {
   online = false;
   clearInterval(pingTimer);
   hooks.down();
-  const why = CLOSE_REASONS.get(code) || (reason ? "Closed: " + reason + "." : "");
+  // A failed reconnect says nothing new: the reason the socket closed still holds.
+  const why = CLOSE_REASONS.get(code) || (reason ? "Closed: " + reason + "." : lastWhy);
   lastWhy = why;
   let delay;
   if (code === CLOSE_SLOW) {

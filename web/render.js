@@ -382,7 +382,8 @@ export function renderCounter(length, limit) {
     return;
   }
   const left = limit - length;
-  el.counter.textContent = left >= 0 ? left + " characters left" : -left + " characters too many";
+  const chars = (n) => n + (n === 1 ? " character" : " characters");
+  el.counter.textContent = left >= 0 ? chars(left) + " left" : chars(-left) + " too many";
   el.counter.classList.toggle("over", left < 0);
 }
 
