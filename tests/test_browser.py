@@ -912,3 +912,68 @@ def test_a_suffixed_name_is_explained(server: Server, pages: Pages, transport: s
     )
     expect(first.locator("#name-note")).to_be_hidden()
     shot(second, "name-suffixed", transport)
+
+
+def test_reconnect_counts_down_and_retries_now(
+    server: Server, pages: Pages, transport: str
+) -> None:
+    from playwright.sync_api import expect
+
+    alice = pages.open(server, "alice", fake_clock=True)
+    server.stop()
+    status = alice.locator("#status")
+    # Each failed try doubles the backoff: wait (real time) for a wait of 3 s or more.
+    countdown = re.compile(r"reconnecting in ([3-9]) s")
+    expect(status).to_have_text(countdown)
+    alice.clock.pause_at(alice.evaluate("Date.now()") + 1)
+    shown = status.inner_text()
+    found = countdown.fullmatch(shown)
+    assert found, shown
+    left = int(found.group(1))
+    alice.clock.run_for(1000)
+    expect(status).to_have_text(f"reconnecting in {left - 1} s")
+    shot(alice, "countdown", transport)
+    server.start()
+    retry = alice.locator("#retry-now")
+    expect(retry).to_be_visible()
+    retry.click()  # the page's clock stands still: only the button can reconnect it
+    wait_online(alice, transport)
+    expect(retry).to_be_hidden()
+    expect(alice.locator("#why")).to_have_text("")
+
+
+def test_close_codes_are_explained(server: Server, pages: Pages, transport: str) -> None:
+    from playwright.sync_api import expect
+
+    codes = [1008, 1011, 4008, 1001]
+    sentences = {
+        1008: "The server closed the connection: too many messages too fast (rate limit).",
+        1011: "The server hit an internal error; it is not your fault.",
+        4008: "The connection was too slow to keep up; nothing is lost.",
+        1001: "The server is restarting.",
+    }
+    connections: list[str] = []
+
+    def route(ws: WebSocketRoute) -> None:
+        connections.append(ws.url)
+        if len(connections) <= len(codes):
+            ws.send(json.dumps({"type": "welcome", "name": "alice", "node": "test"}))
+            ws.close(code=codes[len(connections) - 1], reason="")
+        else:
+            ws.connect_to_server()
+
+    ctx = pages.browser.new_context()
+    ctx.set_default_timeout(STEP_TIMEOUT_MS)
+    pages.contexts.append(ctx)
+    page = ctx.new_page()
+    page.route_web_socket("**/ws?*", route)
+    page.clock.install()  # the reconnect delays run on a clock we advance
+    page.goto(f"{server.base}/?name=alice{_q(transport)}#general")
+    for i, code in enumerate(codes):
+        expect(page.locator("#why")).to_have_text(sentences[code])
+        assert len(connections) == i + 1
+        if code == 1008:
+            shot(page, "closed-1008", transport)
+        page.clock.run_for(10_000)
+    wait_online(page, transport)
+    expect(page.locator("#why")).to_have_text("")
