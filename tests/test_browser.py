@@ -977,3 +977,61 @@ def test_close_codes_are_explained(server: Server, pages: Pages, transport: str)
         page.clock.run_for(10_000)
     wait_online(page, transport)
     expect(page.locator("#why")).to_have_text("")
+
+
+_FOCUSED = """() => {
+    const e = document.activeElement;
+    const style = getComputedStyle(e);
+    return {
+        name: e === document.body ? "" : e.getAttribute("aria-label") || e.id || e.textContent.trim(),
+        outline: style.outlineStyle + " " + style.outlineWidth,
+    };
+}"""
+
+
+@pytest.mark.parametrize("server_env", [{"TRIO_CHAT_RATE_LIMIT": "0"}])
+def test_keyboard_only_use(server: Server, pages: Pages, transport: str) -> None:
+    from playwright.sync_api import expect
+
+    send_as(server.chat_url, "writer", "general", [f"line {i:03d}" for i in range(80)])
+    alice = pages.open(server, "alice")
+    pages.open(server, "bob", "lobby")
+    box = alice.locator("#text")
+    scroll_top = "document.getElementById('messages').scrollTop"
+    at_bottom = alice.evaluate(scroll_top)
+    box.press("PageUp")
+    expect(box).to_be_focused()
+    assert alice.evaluate(scroll_top) < at_bottom
+    box.press("PageDown")
+    assert alice.evaluate(scroll_top) == at_bottom
+
+    # Tab reaches every control, each with a visible focus ring.
+    alice.evaluate("document.activeElement.blur()")
+    reached: dict[str, str] = {}
+    for _ in range(30):
+        alice.keyboard.press("Tab")
+        focused = alice.evaluate(_FOCUSED)
+        reached.setdefault(focused["name"], focused["outline"])
+    reached.pop("", None)  # the page itself, between the last control and the first
+    controls = ["rename", "#general", "Leave general", "join-input", "Join", "browse"]
+    controls += ["load-older", "text", "Send"]
+    assert sorted(reached) == sorted(controls)
+    for name, outline in reached.items():
+        style, width = outline.split()
+        assert style != "none", (name, outline)
+        assert float(width.removesuffix("px")) >= 2, (name, outline)
+
+    # The room browser, by keyboard alone.
+    alice.locator("#browse").focus()
+    alice.keyboard.press("Enter")
+    expect(alice.get_by_role("button", name="Join general")).to_be_focused()
+    alice.keyboard.press("Tab")
+    expect(alice.get_by_role("button", name="Join lobby")).to_be_focused()
+    alice.keyboard.press("Enter")
+    expect(alice.locator("#room-title")).to_have_text("#lobby")
+    expect_focus_on_message_box(alice)
+    alice.keyboard.type("typed without a mouse")
+    alice.keyboard.press("Enter")
+    expect(message_with(alice, "typed without a mouse", "lobby")).not_to_have_class(
+        re.compile(r"\bpending\b")
+    )
