@@ -777,7 +777,7 @@ def test_day_separators_and_grouping(server: Server, pages: Pages, transport: st
     expect(messages(alice)).to_have_count(6)
     expect(alice.locator(".log li.pending")).to_have_count(0)
     rows = alice.eval_on_selector_all(
-        '.log[data-room="general"] > li:not(.system)',
+        '.log[data-room="general"] li:not(.system)',
         """els => els.map(e => e.classList.contains("day") ? "-- " + e.textContent + " --"
             : (e.classList.contains("grouped") ? "  " : e.dataset.from + ": ")
               + e.querySelector(".text").textContent)""",
@@ -1035,3 +1035,43 @@ def test_keyboard_only_use(server: Server, pages: Pages, transport: str) -> None
     expect(message_with(alice, "typed without a mouse", "lobby")).not_to_have_class(
         re.compile(r"\bpending\b")
     )
+
+
+AXE = Path(__file__).resolve().parent / "vendor" / "axe.min.js"
+
+
+def axe_violations(page: Page) -> list[str]:
+    """axe-core's serious and critical violations on the page as it is now."""
+    if not page.evaluate("typeof window.axe !== 'undefined'"):
+        page.add_script_tag(path=str(AXE))
+    result = page.evaluate("axe.run(document, {resultTypes: ['violations']})")
+    return [
+        f"{v['impact']}: {v['id']}: {v['help']} at {[n['target'] for n in v['nodes']]}"
+        for v in result["violations"]
+        if v["impact"] in ("serious", "critical")
+    ]
+
+
+def test_axe_core_finds_no_serious_violations(server: Server, pages: Pages, transport: str) -> None:
+    from playwright.sync_api import expect
+
+    alice = pages.open(server, "alice")
+    bob = pages.open(server, "bob")
+    say(bob, "see https://example.org and שלום")
+    say(alice, "a message of mine")
+    expect(message_with(alice, "example.org")).to_have_count(1)
+    second = pages.open(server, "alice")
+    expect(second.locator("#name-note")).to_be_visible()  # alice-2, and why
+    assert axe_violations(second) == []
+    bob.locator("#text").press_sequentially("typing")
+    expect(alice.locator("#typing")).to_have_text("bob is typing…")
+    assert axe_violations(alice) == []
+    alice.locator("#browse").click()
+    expect(alice.locator("#rooms-dialog-list li")).to_have_count(1)
+    assert axe_violations(alice) == []
+    alice.keyboard.press("Escape")
+    phone = pages.open(server, "carol", width=375, height=667)
+    assert axe_violations(phone) == []
+    server.stop()
+    expect(alice.locator("#retry-now")).to_be_visible()
+    assert axe_violations(alice) == []

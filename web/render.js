@@ -1,4 +1,4 @@
-// The DOM: one <ol class="log"> per room (only the current one shown), the sidebar, the
+// The DOM: one <div class="log"><ol> per room (only the current one shown), the sidebar, the
 // members, the typing line, the status. User text only ever reaches the page through
 // textContent, never innerHTML.
 
@@ -52,14 +52,19 @@ let flashTimer = null;
 function logOf(room) {
   let x = logs.get(room);
   if (!x) {
+    // The live region wraps the list: role=log on the <ol> itself would hide that it is one.
+    const box = document.createElement("div");
+    box.className = "log";
+    box.dataset.room = room;
+    box.setAttribute("role", "log");
+    box.setAttribute("aria-live", "polite");
+    box.hidden = true;
     const log = document.createElement("ol");
-    log.className = "log";
+    log.className = "lines";
     log.dataset.room = room;
-    log.setAttribute("role", "log");
-    log.setAttribute("aria-live", "polite");
-    log.hidden = true;
-    el.messages.appendChild(log);
-    x = { log, nodes: new Map() };
+    box.appendChild(log);
+    el.messages.appendChild(box);
+    x = { box, log, nodes: new Map() };
     logs.set(room, x);
   }
   return x;
@@ -68,7 +73,7 @@ function logOf(room) {
 export function dropLog(room) {
   const x = logs.get(room);
   if (!x) return;
-  x.log.remove();
+  x.box.remove();
   logs.delete(room);
   for (const [cid, li] of pendingEls) if (!li.isConnected) pendingEls.delete(cid);
 }
@@ -205,7 +210,6 @@ function decorate(li) {
     if (!sep) {
       sep = document.createElement("li");
       sep.className = "day";
-      sep.setAttribute("role", "separator");
       li.before(sep);
     }
     sep.textContent = dayLabel(ts);
@@ -312,8 +316,8 @@ export function keepingView(change) {
 }
 
 export function showRoomView(r) {
-  for (const [room, x] of logs) x.log.hidden = room !== (r && r.name);
-  if (r) logOf(r.name).log.hidden = false;
+  for (const [room, x] of logs) x.box.hidden = room !== (r && r.name);
+  if (r) logOf(r.name).box.hidden = false;
   el.roomTitle.textContent = r ? "#" + r.name : "no room: join one";
 }
 
