@@ -14,6 +14,8 @@ import contextlib
 import json
 import os
 import re
+import threading
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
@@ -1075,3 +1077,60 @@ def test_axe_core_finds_no_serious_violations(server: Server, pages: Pages, tran
     server.stop()
     expect(alice.locator("#retry-now")).to_be_visible()
     assert axe_violations(alice) == []
+
+
+#: Messages a page keeps rendered per room (web/render.js MAX_RENDERED), and the slack it
+#: lets pile up before trimming.
+MAX_RENDERED = 300
+TRIM_SLACK = 50
+
+
+@pytest.mark.parametrize("server_env", [{"TRIO_CHAT_RATE_LIMIT": "0"}])
+def test_a_flood_keeps_the_dom_bounded_and_the_page_responsive(
+    server: Server, pages: Pages, transport: str
+) -> None:
+    from playwright.sync_api import expect
+
+    flood = 5_000
+    alice = pages.open(server, "alice")
+    before = alice.evaluate("document.getElementsByTagName('*').length")
+    failed: list[BaseException] = []
+
+    def post() -> None:
+        try:
+            send_as(server.chat_url, "flood", "general", [f"flood {i:04d}" for i in range(flood)])
+        except BaseException as exc:  # handed to the test thread, which raises it
+            failed.append(exc)
+
+    poster = threading.Thread(target=post)
+    started = time.monotonic()
+    poster.start()
+    try:
+        expect(messages(alice)).not_to_have_count(0)
+        # Typing and sending while the flood comes in: answered within a deadline.
+        # Acked (no longer pending); it may be trimmed away already by the flood after it.
+        say(alice, "typed during the flood")
+        expect(alice.locator(".log li.pending")).to_have_count(0, timeout=10_000)
+    finally:
+        poster.join(timeout=60)
+    assert not poster.is_alive()
+    assert not failed, failed
+    expect(message_with(alice, f"flood {flood - 1:04d}")).to_be_visible(timeout=30_000)
+    took = time.monotonic() - started
+    shown = messages(alice).count()
+    assert shown <= MAX_RENDERED + TRIM_SLACK + 1, shown
+    elements = alice.evaluate("document.getElementsByTagName('*').length")
+    assert elements - before < 6 * (MAX_RENDERED + TRIM_SLACK), (before, elements)
+    say(alice, "typed after the flood")
+    expect(message_with(alice, "typed after the flood")).not_to_have_class(
+        re.compile(r"\bpending\b"), timeout=5_000
+    )
+    # What was trimmed comes back through "load older".
+    first = messages(alice).first.locator(".text").inner_text()
+    alice.locator("#messages").evaluate("e => { e.scrollTop = 0; }")
+    alice.locator("#load-older").click()
+    expect(messages(alice)).to_have_count(shown + 1 + 50)
+    expect(message_with(alice, first)).to_have_count(1)
+    older = messages(alice).first.locator(".text").inner_text()
+    assert older < first, (older, first)
+    print(f"{flood} messages in {took:.1f} s; {shown} shown, {elements} elements")
