@@ -484,11 +484,21 @@ def test_the_page_keeps_to_the_servers_text_limit(
 
     alice = pages.open(server, "alice")
     box = alice.locator("#text")
-    box.fill("x" * 21)
+    counter = alice.locator("#counter")
+    box.press_sequentially("x" * 17)
+    expect(counter).to_be_hidden()  # far from the limit: no counter
+    box.press_sequentially("x")
+    expect(counter).to_have_text("2 characters left")
+    box.press_sequentially("xx")
+    expect(counter).to_have_text("0 characters left")
+    box.press_sequentially("x")
+    expect(counter).to_have_text("1 character too many")
+    expect(counter).to_have_class(re.compile(r"\bover\b"))
     expect(box).to_have_attribute("aria-invalid", "true")
     alice.keyboard.press("Enter")
     expect(alice.locator("#typing")).to_have_text("too long: messages are limited to 20 characters")
     expect(box).to_have_value("x" * 21)  # kept, to shorten
+    shot(alice, "too-long", transport)
     expect(messages(alice)).to_have_count(0)
     # Counted as the server counts: 20 characters, though 40 UTF-16 units.
     smiles = "\U0001f600" * 20
