@@ -1144,3 +1144,63 @@ def test_a_flood_keeps_the_dom_bounded_and_the_page_responsive(
     older = messages(alice).first.locator(".text").inner_text()
     assert older < first, (older, first)
     print(f"{flood} messages in {took:.1f} s; {shown} shown, {elements} elements")
+
+
+def _inside(page: Page, selector: str, width: int, height: int) -> None:
+    box = page.locator(selector).first.bounding_box()
+    assert box is not None, selector
+    assert box["x"] >= 0, (selector, box)
+    assert box["y"] >= 0, (selector, box)
+    assert box["x"] + box["width"] <= width, (selector, box)
+    assert box["y"] + box["height"] <= height, (selector, box)
+
+
+def _current_room_shown(page: Page) -> None:
+    """The current room's entry is wholly inside the room strip's visible part."""
+    strip = page.locator("#room-list").bounding_box()
+    room = page.locator("#room-list li.current").bounding_box()
+    assert strip is not None
+    assert room is not None
+    assert strip["x"] <= room["x"], (strip, room)
+    assert room["x"] + room["width"] <= strip["x"] + strip["width"] + 0.5, (strip, room)
+
+
+@pytest.mark.parametrize("server_env", [{"TRIO_CHAT_RATE_LIMIT": "0"}])
+def test_phone_keeps_room_and_join_box_in_reach_and_the_list_tall_with_a_keyboard(
+    server: Server, pages: Pages, transport: str
+) -> None:
+    from playwright.sync_api import expect
+
+    alice = pages.open(server, "alice", width=375, height=667)
+    for i in range(8):
+        room = f"a-long-room-name-{i}"
+        alice.locator("#join-input").fill(room)
+        alice.keyboard.press("Enter")
+        expect(alice.locator("#room-title")).to_have_text(f"#{room}")
+        expect(alice.locator("#member-list li")).to_have_text(["alice (you)"])
+        # The current room and the join box stay on screen, however many rooms there are.
+        for selector in ("#join-input", "#join-form button", "#browse"):
+            _inside(alice, selector, 375, 667)
+        _current_room_shown(alice)
+    assert alice.evaluate("document.documentElement.scrollWidth") <= 375
+    shot(alice, "phone-rooms", transport)
+    # The first room, far left in the strip: it scrolls into view when it becomes current.
+    alice.locator("#join-input").fill("general")
+    alice.keyboard.press("Enter")
+    expect(alice.locator("#room-title")).to_have_text("#general")
+    _current_room_shown(alice)
+
+    # An on-screen keyboard takes about half the height: the messages keep most of the rest.
+    send_as(server.chat_url, "bob", "general", [f"line {i}" for i in range(30)])
+    alice.set_viewport_size({"width": 375, "height": 330})
+    expect(alice.locator("body")).to_have_class(re.compile(r"\bshort\b"))
+    box = alice.locator("#messages").bounding_box()
+    assert box is not None
+    assert box["height"] >= 0.5 * 330, box
+    for selector in ("#text", "#join-input"):
+        _inside(alice, selector, 375, 330)
+    _current_room_shown(alice)
+    expect(message_with(alice, "line 29")).to_be_visible()
+    shot(alice, "phone-keyboard", transport)
+    alice.set_viewport_size({"width": 375, "height": 667})
+    expect(alice.locator("body")).not_to_have_class(re.compile(r"\bshort\b"))
