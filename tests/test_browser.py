@@ -549,31 +549,39 @@ def _q(transport: str) -> str:
 
 
 def test_three_users_two_rooms_readme_scene(server: Server, browser: Browser) -> None:
-    """Three people, two rooms, an unread count, someone typing: docs/screenshot.png."""
+    """Three people, two rooms, an unread count, someone typing: docs/screenshot.png, and
+    the same room on a phone: docs/screenshot-phone.png."""
     from playwright.sync_api import expect
 
     pages = Pages(browser, "chat")
     try:
-        alice = pages.open(server, "alice", "random", width=1000, height=520)
+        alice = pages.open(server, "alice", "random", width=1000, height=560)
         alice.locator("#join-input").fill("general")
         alice.keyboard.press("Enter")
         expect_focus_on_message_box(alice)
         bob = pages.open(server, "bob")
-        carol = pages.open(server, "carol")
+        carol = pages.open(server, "carol", width=375, height=667)
         say(bob, "Morning! Did the deploy go out?")
-        expect(message_with(alice, "Morning!")).to_have_count(1)
+        say(bob, "Release notes: https://example.org/trio-chat/releases")
+        expect(message_with(alice, "Release notes")).to_have_count(1)
         say(alice, "Yes: both nodes are on the new build.")
         expect(message_with(carol, "both nodes")).to_have_count(1)
-        say(carol, "I closed my laptop on the train and got every message back on resume.")
+        carol.locator("#text").press_sequentially("I closed my laptop on the train,")
+        carol.locator("#text").press("Shift+Enter")
+        carol.locator("#text").press_sequentially("and got every message back on resume.")
+        carol.locator("#text").press("Enter")
         expect(message_with(alice, "on resume")).to_have_count(1)
         say(bob, "And <b>tags</b> show up as plain text, as they should.")
         expect(message_with(alice, "plain text")).to_have_count(1)
         send_as(server.chat_url, "dave", "random", ["anyone up for lunch?"])
         expect(alice.locator('#room-list li[data-room="random"] .unread')).to_have_text("1")
+        expect(alice).to_have_title("(1) #general · trio-chat")
         bob.locator("#text").press_sequentially("sounds go")
         expect(alice.locator("#typing")).to_have_text("bob is typing…")
+        expect(carol.locator("#typing")).to_have_text("bob is typing…")
         expect(alice.locator("#member-list li")).to_have_text(["alice (you)", "bob", "carol"])
         alice.screenshot(path=str(OUTPUT / "readme.png"))
+        carol.screenshot(path=str(OUTPUT / "readme-phone.png"))
     finally:
         pages.close()
     assert not pages.errors, pages.errors
