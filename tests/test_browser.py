@@ -813,6 +813,10 @@ def test_day_separators_and_grouping(server: Server, pages: Pages, transport: st
         "alice: [0] mine",
         "carol: [0] live, from carol",
     ]
+    # The page stays open past midnight: the labels move on.
+    alice.clock.fast_forward(DAY_S * 1000)
+    days = alice.locator('.log[data-room="general"] li.day')
+    expect(days).to_have_text(["Sunday, March 1, 2026", "Tuesday, March 3, 2026", "Yesterday"])
     # A grouped message keeps its sender for screen readers, hidden from view.
     grouped = message_with(alice, "same sender").locator(".from")
     expect(grouped).to_have_text("bob")

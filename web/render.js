@@ -135,6 +135,20 @@ function dayLabel(ts) {
   return d.toLocaleDateString([], { weekday: "long", year: "numeric", month: "long", day: "numeric" });
 }
 
+/** At midnight "Today" becomes "Yesterday", and so on: label every separator again then. */
+function relabelAtMidnight() {
+  const now = new Date();
+  const midnight = new Date(now.getFullYear(), now.getMonth(), now.getDate() + 1);
+  setTimeout(() => {
+    for (const sep of el.messages.querySelectorAll("li.day")) {
+      const li = sep.nextElementSibling;
+      if (li) sep.textContent = dayLabel(Number(li.dataset.ts));
+    }
+    relabelAtMidnight();
+  }, midnight - now + 1000);
+}
+relabelAtMidnight();
+
 /** `text` as text nodes and <a> elements for its http(s) links; DOM APIs only. */
 function linkified(text) {
   const parts = [];
