@@ -14,6 +14,8 @@ import contextlib
 import json
 import os
 import re
+import threading
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
@@ -344,7 +346,7 @@ def test_server_restart_page_resumes_exactly_once(
     server.stop()
     status = alice.locator("#status")
     expect(status).to_have_attribute("data-state", "reconnecting")
-    expect(status).to_contain_text("reconnecting…")
+    expect(status).to_contain_text("reconnecting in")
     shot(alice, "reconnecting", transport)
     # Keep alice off the network until bob has talked, so she must catch up by resuming.
     alice.context.set_offline(True)
@@ -482,11 +484,21 @@ def test_the_page_keeps_to_the_servers_text_limit(
 
     alice = pages.open(server, "alice")
     box = alice.locator("#text")
-    box.fill("x" * 21)
+    counter = alice.locator("#counter")
+    box.press_sequentially("x" * 17)
+    expect(counter).to_be_hidden()  # far from the limit: no counter
+    box.press_sequentially("x")
+    expect(counter).to_have_text("2 characters left")
+    box.press_sequentially("xx")
+    expect(counter).to_have_text("0 characters left")
+    box.press_sequentially("x")
+    expect(counter).to_have_text("1 character too many")
+    expect(counter).to_have_class(re.compile(r"\bover\b"))
     expect(box).to_have_attribute("aria-invalid", "true")
     alice.keyboard.press("Enter")
     expect(alice.locator("#typing")).to_have_text("too long: messages are limited to 20 characters")
     expect(box).to_have_value("x" * 21)  # kept, to shorten
+    shot(alice, "too-long", transport)
     expect(messages(alice)).to_have_count(0)
     # Counted as the server counts: 20 characters, though 40 UTF-16 units.
     smiles = "\U0001f600" * 20
@@ -537,31 +549,39 @@ def _q(transport: str) -> str:
 
 
 def test_three_users_two_rooms_readme_scene(server: Server, browser: Browser) -> None:
-    """Three people, two rooms, an unread count, someone typing: docs/screenshot.png."""
+    """Three people, two rooms, an unread count, someone typing: docs/screenshot.png, and
+    the same room on a phone: docs/screenshot-phone.png."""
     from playwright.sync_api import expect
 
     pages = Pages(browser, "chat")
     try:
-        alice = pages.open(server, "alice", "random", width=1000, height=520)
+        alice = pages.open(server, "alice", "random", width=1000, height=560)
         alice.locator("#join-input").fill("general")
         alice.keyboard.press("Enter")
         expect_focus_on_message_box(alice)
         bob = pages.open(server, "bob")
-        carol = pages.open(server, "carol")
+        carol = pages.open(server, "carol", width=375, height=667)
         say(bob, "Morning! Did the deploy go out?")
-        expect(message_with(alice, "Morning!")).to_have_count(1)
+        say(bob, "Release notes: https://example.org/trio-chat/releases")
+        expect(message_with(alice, "Release notes")).to_have_count(1)
         say(alice, "Yes: both nodes are on the new build.")
         expect(message_with(carol, "both nodes")).to_have_count(1)
-        say(carol, "I closed my laptop on the train and got every message back on resume.")
+        carol.locator("#text").press_sequentially("I closed my laptop on the train,")
+        carol.locator("#text").press("Shift+Enter")
+        carol.locator("#text").press_sequentially("and got every message back on resume.")
+        carol.locator("#text").press("Enter")
         expect(message_with(alice, "on resume")).to_have_count(1)
         say(bob, "And <b>tags</b> show up as plain text, as they should.")
         expect(message_with(alice, "plain text")).to_have_count(1)
         send_as(server.chat_url, "dave", "random", ["anyone up for lunch?"])
         expect(alice.locator('#room-list li[data-room="random"] .unread')).to_have_text("1")
+        expect(alice).to_have_title("(1) #general · trio-chat")
         bob.locator("#text").press_sequentially("sounds go")
         expect(alice.locator("#typing")).to_have_text("bob is typing…")
+        expect(carol.locator("#typing")).to_have_text("bob is typing…")
         expect(alice.locator("#member-list li")).to_have_text(["alice (you)", "bob", "carol"])
         alice.screenshot(path=str(OUTPUT / "readme.png"))
+        carol.screenshot(path=str(OUTPUT / "readme-phone.png"))
     finally:
         pages.close()
     assert not pages.errors, pages.errors
@@ -660,3 +680,539 @@ def test_page_sends_a_retry_secret_kept_per_tab(
     other_id = other_tab.evaluate(read_id)
     assert re.fullmatch(r"[A-Za-z0-9_-]{22}", other_id)
     assert other_id != client_id
+
+
+# --------------------------------------------------------------------------- issue 15: the page as people expect it
+
+
+def test_links_are_clickable_and_only_http(server: Server, pages: Pages, transport: str) -> None:
+    from playwright.sync_api import expect
+
+    alice = pages.open(server, "alice")
+    bob = pages.open(server, "bob")
+    say(bob, "docs at https://example.org/a?b=1&c=2, not javascript:alert(1) or ftp://x.org")
+    text = message_with(alice, "docs at").locator(".text")
+    link = text.locator("a")
+    expect(link).to_have_count(1)
+    expect(link).to_have_text("https://example.org/a?b=1&c=2")  # the comma ends the sentence
+    expect(link).to_have_attribute("href", "https://example.org/a?b=1&c=2")
+    expect(link).to_have_attribute("rel", "noopener noreferrer")
+    expect(link).to_have_attribute("target", "_blank")
+    expect(text).to_have_text(
+        "docs at https://example.org/a?b=1&c=2, not javascript:alert(1) or ftp://x.org"
+    )
+    say(bob, 'https://x.org/"><img src=y onerror="window.__pwned=1">')
+    expect(message_with(alice, "x.org/").locator("a")).to_have_attribute("href", "https://x.org/")
+    assert alice.locator(".log img").count() == 0
+    assert alice.evaluate("window.__pwned") is None
+
+
+def test_shift_enter_writes_lines_that_are_shown(
+    server: Server, pages: Pages, transport: str
+) -> None:
+    from playwright.sync_api import expect
+
+    alice = pages.open(server, "alice")
+    bob = pages.open(server, "bob")
+    box = alice.locator("#text")
+    box.press_sequentially("first line")
+    box.press("Shift+Enter")
+    box.press_sequentially("second line")
+    expect(messages(alice)).to_have_count(0)  # Shift+Enter did not send
+    box.press("Enter")
+    text = message_with(bob, "second line").locator(".text")
+    expect(text).to_have_text("first line\nsecond line")
+    assert text.evaluate("e => getComputedStyle(e).whiteSpace") == "pre-wrap"
+    line = bob.locator(".log .from").first.bounding_box()
+    box_two = text.bounding_box()
+    assert line is not None
+    assert box_two is not None
+    assert box_two["height"] > 1.5 * line["height"], "the two lines are shown as one"
+    assert server.stored_texts("general") == ["first line\nsecond line"]
+
+
+def test_right_to_left_text_lays_out_right_to_left(
+    server: Server, pages: Pages, transport: str
+) -> None:
+    from playwright.sync_api import expect
+
+    alice = pages.open(server, "alice")
+    say(alice, "שלום לכולם")
+    say(alice, "مرحبا بالجميع")
+    say(alice, "hello everyone")
+    for text, direction in [("שלום", "rtl"), ("مرحبا", "rtl"), ("hello", "ltr")]:
+        node = message_with(alice, text).locator(".text")
+        expect(node).to_have_attribute("dir", "auto")
+        assert node.evaluate("(e, d) => e.matches(':dir(' + d + ')')", direction), text
+
+
+#: The page's clock in the day-separator test starts at noon of this day (UTC, as is the
+#: page's time zone there), so "today" never depends on when the test runs.
+PAGE_NOON_TS = 1_772_625_600  # 2026-03-04 12:00 UTC, a Wednesday
+DAY_S = 86_400
+
+
+def _days_back(line: str) -> str:
+    """A server frame with each message's ``ts`` moved N days back if its text starts ``[-N]``,
+    and to the page's noon if ``[0]``: a real server's messages, sent days apart."""
+    event = json.loads(line)
+    for m in [event, *event.get("messages", [])]:
+        found = re.match(r"\[(-?\d+)\]", str(m.get("text", "")))
+        if m.get("type") == "message" and found:
+            m["ts"] = PAGE_NOON_TS + int(found.group(1)) * DAY_S + (m["ts"] % 60)
+    return json.dumps(event)
+
+
+def test_day_separators_and_grouping(server: Server, pages: Pages, transport: str) -> None:
+    from playwright.sync_api import expect
+
+    send_as(
+        server.chat_url,
+        "bob",
+        "general",
+        ["[-3] three days ago", "[-3] same day, same sender", "[-1] yesterday", "[0] today"],
+    )
+
+    def route(ws: WebSocketRoute) -> None:
+        to_server = ws.connect_to_server()
+        to_server.on_message(
+            lambda m: (
+                ws.send("\n".join(_days_back(x) for x in m.split("\n") if x))
+                if isinstance(m, str)
+                else ws.send(m)
+            )
+        )
+
+    ctx = pages.browser.new_context(timezone_id="UTC", locale="en-US")
+    ctx.set_default_timeout(STEP_TIMEOUT_MS)
+    pages.contexts.append(ctx)
+    alice = ctx.new_page()
+    alice.route_web_socket("**/ws?*", route)
+    alice.clock.install(time=PAGE_NOON_TS)  # runs on from the page's noon
+    alice.goto(f"{server.base}/?name=alice{_q(transport)}#general")
+    wait_online(alice, transport)
+    expect(messages(alice)).to_have_count(4)
+    say(alice, "[0] mine")
+    send_as(server.chat_url, "carol", "general", ["[0] live, from carol"])
+    expect(messages(alice)).to_have_count(6)
+    expect(alice.locator(".log li.pending")).to_have_count(0)
+    rows = alice.eval_on_selector_all(
+        '.log[data-room="general"] li:not(.system)',
+        """els => els.map(e => e.classList.contains("day") ? "-- " + e.textContent + " --"
+            : (e.classList.contains("grouped") ? "  " : e.dataset.from + ": ")
+              + e.querySelector(".text").textContent)""",
+    )
+    assert rows == [
+        "-- Sunday, March 1, 2026 --",
+        "bob: [-3] three days ago",
+        "  [-3] same day, same sender",
+        "-- Yesterday --",
+        "bob: [-1] yesterday",
+        "-- Today --",
+        "bob: [0] today",
+        "alice: [0] mine",
+        "carol: [0] live, from carol",
+    ]
+    # The page stays open past midnight: the labels move on.
+    alice.clock.fast_forward(DAY_S * 1000)
+    days = alice.locator('.log[data-room="general"] li.day')
+    expect(days).to_have_text(["Sunday, March 1, 2026", "Tuesday, March 3, 2026", "Yesterday"])
+    # A grouped message keeps its sender for screen readers, hidden from view.
+    grouped = message_with(alice, "same sender").locator(".from")
+    expect(grouped).to_have_text("bob")
+    assert grouped.evaluate("e => e.getBoundingClientRect().width") <= 1
+    shot(alice, "day-separators", transport)
+
+
+def test_room_browser_lists_rooms_with_members_and_joins_in_one_click(
+    server: Server, pages: Pages, transport: str
+) -> None:
+    from playwright.sync_api import expect
+
+    alice = pages.open(server, "alice")
+    pages.open(server, "bob", "random")
+    pages.open(server, "carol", "random")
+    pages.open(server, "dave", "lobby")
+    alice.locator("#browse").click()
+    dialog = alice.locator("#rooms-dialog")
+    expect(dialog).to_be_visible()
+    rows = dialog.locator("#rooms-dialog-list li")
+    # Busiest first; the one alice is in counts her.
+    expect(rows).to_have_text(
+        [
+            re.compile(r"#random\s+2 members\s+Join"),
+            re.compile(r"#general\s+1 member\s+Join"),
+            re.compile(r"#lobby\s+1 member\s+Join"),
+        ]
+    )
+    expect(rows.first.locator("button")).to_be_focused()
+    shot(alice, "room-browser", transport)
+    dialog.get_by_role("button", name="Join lobby").click()
+    expect(dialog).to_be_hidden()
+    expect(alice.locator("#room-title")).to_have_text("#lobby")
+    expect(alice.locator("#member-list li")).to_have_text(["alice (you)", "dave"])
+    expect_focus_on_message_box(alice)
+
+
+def test_unread_total_is_in_the_tab_title(server: Server, pages: Pages, transport: str) -> None:
+    from playwright.sync_api import expect
+
+    alice = pages.open(server, "alice", "a")
+    alice.locator("#join-input").fill("b")
+    alice.keyboard.press("Enter")
+    expect(alice.locator("#member-list li")).to_have_text(["alice (you)"])  # joined b
+    expect(alice).to_have_title("#b · trio-chat")
+    send_as(server.chat_url, "bob", "a", ["one", "two", "three"])
+    expect(alice).to_have_title("(3) #b · trio-chat")
+    alice.keyboard.press("Alt+ArrowUp")
+    expect(alice).to_have_title("#a · trio-chat")
+
+
+def test_each_tab_has_its_own_name(server: Server, pages: Pages, transport: str) -> None:
+    from playwright.sync_api import expect
+
+    ctx = pages.browser.new_context()
+    ctx.set_default_timeout(STEP_TIMEOUT_MS)
+    pages.contexts.append(ctx)
+    first = ctx.new_page()
+    first.goto(f"{server.base}/?name=alice{_q(transport)}#general")
+    wait_online(first, transport)
+    # A new tab is asked, with the last name used already typed: Enter keeps it.
+    second = ctx.new_page()
+    second.goto(f"{server.base}/?{_q(transport)}#general")
+    expect(second.locator("#name-input")).to_be_focused()
+    expect(second.locator("#name-input")).to_have_value("alice")
+    second.keyboard.type("bob")
+    second.keyboard.press("Enter")
+    wait_online(second, transport)
+    expect(second.locator("#me-name")).to_have_text("bob")
+    # Renaming in the second tab leaves the first alone, across reloads too.
+    second.locator("#rename").click()
+    second.keyboard.type("carol")
+    second.keyboard.press("Enter")
+    expect(second.locator("#me-name")).to_have_text("carol")
+    wait_online(second, transport)
+    expect(first.locator("#member-list li")).to_have_text(["alice (you)", "carol"])
+    third = ctx.new_page()
+    third.goto(f"{server.base}/?{_q(transport)}#general")
+    expect(third.locator("#name-input")).to_have_value("carol")  # the last one used
+    third.close()
+    first.reload()
+    wait_online(first, transport)
+    expect(first.locator("#me-name")).to_have_text(re.compile(r"^alice(-\d+)?$"))
+    second.reload()
+    wait_online(second, transport)
+    expect(second.locator("#me-name")).to_have_text(re.compile(r"^carol(-\d+)?$"))
+
+
+def test_a_refused_name_is_explained_and_asked_again(
+    server: Server, pages: Pages, transport: str
+) -> None:
+    from playwright.sync_api import expect
+
+    page = pages.open(server, "no spaces!", wait_joined=False)
+    expect(page.locator("#name-dialog")).to_be_visible()
+    expect(page.locator("#name-refused")).to_contain_text("Refused: names are 1-32 letters")
+    expect(page.locator("#name-input")).to_be_focused()
+    shot(page, "name-refused", transport)
+    page.keyboard.press("Control+a")
+    page.keyboard.type("dora")
+    page.keyboard.press("Enter")
+    expect(page.locator("#me-name")).to_have_text("dora")
+    wait_online(page, transport)
+    expect(page.locator("#member-list li")).to_have_text(["dora (you)"])
+    expect(page).to_have_url(re.compile(r"\?name=dora"))  # a reload keeps the new one
+
+
+def test_a_suffixed_name_is_explained(server: Server, pages: Pages, transport: str) -> None:
+    from playwright.sync_api import expect
+
+    first = pages.open(server, "alice")
+    second = pages.open(server, "alice")
+    expect(second.locator("#me-name")).to_have_text("alice-2")
+    expect(second.locator("#name-note")).to_have_text(
+        "\u201calice\u201d is in use, so you are \u201calice-2\u201d here."
+        " Change it with \u201cchange\u201d."
+    )
+    expect(first.locator("#name-note")).to_be_hidden()
+    shot(second, "name-suffixed", transport)
+
+
+def test_reconnect_counts_down_and_retries_now(
+    server: Server, pages: Pages, transport: str
+) -> None:
+    from playwright.sync_api import expect
+
+    alice = pages.open(server, "alice", fake_clock=True)
+    server.stop()
+    status = alice.locator("#status")
+    # Each failed try doubles the backoff: wait (real time) for a wait of 3 s or more.
+    countdown = re.compile(r"reconnecting in ([3-9]) s")
+    expect(status).to_have_text(countdown)
+    alice.clock.pause_at(alice.evaluate("Date.now()") + 1)
+    shown = status.inner_text()
+    found = countdown.fullmatch(shown)
+    assert found, shown
+    left = int(found.group(1))
+    alice.clock.run_for(1000)
+    expect(status).to_have_text(f"reconnecting in {left - 1} s")
+    shot(alice, "countdown", transport)
+    server.start()
+    retry = alice.locator("#retry-now")
+    expect(retry).to_be_visible()
+    retry.click()  # the page's clock stands still: only the button can reconnect it
+    wait_online(alice, transport)
+    expect(retry).to_be_hidden()
+    expect(alice.locator("#why")).to_have_text("")
+
+
+def test_close_codes_are_explained(server: Server, pages: Pages, transport: str) -> None:
+    from playwright.sync_api import expect
+
+    codes = [1008, 1011, 4008, 1001]
+    sentences = {
+        1008: "The server closed the connection: too many messages too fast (rate limit).",
+        1011: "The server hit an internal error; it is not your fault.",
+        4008: "The connection was too slow to keep up; nothing is lost.",
+        1001: "The server is restarting.",
+    }
+    connections: list[str] = []
+
+    def route(ws: WebSocketRoute) -> None:
+        connections.append(ws.url)
+        if len(connections) <= len(codes):
+            ws.send(json.dumps({"type": "welcome", "name": "alice", "node": "test"}))
+            ws.close(code=codes[len(connections) - 1], reason="")
+        else:
+            ws.connect_to_server()
+
+    ctx = pages.browser.new_context()
+    ctx.set_default_timeout(STEP_TIMEOUT_MS)
+    pages.contexts.append(ctx)
+    page = ctx.new_page()
+    page.route_web_socket("**/ws?*", route)
+    page.clock.install()  # the reconnect delays run on a clock we advance
+    page.goto(f"{server.base}/?name=alice{_q(transport)}#general")
+    for i, code in enumerate(codes):
+        expect(page.locator("#why")).to_have_text(sentences[code])
+        assert len(connections) == i + 1
+        if code == 1008:
+            shot(page, "closed-1008", transport)
+        page.clock.run_for(10_000)
+    wait_online(page, transport)
+    expect(page.locator("#why")).to_have_text("")
+
+
+_FOCUSED = """() => {
+    const e = document.activeElement;
+    const style = getComputedStyle(e);
+    return {
+        name: e === document.body ? "" : e.getAttribute("aria-label") || e.id || e.textContent.trim(),
+        outline: style.outlineStyle + " " + style.outlineWidth,
+    };
+}"""
+
+
+@pytest.mark.parametrize("server_env", [{"TRIO_CHAT_RATE_LIMIT": "0"}])
+def test_keyboard_only_use(server: Server, pages: Pages, transport: str) -> None:
+    from playwright.sync_api import expect
+
+    send_as(server.chat_url, "writer", "general", [f"line {i:03d}" for i in range(80)])
+    alice = pages.open(server, "alice")
+    pages.open(server, "bob", "lobby")
+    box = alice.locator("#text")
+    scroll_top = "document.getElementById('messages').scrollTop"
+    at_bottom = alice.evaluate(scroll_top)
+    box.press("PageUp")
+    expect(box).to_be_focused()
+    assert alice.evaluate(scroll_top) < at_bottom
+    box.press("PageDown")
+    assert alice.evaluate(scroll_top) == at_bottom
+
+    # Tab reaches every control, each with a visible focus ring.
+    alice.evaluate("document.activeElement.blur()")
+    reached: dict[str, str] = {}
+    for _ in range(30):
+        alice.keyboard.press("Tab")
+        focused = alice.evaluate(_FOCUSED)
+        reached.setdefault(focused["name"], focused["outline"])
+    reached.pop("", None)  # the page itself, between the last control and the first
+    controls = ["rename", "#general", "Leave general", "join-input", "Join", "browse"]
+    controls += ["load-older", "text", "Send"]
+    assert sorted(reached) == sorted(controls)
+    for name, outline in reached.items():
+        style, width = outline.split()
+        assert style != "none", (name, outline)
+        assert float(width.removesuffix("px")) >= 2, (name, outline)
+
+    # The room browser, by keyboard alone.
+    alice.locator("#browse").focus()
+    alice.keyboard.press("Enter")
+    expect(alice.get_by_role("button", name="Join general")).to_be_focused()
+    alice.keyboard.press("Tab")
+    expect(alice.get_by_role("button", name="Join lobby")).to_be_focused()
+    alice.keyboard.press("Enter")
+    expect(alice.locator("#room-title")).to_have_text("#lobby")
+    expect_focus_on_message_box(alice)
+    alice.keyboard.type("typed without a mouse")
+    alice.keyboard.press("Enter")
+    expect(message_with(alice, "typed without a mouse", "lobby")).not_to_have_class(
+        re.compile(r"\bpending\b")
+    )
+
+
+AXE = Path(__file__).resolve().parent / "vendor" / "axe.min.js"
+
+
+def axe_violations(page: Page) -> list[str]:
+    """axe-core's serious and critical violations on the page as it is now."""
+    if not page.evaluate("typeof window.axe !== 'undefined'"):
+        page.add_script_tag(path=str(AXE))
+    result = page.evaluate("axe.run(document, {resultTypes: ['violations']})")
+    return [
+        f"{v['impact']}: {v['id']}: {v['help']} at {[n['target'] for n in v['nodes']]}"
+        for v in result["violations"]
+        if v["impact"] in ("serious", "critical")
+    ]
+
+
+def test_axe_core_finds_no_serious_violations(server: Server, pages: Pages, transport: str) -> None:
+    from playwright.sync_api import expect
+
+    alice = pages.open(server, "alice")
+    bob = pages.open(server, "bob")
+    say(bob, "see https://example.org and שלום")
+    say(alice, "a message of mine")
+    expect(message_with(alice, "example.org")).to_have_count(1)
+    second = pages.open(server, "alice")
+    expect(second.locator("#name-note")).to_be_visible()  # alice-2, and why
+    assert axe_violations(second) == []
+    bob.locator("#text").press_sequentially("typing")
+    expect(alice.locator("#typing")).to_have_text("bob is typing…")
+    assert axe_violations(alice) == []
+    alice.locator("#browse").click()
+    expect(alice.locator("#rooms-dialog-list li")).to_have_count(1)
+    assert axe_violations(alice) == []
+    alice.keyboard.press("Escape")
+    phone = pages.open(server, "carol", width=375, height=667)
+    assert axe_violations(phone) == []
+    server.stop()
+    expect(alice.locator("#retry-now")).to_be_visible()
+    assert axe_violations(alice) == []
+
+
+#: Messages a page keeps rendered per room (web/render.js MAX_RENDERED), and the slack it
+#: lets pile up before trimming.
+MAX_RENDERED = 300
+TRIM_SLACK = 50
+
+
+@pytest.mark.parametrize("server_env", [{"TRIO_CHAT_RATE_LIMIT": "0"}])
+def test_a_flood_keeps_the_dom_bounded_and_the_page_responsive(
+    server: Server, pages: Pages, transport: str
+) -> None:
+    from playwright.sync_api import expect
+
+    flood = 5_000
+    alice = pages.open(server, "alice")
+    before = alice.evaluate("document.getElementsByTagName('*').length")
+    failed: list[BaseException] = []
+
+    def post() -> None:
+        try:
+            send_as(server.chat_url, "flood", "general", [f"flood {i:04d}" for i in range(flood)])
+        except BaseException as exc:  # handed to the test thread, which raises it
+            failed.append(exc)
+
+    poster = threading.Thread(target=post)
+    started = time.monotonic()
+    poster.start()
+    try:
+        expect(messages(alice)).not_to_have_count(0)
+        # Typing and sending while the flood comes in: answered within a deadline.
+        # Acked (no longer pending); it may be trimmed away already by the flood after it.
+        say(alice, "typed during the flood")
+        expect(alice.locator(".log li.pending")).to_have_count(0, timeout=10_000)
+    finally:
+        poster.join(timeout=60)
+    assert not poster.is_alive()
+    assert not failed, failed
+    expect(message_with(alice, f"flood {flood - 1:04d}")).to_be_visible(timeout=30_000)
+    took = time.monotonic() - started
+    shown = messages(alice).count()
+    assert shown <= MAX_RENDERED + TRIM_SLACK + 1, shown
+    elements = alice.evaluate("document.getElementsByTagName('*').length")
+    assert elements - before < 6 * (MAX_RENDERED + TRIM_SLACK), (before, elements)
+    say(alice, "typed after the flood")
+    expect(message_with(alice, "typed after the flood")).not_to_have_class(
+        re.compile(r"\bpending\b"), timeout=5_000
+    )
+    # What was trimmed comes back through "load older".
+    first = messages(alice).first.locator(".text").inner_text()
+    alice.locator("#messages").evaluate("e => { e.scrollTop = 0; }")
+    alice.locator("#load-older").click()
+    expect(messages(alice)).to_have_count(shown + 1 + 50)
+    expect(message_with(alice, first)).to_have_count(1)
+    older = messages(alice).first.locator(".text").inner_text()
+    assert older < first, (older, first)
+    print(f"{flood} messages in {took:.1f} s; {shown} shown, {elements} elements")
+
+
+def _inside(page: Page, selector: str, width: int, height: int) -> None:
+    box = page.locator(selector).first.bounding_box()
+    assert box is not None, selector
+    assert box["x"] >= 0, (selector, box)
+    assert box["y"] >= 0, (selector, box)
+    assert box["x"] + box["width"] <= width, (selector, box)
+    assert box["y"] + box["height"] <= height, (selector, box)
+
+
+def _current_room_shown(page: Page) -> None:
+    """The current room's entry is wholly inside the room strip's visible part."""
+    strip = page.locator("#room-list").bounding_box()
+    room = page.locator("#room-list li.current").bounding_box()
+    assert strip is not None
+    assert room is not None
+    assert strip["x"] <= room["x"], (strip, room)
+    assert room["x"] + room["width"] <= strip["x"] + strip["width"] + 0.5, (strip, room)
+
+
+@pytest.mark.parametrize("server_env", [{"TRIO_CHAT_RATE_LIMIT": "0"}])
+def test_phone_keeps_room_and_join_box_in_reach_and_the_list_tall_with_a_keyboard(
+    server: Server, pages: Pages, transport: str
+) -> None:
+    from playwright.sync_api import expect
+
+    alice = pages.open(server, "alice", width=375, height=667)
+    for i in range(8):
+        room = f"a-long-room-name-{i}"
+        alice.locator("#join-input").fill(room)
+        alice.keyboard.press("Enter")
+        expect(alice.locator("#room-title")).to_have_text(f"#{room}")
+        expect(alice.locator("#member-list li")).to_have_text(["alice (you)"])
+        # The current room and the join box stay on screen, however many rooms there are.
+        for selector in ("#join-input", "#join-form button", "#browse"):
+            _inside(alice, selector, 375, 667)
+        _current_room_shown(alice)
+    assert alice.evaluate("document.documentElement.scrollWidth") <= 375
+    shot(alice, "phone-rooms", transport)
+    # The first room, far left in the strip: it scrolls into view when it becomes current.
+    alice.locator("#join-input").fill("general")
+    alice.keyboard.press("Enter")
+    expect(alice.locator("#room-title")).to_have_text("#general")
+    _current_room_shown(alice)
+
+    # An on-screen keyboard takes about half the height: the messages keep most of the rest.
+    send_as(server.chat_url, "bob", "general", [f"line {i}" for i in range(30)])
+    alice.set_viewport_size({"width": 375, "height": 330})
+    expect(alice.locator("body")).to_have_class(re.compile(r"\bshort\b"))
+    box = alice.locator("#messages").bounding_box()
+    assert box is not None
+    assert box["height"] >= 0.5 * 330, box
+    for selector in ("#text", "#join-input"):
+        _inside(alice, selector, 375, 330)
+    _current_room_shown(alice)
+    expect(message_with(alice, "line 29")).to_be_visible()
+    shot(alice, "phone-keyboard", transport)
+    alice.set_viewport_size({"width": 375, "height": 667})
+    expect(alice.locator("body")).not_to_have_class(re.compile(r"\bshort\b"))

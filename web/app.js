@@ -13,16 +13,18 @@ import {
   currentRoom,
   flash,
   handleFrame,
+  hooks,
   loadOlder,
   openRoom,
   renderRooms,
   showRoom,
+  trim,
 } from "./chat.js";
-import { loadConfig, roomAllowed, textLimit, textTooLong } from "./config.js";
-import { reconnect, send, startConnection } from "./connection.js";
+import { loadConfig, roomAllowed, textLength, textLimit, textTooLong } from "./config.js";
+import { reconnect, retryNow, send, startConnection } from "./connection.js";
 import * as outbox from "./outbox.js";
 import * as view from "./render.js";
-import { browserStore, clientId, me, roomNamed, rooms, savedRooms, view as ui } from "./state.js";
+import { browserStore, clientId, me, roomNamed, rooms, savedRooms, tabStore, view as ui } from "./state.js";
 
 const el = view.el;
 const TYPING_SEND_EVERY_MS = 2000;
@@ -44,13 +46,27 @@ el.sendForm.addEventListener("submit", (ev) => {
   view.scrollToBottom();
   el.text.value = "";
   el.text.removeAttribute("aria-invalid");
+  view.renderCounter(0, textLimit());
   lastTypingSent = 0; // the message ended the others' "is typing"; the next key says it again
   if (r.joined) outbox.transmit(o);
+});
+
+// Enter sends, Shift+Enter is a new line (the textarea's own); PageUp/PageDown scroll the
+// messages without leaving the box.
+el.text.addEventListener("keydown", (ev) => {
+  if (ev.key === "Enter" && !ev.shiftKey && !ev.isComposing) {
+    ev.preventDefault();
+    el.sendForm.requestSubmit();
+  } else if (ev.key === "PageUp" || ev.key === "PageDown") {
+    ev.preventDefault();
+    view.scrollPage(ev.key === "PageUp" ? -1 : 1);
+  }
 });
 
 el.text.addEventListener("input", () => {
   if (textTooLong(el.text.value.trim())) el.text.setAttribute("aria-invalid", "true");
   else el.text.removeAttribute("aria-invalid");
+  view.renderCounter(textLength(el.text.value.trim()), textLimit());
   const r = currentRoom();
   const now = Date.now();
   if (r && r.joined && el.text.value && now - lastTypingSent > TYPING_SEND_EVERY_MS) {
@@ -69,6 +85,38 @@ el.joinForm.addEventListener("submit", (ev) => {
 });
 
 el.loadOlder.addEventListener("click", loadOlder);
+el.retryNow.addEventListener("click", retryNow);
+
+// Back at the bottom after reading up: the oldest messages can go now.
+el.messages.addEventListener("scroll", () => {
+  const r = currentRoom();
+  if (r && view.isAtBottom()) trim(r);
+}, { passive: true });
+
+el.browse.addEventListener("click", async () => {
+  el.roomsDialogList.replaceChildren();
+  el.roomsDialogState.textContent = "loading…";
+  el.roomsDialog.showModal();
+  let list;
+  try {
+    const resp = await fetch("/api/rooms", { cache: "no-store" });
+    if (!resp.ok) throw new Error("HTTP " + resp.status);
+    list = (await resp.json()).rooms;
+  } catch (e) {
+    el.roomsDialogState.textContent = "could not list the rooms (" + e.message + ")";
+    return;
+  }
+  const rows = (Array.isArray(list) ? list : [])
+    .filter((x) => x && typeof x.room === "string")
+    .map((x) => ({ room: x.room, members: Array.isArray(x.members) ? x.members.length : 0 }))
+    .sort((a, b) => b.members - a.members || (a.room < b.room ? -1 : 1));
+  view.renderRoomBrowser(rows, (name) => {
+    el.roomsDialog.close();
+    location.hash = encodeURIComponent(name); // hashchange opens it
+    if (name === ui.current) el.text.focus();
+  });
+  el.roomsDialogList.querySelector("button")?.focus();
+});
 
 window.addEventListener("hashchange", () => {
   const name = hashRoom();
@@ -90,20 +138,34 @@ document.addEventListener("keydown", (ev) => {
 
 el.rename.addEventListener("click", () => askName());
 
-function askName() {
+/** Ask for a nickname; `why` says why the last one was refused. */
+function askName(why = "") {
+  el.nameRefused.hidden = !why;
+  el.nameRefused.textContent = why ? "Refused: " + why : "";
   el.nameInput.value = me.wanted;
-  el.nameDialog.showModal();
+  if (!el.nameDialog.open) el.nameDialog.showModal();
   el.nameInput.focus();
+  el.nameInput.select();
 }
+
+hooks.badName = (why) => {
+  view.renderNameNote("", "");
+  askName(why);
+};
 
 el.nameForm.addEventListener("submit", (ev) => {
   ev.preventDefault();
   const n = el.nameInput.value.trim();
   if (!n) return;
   el.nameDialog.close();
-  const changed = n !== me.wanted;
+  const changed = n !== me.wanted || n !== me.name;
   me.wanted = n;
-  browserStore.set("name", n);
+  rememberName(n);
+  const url = new URL(location.href);
+  if (url.searchParams.has("name")) {
+    url.searchParams.set("name", n); // a reload keeps the new name
+    history.replaceState(null, "", url);
+  }
   if (!started) start();
   else if (changed) reconnect(); // under the new name
 });
@@ -145,8 +207,36 @@ async function start() {
   });
 }
 
+// With the on-screen keyboard open the visible part of the page shrinks (iOS does not
+// resize the layout): size the page to it, and hide what the message list needs room from.
+const SHORT_PAGE_PX = 420;
+if (window.visualViewport) {
+  const fit = () => {
+    const h = window.visualViewport.height;
+    document.documentElement.style.setProperty("--page-height", h + "px");
+    document.body.classList.toggle("short", h < SHORT_PAGE_PX);
+  };
+  window.visualViewport.addEventListener("resize", fit);
+  fit();
+}
+
+// Each tab has its own name (sessionStorage); a new tab starts from the last one used.
+function rememberName(n) {
+  tabStore.set("name", n);
+  browserStore.set("name", n);
+}
+
 const fromUrl = new URLSearchParams(location.search).get("name");
-me.wanted = fromUrl || browserStore.get("name", "");
-if (fromUrl) browserStore.set("name", me.wanted);
-if (me.wanted) start();
-else askName();
+const tabName = tabStore.get("name", "");
+if (fromUrl) {
+  me.wanted = fromUrl;
+  rememberName(fromUrl);
+  start();
+} else if (typeof tabName === "string" && tabName) {
+  me.wanted = tabName;
+  start();
+} else {
+  const last = browserStore.get("name", "");
+  me.wanted = typeof last === "string" ? last : "";
+  askName(); // prefilled with the last name used: Enter keeps it
+}

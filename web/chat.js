@@ -17,6 +17,9 @@ const HISTORY_PAGE = 50;
 
 export const currentRoom = () => rooms.get(ui.current);
 
+/** What app.js does when the server refuses our name (`bad_name`): ask again, with why. */
+export const hooks = { badName: (_why) => {} };
+
 export function flash(text) {
   view.flash(text, () => view.renderTyping(currentRoom()));
 }
@@ -110,6 +113,19 @@ function settled(cid, id) {
   view.settlePending(cid, id);
 }
 
+/**
+ * Keep `r`'s rendered messages bounded: when the reader is at the bottom (or elsewhere),
+ * the oldest go; "load older" brings them back from history.
+ */
+export function trim(r) {
+  if (r.name === ui.current && !view.isAtBottom()) return;
+  const dropped = view.trimLog(r.name);
+  if (dropped.length === 0) return;
+  r.forget(dropped);
+  r.more = true;
+  if (r.name === ui.current) view.renderLoadOlder(r);
+}
+
 /** Show message `m` in id order, unless it is shown already. */
 function addMessage(m, { countUnread = true } = {}) {
   if (typeof m.id !== "string" || typeof m.room !== "string") return;
@@ -124,6 +140,7 @@ function addMessage(m, { countUnread = true } = {}) {
       r.unread += 1;
       renderRooms();
     }
+    if (countUnread) trim(r); // not while paging back through history
   }
   if (typeof m.cid === "string") settled(m.cid, m.id); // after the insert: its pending copy goes
 }
@@ -141,6 +158,10 @@ outbox.onRetry((name) => {
 });
 
 function refused(f) {
+  if (f.code === "bad_name") {
+    hooks.badName(f.message || "that name is not allowed");
+    return;
+  }
   flash("error: " + (f.message || f.code));
   const r = typeof f.room === "string" ? rooms.get(f.room) : undefined;
   switch (f.code) {
@@ -169,6 +190,7 @@ const handlers = {
   welcome(f) {
     me.name = f.name;
     view.setMe(me.name);
+    view.renderNameNote(me.wanted, me.name);
     for (const r of rooms.values()) sendJoin(r);
   },
   message(f) {

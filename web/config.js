@@ -61,8 +61,12 @@ export function textLimit() {
   return maxText;
 }
 
+/** `text`'s length as the server counts it: code points (an emoji is one, not two). */
+export function textLength(text) {
+  return [...text].length;
+}
+
 /** Whether the server would refuse `text` as too long. */
 export function textTooLong(text) {
-  // [...text] counts code points, as the server does (an emoji is one, not two).
-  return maxText !== null && [...text].length > maxText;
+  return maxText !== null && textLength(text) > maxText;
 }

@@ -11,8 +11,17 @@ const SILENCE_LIMIT_MS = 45000;
 const BACKOFF_BASE_MS = 500;
 const BACKOFF_MAX_MS = 8000;
 const CLOSE_GOING_AWAY = 1001;
-const CLOSE_POLICY = 1008;
 const CLOSE_SLOW = 4008;
+/** A sentence for each close code that means something to the user. */
+const CLOSE_REASONS = new Map([
+  [1001, "The server is restarting."],
+  [1008, "The server closed the connection: too many messages too fast (rate limit)."],
+  [1011, "The server hit an internal error; it is not your fault."],
+  [4001, "The server asks you to sign in."],
+  [4002, "Your sign-in is not valid any more."],
+  [4003, "You are not allowed in."],
+  [CLOSE_SLOW, "The connection was too slow to keep up; nothing is lost."],
+]);
 
 const forceFallback = new URLSearchParams(location.search).get("transport") === "fallback";
 
@@ -23,8 +32,10 @@ let kind = null; // "chat" or "fallback": what the open socket is
 let online = false; // `welcome` received on the current socket
 let attempt = 0; // consecutive failed connects, for the backoff
 let reconnectTimer = null;
+let countdownTimer = null;
 let pingTimer = null;
 let lastFrameAt = 0;
+let lastWhy = ""; // why the last socket closed, shown until the next one is online
 
 export function startConnection(h) {
   hooks = h;
@@ -50,6 +61,8 @@ export function reconnect() {
 }
 
 async function connect() {
+  clearTimeout(reconnectTimer);
+  clearInterval(countdownTimer);
   reconnectTimer = null;
   // Server unreachable: back off. (Trying /ws now would work only if the server came
   // back within the last moment, and would pin this page to the slower fallback.)
@@ -57,7 +70,8 @@ async function connect() {
     disconnected(1006, "");
     return;
   }
-  hooks.status(attempt === 0 ? "connecting" : "reconnecting", attempt === 0 ? "connecting…" : "reconnecting…");
+  if (attempt === 0) hooks.status("connecting", "connecting…");
+  else hooks.status("reconnecting", "reconnecting…", lastWhy);
   const list = socketUrls(forceFallback);
   for (const c of list) {
     for (const [key, value] of Object.entries(hooks.query())) c.url.searchParams.set(key, value);
@@ -105,6 +119,7 @@ function tryUrl(list, i) {
 
 function welcomed() {
   online = true;
+  lastWhy = "";
   attempt = 0;
   hooks.status("online", "online" + (kind === "fallback" ? " (via /ws)" : ""));
   clearInterval(pingTimer);
@@ -116,21 +131,40 @@ function disconnected(code, reason) {
   online = false;
   clearInterval(pingTimer);
   hooks.down();
+  // A failed reconnect says nothing new: the reason the socket closed still holds.
+  const why = CLOSE_REASONS.get(code) || (reason ? "Closed: " + reason + "." : lastWhy);
+  lastWhy = why;
   let delay;
   if (code === CLOSE_SLOW) {
     // We fell behind; nothing is lost, the rejoin with `since` catches up.
-    hooks.status("slow", "disconnected: connection too slow; catching up…");
+    hooks.status("slow", "disconnected: connection too slow; catching up…", why);
     delay = 250 + Math.random() * 750;
   } else {
     // Exponential backoff with full jitter, so a restarted server is not stampeded.
     const cap = Math.min(BACKOFF_MAX_MS, BACKOFF_BASE_MS * 2 ** attempt);
     delay = cap / 2 + Math.random() * (cap / 2);
-    const why = code === CLOSE_POLICY ? " (refused: " + (reason || "policy") + ")" : "";
-    hooks.status("reconnecting", "reconnecting… in " + Math.ceil(delay / 1000) + " s" + why);
+    countDown(Date.now() + delay, why);
   }
   attempt += 1;
   if (code === CLOSE_GOING_AWAY || attempt > 1) forgetConfig(); // the server may have moved
   reconnectTimer = setTimeout(connect, delay);
+}
+
+/** "reconnecting in N s", once a second until `at`, with "retry now". */
+function countDown(at, why) {
+  const show = () => {
+    const s = Math.max(1, Math.ceil((at - Date.now()) / 1000));
+    hooks.status("reconnecting", "reconnecting in " + s + " s", why, true);
+  };
+  show();
+  clearInterval(countdownTimer);
+  countdownTimer = setInterval(show, 1000);
+}
+
+/** Stop waiting out the backoff: connect now. */
+export function retryNow() {
+  if (reconnectTimer === null) return;
+  connect();
 }
 
 function keepalive() {
@@ -145,7 +179,6 @@ function keepalive() {
 // Back on the network: do not wait out the backoff.
 window.addEventListener("online", () => {
   if (reconnectTimer === null) return;
-  clearTimeout(reconnectTimer);
   attempt = 0;
   connect();
 });

@@ -97,6 +97,12 @@ export class Room {
     return lo;
   }
 
+  /** Forget the messages `dropped` (no longer shown; "load older" brings them back). */
+  forget(dropped) {
+    const gone = new Set(dropped);
+    this.ids = this.ids.filter((id) => !gone.has(id));
+  }
+
   /** Forget every message (the server reset the room). */
   clear() {
     this.ids = [];
