@@ -21,7 +21,7 @@ import pytest
 import trio
 from trio_websocket import open_websocket_url
 
-from _server_process import Server, free_port
+from _server_process import ServerProcess, free_port
 from conftest import fill
 
 if TYPE_CHECKING:
@@ -49,27 +49,27 @@ STEP_TIMEOUT_MS = 15_000
 # --------------------------------------------------------------------------- server process
 
 
-def _make_server(tmp_path: Path, **env: str) -> Iterator[Server]:
-    srv = Server(tmp_path / "data", tmp_path / "server.log", env)
-    srv.start()
+def _make_server(tmp_path: Path, **env: str) -> Iterator[ServerProcess]:
+    srv = ServerProcess(tmp_path / "data", tmp_path / "server.log", env=env, limit_rate=True)
+    trio.run(srv.start)
     try:
         yield srv
     finally:
-        srv.stop()
+        trio.run(srv.stop)
 
 
 @pytest.fixture
-def server(tmp_path: Path) -> Iterator[Server]:
+def server(tmp_path: Path) -> Iterator[ServerProcess]:
     yield from _make_server(tmp_path)
 
 
 @pytest.fixture
-def unlimited_server(tmp_path: Path) -> Iterator[Server]:
+def unlimited_server(tmp_path: Path) -> Iterator[ServerProcess]:
     yield from _make_server(tmp_path, TRIO_CHAT_RATE_LIMIT="0")
 
 
 @pytest.fixture
-def server_with_dead_chat_socket(tmp_path: Path) -> Iterator[Server]:
+def server_with_dead_chat_socket(tmp_path: Path) -> Iterator[ServerProcess]:
     """/api/config names a chat socket nobody listens on (a proxy that drops it, say)."""
     yield from _make_server(tmp_path, TRIO_CHAT_WS_PUBLIC_URL=f"ws://127.0.0.1:{free_port()}/ws")
 
@@ -133,7 +133,7 @@ class Pages:
 
     def open(
         self,
-        server: Server,
+        server: ServerProcess,
         name: str,
         room: str = "general",
         *,
@@ -147,7 +147,7 @@ class Pages:
         page = ctx.new_page()
         page.on("pageerror", lambda exc: self.errors.append(f"{name}: {exc}"))
         query = f"?name={name}" + ("&transport=fallback" if self.transport == "fallback" else "")
-        page.goto(f"{server.base}/{query}#{room}")
+        page.goto(f"{server.http_url}/{query}#{room}")
         if wait_joined:
             wait_online(page, self.transport)
             expect_focus_on_message_box(page)
@@ -203,7 +203,7 @@ def shot(page: Page, name: str, transport: str) -> None:
 
 
 def test_two_users_chat_with_presence_and_typing(
-    server: Server, pages: Pages, transport: str
+    server: ServerProcess, pages: Pages, transport: str
 ) -> None:
     from playwright.sync_api import expect
 
@@ -236,7 +236,7 @@ def test_two_users_chat_with_presence_and_typing(
 
 
 def test_rooms_are_separate_with_unread_counts_and_keyboard(
-    server: Server, pages: Pages, transport: str
+    server: ServerProcess, pages: Pages, transport: str
 ) -> None:
     from playwright.sync_api import expect
 
@@ -259,7 +259,7 @@ def test_rooms_are_separate_with_unread_counts_and_keyboard(
     alice.keyboard.type("random")
     alice.keyboard.press("Enter")
     expect(alice.locator("#room-title")).to_have_text("#random")
-    expect(alice).to_have_url(f"{server.base}/?name=alice" + _q(transport) + "#random")
+    expect(alice).to_have_url(f"{server.http_url}/?name=alice" + _q(transport) + "#random")
     expect(message_with(alice, "only for random", "random")).to_have_count(1)  # history
     expect_focus_on_message_box(alice)
     expect(carol.locator("#member-list li")).to_have_text(["alice", "carol (you)"])
@@ -283,7 +283,7 @@ def test_rooms_are_separate_with_unread_counts_and_keyboard(
     expect(alice.locator('#room-list li[data-room="random"]')).to_have_count(0)
 
 
-def test_html_is_shown_literally(server: Server, pages: Pages, transport: str) -> None:
+def test_html_is_shown_literally(server: ServerProcess, pages: Pages, transport: str) -> None:
     from playwright.sync_api import expect
 
     alice = pages.open(server, "alice")
@@ -299,7 +299,7 @@ def test_html_is_shown_literally(server: Server, pages: Pages, transport: str) -
     assert alice.evaluate("window.__pwned") is None
 
 
-def test_phone_width_layout(server: Server, pages: Pages, transport: str) -> None:
+def test_phone_width_layout(server: ServerProcess, pages: Pages, transport: str) -> None:
     from playwright.sync_api import expect
 
     alice = pages.open(server, "alice", width=375, height=667)
@@ -322,7 +322,7 @@ def test_phone_width_layout(server: Server, pages: Pages, transport: str) -> Non
 
 
 def test_server_restart_page_resumes_exactly_once(
-    server: Server, pages: Pages, transport: str
+    server: ServerProcess, pages: Pages, transport: str
 ) -> None:
     from playwright.sync_api import expect
 
@@ -331,7 +331,7 @@ def test_server_restart_page_resumes_exactly_once(
     say(alice, "before the restart")
     expect(message_with(bob, "before the restart")).to_have_count(1)
 
-    server.stop()
+    trio.run(server.stop)
     status = alice.locator("#status")
     expect(status).to_have_attribute("data-state", "reconnecting")
     expect(status).to_contain_text("reconnecting…")
@@ -341,7 +341,7 @@ def test_server_restart_page_resumes_exactly_once(
     say(alice, "typed while offline")
     expect(message_with(alice, "typed while offline")).to_have_class(re.compile(r"\bpending\b"))
 
-    server.start()
+    trio.run(server.start)
     wait_online(bob, transport)
     expect(bob.locator("#member-list li")).to_have_text(["bob (you)"])
     missed = ["missed one", "missed two", "missed three"]
@@ -368,7 +368,7 @@ def test_server_restart_page_resumes_exactly_once(
 
 
 def test_load_older_pages_back_through_history(
-    unlimited_server: Server, pages: Pages, transport: str
+    unlimited_server: ServerProcess, pages: Pages, transport: str
 ) -> None:
     from playwright.sync_api import expect
 
@@ -388,7 +388,7 @@ def test_load_older_pages_back_through_history(
 
 
 def test_slow_disconnect_is_shown_then_recovers(
-    server: Server, pages: Pages, transport: str
+    server: ServerProcess, pages: Pages, transport: str
 ) -> None:
     from playwright.sync_api import expect
 
@@ -411,7 +411,7 @@ def test_slow_disconnect_is_shown_then_recovers(
     page.route_web_socket("**/ws?*", route)
     page.clock.install()  # the reconnect delay runs on a fake clock we advance
     query = "?name=alice" + _q(transport)
-    page.goto(f"{server.base}/{query}#general")
+    page.goto(f"{server.http_url}/{query}#general")
     status = page.locator("#status")
     expect(status).to_have_attribute("data-state", "slow")
     expect(status).to_contain_text("too slow")
@@ -425,7 +425,7 @@ def _q(transport: str) -> str:
     return "&transport=fallback" if transport == "fallback" else ""
 
 
-def test_three_users_two_rooms_readme_scene(server: Server, browser: Browser) -> None:
+def test_three_users_two_rooms_readme_scene(server: ServerProcess, browser: Browser) -> None:
     """Three people, two rooms, an unread count, someone typing: docs/screenshot.png."""
     from playwright.sync_api import expect
 
@@ -457,7 +457,7 @@ def test_three_users_two_rooms_readme_scene(server: Server, browser: Browser) ->
 
 
 def test_nickname_is_asked_once_then_remembered(
-    server: Server, pages: Pages, transport: str
+    server: ServerProcess, pages: Pages, transport: str
 ) -> None:
     from playwright.sync_api import expect
 
@@ -465,7 +465,7 @@ def test_nickname_is_asked_once_then_remembered(
     ctx.set_default_timeout(STEP_TIMEOUT_MS)
     pages.contexts.append(ctx)
     page = ctx.new_page()
-    page.goto(f"{server.base}/?{_q(transport)}")
+    page.goto(f"{server.http_url}/?{_q(transport)}")
     expect(page.locator("#name-dialog")).to_be_visible()
     expect(page.locator("#name-input")).to_be_focused()
     page.keyboard.type("dora")
@@ -482,7 +482,7 @@ def test_nickname_is_asked_once_then_remembered(
 
 
 def test_page_falls_back_to_ws_when_the_chat_socket_is_unreachable(
-    server_with_dead_chat_socket: Server, browser: Browser
+    server_with_dead_chat_socket: ServerProcess, browser: Browser
 ) -> None:
     from playwright.sync_api import expect
 
@@ -505,8 +505,8 @@ def test_page_sends_again_what_a_full_disk_refused(
 ) -> None:
     from playwright.sync_api import expect
 
-    server = Server(small_disk, tmp_path / "server.log")
-    server.start()
+    server = ServerProcess(small_disk, tmp_path / "server.log", limit_rate=True)
+    trio.run(server.start)
     try:
         alice = pages.open(server, "alice")
         bob = pages.open(server, "bob")
@@ -526,11 +526,11 @@ def test_page_sends_again_what_a_full_disk_refused(
         stored = server.stored_texts("general")
         assert stored == ["before the disk filled", "while the disk is full"]
     finally:
-        server.stop()
+        trio.run(server.stop)
 
 
 def test_page_sends_a_retry_secret_kept_per_tab(
-    server: Server, pages: Pages, transport: str
+    server: ServerProcess, pages: Pages, transport: str
 ) -> None:
     """Retried cids dedupe per ``client_id``: the page keeps one per tab, across reloads."""
     alice = pages.open(server, "alice")

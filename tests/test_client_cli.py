@@ -16,11 +16,11 @@ from typing import TYPE_CHECKING
 import pytest
 import trio
 
-from _server_process import BIN, Server
+from _server_process import BIN, ServerProcess
 from conftest import fill
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Iterator
+    from collections.abc import AsyncIterator
     from pathlib import Path
 
 pytestmark = pytest.mark.slow
@@ -32,13 +32,13 @@ LINE_TIMEOUT = 15.0
 
 
 @pytest.fixture
-def server(tmp_path: Path) -> Iterator[Server]:
-    srv = Server(tmp_path / "data", tmp_path / "server.log")
-    srv.start()
+async def server(tmp_path: Path) -> AsyncIterator[ServerProcess]:
+    srv = ServerProcess(tmp_path / "data", tmp_path / "server.log", limit_rate=True)
+    await srv.start()
     try:
         yield srv
     finally:
-        srv.stop()
+        await srv.stop()
 
 
 # --------------------------------------------------------------------------- client process
@@ -122,7 +122,7 @@ async def start_client(
 
 @pytest.mark.parametrize("transport", ["chat", "fallback"])
 async def test_two_clients_chat_join_leave_quit(
-    server: Server, clients: list[Client], transport: str
+    server: ServerProcess, clients: list[Client], transport: str
 ) -> None:
     url = server.chat_url if transport == "chat" else server.fallback_url
     with trio.fail_after(60):
@@ -158,7 +158,9 @@ async def test_two_clients_chat_join_leave_quit(
         assert bob.count("hello from alice") == 1
 
 
-async def test_client_resumes_after_server_restart(server: Server, clients: list[Client]) -> None:
+async def test_client_resumes_after_server_restart(
+    server: ServerProcess, clients: list[Client]
+) -> None:
     with trio.fail_after(90):
         alice = await start_client(clients, server.chat_url, "alice", "general")
         await alice.expect(r"^\* joined #general")
@@ -171,11 +173,11 @@ async def test_client_resumes_after_server_restart(server: Server, clients: list
         # through the resume (join with `since`).
         bob.proc.send_signal(signal.SIGSTOP)
         try:
-            await trio.to_thread.run_sync(server.stop)
+            await server.stop()
             await alice.expect(r"^\* disconnected")
             await alice.say("typed while the server was down")
             await alice.expect(r"^\* offline: queued for #general")
-            await trio.to_thread.run_sync(server.start)
+            await server.start()
             await alice.expect(r"^\* connected as alice")
             await alice.expect(r"<alice> typed while the server was down$")
             await alice.say("after restart")
@@ -199,7 +201,7 @@ async def test_client_resumes_after_server_restart(server: Server, clients: list
 
 
 async def test_piped_stdin_sends_then_exits_at_eof(
-    server: Server, clients: list[Client], tmp_path: Path
+    server: ServerProcess, clients: list[Client], tmp_path: Path
 ) -> None:
     with trio.fail_after(60):
         watcher = await start_client(clients, server.chat_url, "watcher", "lobby")
@@ -221,8 +223,8 @@ async def test_piped_stdin_sends_then_exits_at_eof(
 async def test_client_sends_again_what_a_full_disk_refused(
     small_disk: Path, tmp_path: Path, clients: list[Client]
 ) -> None:
-    server = Server(small_disk, tmp_path / "server.log")
-    server.start()
+    server = ServerProcess(small_disk, tmp_path / "server.log", limit_rate=True)
+    await server.start()
     try:
         with trio.fail_after(60):
             alice = await start_client(clients, server.chat_url, "alice", "general")
@@ -239,4 +241,4 @@ async def test_client_sends_again_what_a_full_disk_refused(
             assert stored == ["before the disk filled", "while the disk is full"]
             assert alice.count(r"^\* (dis)?connected") == 1  # the connection stayed up
     finally:
-        server.stop()
+        await server.stop()

@@ -26,7 +26,7 @@ from trio_chat._errors import ConfigError
 from trio_chat._hosts import host_allowed
 from trio_chat._session import Session
 
-from _netns import free_udp_port
+from _server_process import free_udp_port
 from conftest import make_settings, start_server
 
 if TYPE_CHECKING:
