@@ -10,7 +10,7 @@ help:
 	@echo "make run       create .venv if needed and serve the chat on http://127.0.0.1:8000"
 	@echo "make test      run the whole test suite"
 	@echo "make fuzz      fuzz both WebSocket ports with raw bytes for FUZZ_MINUTES (10); see .fuzz/"
-	@echo "make lint      ruff check, ruff format --check, mypy (strict on trio_chat/)"
+	@echo "make lint      ruff check, ruff format --check, mypy (strict on trio_chat/), flake8-async"
 	@echo "make browsers  install Debian's chromium for the browser tests (root, apt-get)"
 
 $(STAMP): pyproject.toml constraints.txt
@@ -37,6 +37,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/flake8 trio_chat tests
 
 browsers:
 	apt-get update -q && apt-get install -y -q chromium

@@ -274,6 +274,7 @@ class Cluster:
             self._send_snapshot()
 
     async def _on_payload(self, origin: str, data: bytes) -> None:
+        await trio.lowlevel.checkpoint()  # only a message awaits (its delivery)
         try:
             payload = _decoder.decode(data)
         except msgspec.DecodeError:
@@ -292,6 +293,7 @@ class Cluster:
 
     async def _deliver(self, message: Message) -> bool:
         if message.id in self._recent:
+            await trio.lowlevel.checkpoint()
             return False
         self._recent[message.id] = None
         if len(self._recent) > _RECENT_IDS:
@@ -371,6 +373,7 @@ class Cluster:
             return await self.node.read_store(self.node.store.from_origin, origin, after, HEAL_PAGE)
         except StoreError:
             # The node logged it; the peers' history serves instead.
+            await trio.lowlevel.checkpoint()
             return []
 
     async def _from_peers(self, origin: str, after: str) -> list[Message]:
@@ -396,6 +399,7 @@ class Cluster:
                 return _messages_decoder.decode(response.content)
             except (httpx.HTTPError, trio.TooSlowError, msgspec.DecodeError) as exc:
                 log.warning("healing from %s failed: %s", peer.node, exc)
+        await trio.lowlevel.checkpoint()  # with no peer to ask, nothing else awaited
         return []
 
     def statistics(self) -> dict[str, int]:

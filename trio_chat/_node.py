@@ -310,6 +310,7 @@ class Node:
             self.count_error("store_unavailable")
             refusal = store_unavailable(message.room, message.cid)
             await self.hub.publish_to(pending.sender, message.room, refusal)
+        await trio.lowlevel.checkpoint()  # other nodes' messages only: nothing awaited
         return held
 
     async def _publish_commit(self, batch: list[_Pending], duplicates: dict[str, str]) -> None:
@@ -331,6 +332,7 @@ class Node:
             if pending.sender is not None:
                 ack = Ack(id=message.id, cid=message.cid)
                 await self.hub.publish_to(pending.sender, message.room, ack)
+        await trio.lowlevel.checkpoint()  # a batch of other nodes' duplicates awaits nothing
 
     async def deliver_remote(self, message: Message) -> None:
         """Store and broadcast a message another node accepted.
@@ -374,6 +376,8 @@ class Node:
             return await trio.to_thread.run_sync(
                 self.store.write, messages, limiter=self._write_limiter
             )
+        # Before the write, as the thread's start is: once written, the caller must learn it.
+        await trio.lowlevel.checkpoint()
         return self.store.write(messages)
 
     async def read_store(self, fn: Callable[[*_Args], _R], *args: *_Args) -> _R:

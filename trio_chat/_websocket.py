@@ -344,7 +344,8 @@ class WebSocketConnection:
             self._writer_running = True
             self._nursery.start_soon(self._writer)
 
-    async def _writer(self) -> None:
+    # A task of its own (`_start_writer`): no caller awaits it for a checkpoint.
+    async def _writer(self) -> None:  # noqa: ASYNC910
         try:
             while self._backlog:
                 await trio.lowlevel.wait_writable(self._sock)
@@ -353,7 +354,7 @@ class WebSocketConnection:
                     self._drained.set()
         except OSError:
             self.abort()
-            return
+            return  # noqa: ASYNC910
         finally:
             self._writer_running = False
         if self._close_received:
@@ -453,9 +454,9 @@ class WebSocketConnection:
                 await trio.lowlevel.wait_readable(self._sock)
                 continue
             except OSError as exc:
-                if exc.errno in (errno.ECONNRESET, errno.ETIMEDOUT, errno.EPIPE):
-                    return b""
-                raise
+                if exc.errno not in (errno.ECONNRESET, errno.ETIMEDOUT, errno.EPIPE):
+                    raise
+                data = b""
             await trio.lowlevel.checkpoint()
             return data
 
@@ -548,8 +549,10 @@ class WebSocketConnection:
                     continue
         await self.wait_done()
 
+    # Its checkpoints are the body's: one on the way out would cancel a body whose work
+    # (a stored message) succeeded before its reply went out.
     @contextlib.asynccontextmanager
-    async def cancel_on_close(self) -> AsyncIterator[None]:
+    async def cancel_on_close(self) -> AsyncIterator[None]:  # noqa: ASYNC911
         """Run the body while still reading the client's control frames.
 
         For commands that may wait (a store read, a full commit queue, a reply waiting
@@ -565,7 +568,7 @@ class WebSocketConnection:
             watcher = trio.CancelScope()
             self._nursery.start_soon(self._watch_untrusted, body, watcher)
             try:
-                yield
+                yield  # noqa: ASYNC911
             finally:
                 watcher.cancel()
         if self._close_received:
@@ -817,7 +820,8 @@ class WebSocketServer:
         # costs no task. A client silent for a whole interval after a ping is cut. The
         # pings go out in small groups spread over the interval: thousands of pongs
         # arriving at once would hold up every room's fan-out.
-        while True:
+        # groups >= 1: each turn sleeps at least once.
+        while True:  # noqa: ASYNC913
             conns = list(self.connections)
             groups = max(1, math.ceil(len(conns) / _PING_GROUP))
             for start in range(0, groups * _PING_GROUP, _PING_GROUP):
@@ -847,10 +851,14 @@ class WebSocketServer:
         for conn in list(self.connections):
             conn.close_nowait(code, reason)
         with trio.move_on_after(grace):
+            await trio.lowlevel.checkpoint()  # with no connection left, nothing else
             for conn in list(self.connections):
                 await conn.wait_done()
 
-    async def _run_connection(self, sock: socket.socket, host: str, refused: str | None) -> None:
+    # A task of its own (`_admit`): no caller awaits it for a checkpoint.
+    async def _run_connection(  # noqa: ASYNC910
+        self, sock: socket.socket, host: str, refused: str | None
+    ) -> None:
         """Serve one client, from accept to close: its failure boundary.
 
         ``refused`` (a cap's code) answers the client 503 instead. Whatever the
@@ -918,6 +926,7 @@ class WebSocketServer:
                 # A scanner or a health check, most likely: not worth a log line each.
                 log.debug("refused %s: %s", conn.remote, exc.message)
                 self._count_error(exc.code)
+                await trio.lowlevel.checkpoint()  # a bad request line may need no wait
                 return None
         log.debug("cutting %s: no handshake within %g s", conn.remote, HANDSHAKE_TIMEOUT)
         self._count_error("handshake_timeout")
@@ -947,9 +956,11 @@ async def _linger(sock: socket.socket) -> None:
     try:
         sock.shutdown(socket.SHUT_WR)
     except OSError:
+        await trio.lowlevel.checkpoint()
         return
     drained = 0
     with trio.move_on_after(_LINGER):
+        await trio.lowlevel.checkpoint()  # a client that has closed already: no wait
         while drained < _LINGER_BYTES:
             try:
                 data = sock.recv(_RECV_SIZE)
