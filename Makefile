@@ -11,7 +11,7 @@ help:
 	@echo "make bench     a short benchmark (what the others are: docs/benchmarks.md)"
 	@echo "make install   everything for development (the dev and bench extras)"
 	@echo "make fuzz      fuzz both WebSocket ports with raw bytes for FUZZ_MINUTES (10); see .fuzz/"
-	@echo "make lint      ruff, mypy (strict), import-linter contracts, no import cycle, no module over 500 lines"
+	@echo "make lint      ruff, mypy (strict), flake8-async, import-linter contracts, no import cycle, no module over 500 lines"
 	@echo "make browsers  install Debian's chromium for the browser tests (root, apt-get)"
 
 # One stamp per extra, so each target installs what it needs, once: `make run` only what
@@ -61,6 +61,7 @@ lint: $(DEV)
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 	$(BIN)/python tools/check_imports.py
+	$(BIN)/flake8 trio_chat tests
 
 browsers:
 	apt-get update -q && apt-get install -y -q chromium

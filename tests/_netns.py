@@ -1,7 +1,7 @@
-"""Real cluster processes for the cluster tests, on loopback or in network namespaces.
+"""Clients for the cluster tests, on loopback or in network namespaces, and the namespaces.
 
-- `ChatServer`: a ``hypercorn trio_chat:app`` process in a process group of its own,
-  optionally run inside a network namespace (``ip netns exec``).
+- `open_stream`, `http_get`: a connection or a request made from inside a namespace
+  (`_server_process.ServerProcess` runs a server in one with ``ip netns exec``).
 - `Member`: a chat client that records every event it receives, so a test can wait for
   a condition ("bob sees carol's message") with a deadline instead of sleeping.
 - `Lan`: three network namespaces ("hosts") joined by a bridge that lives in a fourth
@@ -20,7 +20,6 @@ import contextlib
 import ctypes
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -32,34 +31,16 @@ from typing import TYPE_CHECKING, Any, Final
 import trio
 from trio_websocket import ConnectionClosed, wrap_client_stream
 
-from _server_process import kill_group, log_tail
 from conftest import Client, _close
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator, Mapping
+    from collections.abc import Callable, Iterator
 
-BIN: Final = Path(sys.executable).parent
-#: A server process (hypercorn, then its workers) answers /healthz within this.
-READY_TIMEOUT: Final = 20.0
 #: The default bound on waiting for a client to see something.
 WAIT: Final = 10.0
 
 _CLONE_NEWNET: Final = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def free_udp_port() -> int:
-    """A UDP port free on 127.0.0.1 now (the cluster port of one test)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 # -- namespaces ---------------------------------------------------------------------------
@@ -131,122 +112,6 @@ def metric(text: str, name: str) -> float | None:
     """The value of sample ``name`` (no labels) in a Prometheus text page."""
     match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
     return float(match.group(1)) if match else None
-
-
-# -- server processes ---------------------------------------------------------------------
-
-
-class ChatServer:
-    """A ``hypercorn trio_chat:app --worker-class trio`` process in its own process group.
-
-    Args:
-      data_dir: its ``TRIO_CHAT_DATA_DIR`` (node identity, history, host cluster key).
-      log_path: where its output goes (appended, so a restart keeps one log).
-      host: the address its HTTP API and chat socket bind to.
-      http_port, ws_port: their ports; kept across restarts.
-      env: ``TRIO_CHAT_*`` settings (cluster mode, port, secret...).
-      workers: hypercorn's ``--workers``.
-      cli: run ``trio-chat serve`` (our supervisor) instead of ``hypercorn``.
-      netns: the network namespace to run in, or None for this one.
-    """
-
-    def __init__(
-        self,
-        data_dir: Path,
-        log_path: Path,
-        *,
-        host: str = "127.0.0.1",
-        http_port: int,
-        ws_port: int,
-        env: Mapping[str, str],
-        workers: int = 1,
-        cli: bool = False,
-        netns: str | None = None,
-    ) -> None:
-        self.data_dir = data_dir
-        self.log_path = log_path
-        self.host = host
-        self.http_port = http_port
-        self.ws_port = ws_port
-        self.workers = workers
-        self.cli = cli
-        self.netns = netns
-        self.env = {
-            **os.environ,
-            "PYTHONUNBUFFERED": "1",
-            "TRIO_CHAT_DATA_DIR": str(data_dir),
-            "TRIO_CHAT_WS_BIND": f"{host}:{ws_port}",
-            "TRIO_CHAT_HTTP_URL": self.http_url,
-            "TRIO_CHAT_RATE_LIMIT": "0",
-            **env,
-        }
-        self.proc: trio.Process | None = None
-
-    @property
-    def http_url(self) -> str:
-        return f"http://{self.host}:{self.http_port}"
-
-    async def start(self) -> None:
-        """Start the process (do not wait for it: see `wait_ready`)."""
-        if self.cli:
-            args = [str(BIN / "trio-chat"), "serve"]
-        else:
-            args = [str(BIN / "hypercorn"), "trio_chat:app", "--worker-class", "trio"]
-        args += ["--workers", str(self.workers), "--bind", f"{self.host}:{self.http_port}"]
-        if self.netns is not None:
-            args = ["ip", "netns", "exec", self.netns, *args]
-        with self.log_path.open("ab") as log:
-            self.proc = await trio.lowlevel.open_process(
-                args, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-            )
-
-    async def wait_ready(self) -> None:
-        """Wait until ``/healthz`` answers 200; fail if the process exits or is too slow."""
-        with trio.move_on_after(READY_TIMEOUT):
-            while True:
-                assert self.proc is not None
-                if self.proc.returncode is not None:
-                    raise AssertionError(f"server exited ({self.proc.returncode}):\n{self.log()}")
-                status, _ = await self.get("/healthz")
-                if status == 200:
-                    return
-                await trio.sleep(0.05)  # poll interval, bounded by READY_TIMEOUT
-        raise AssertionError(f"server not ready after {READY_TIMEOUT} s:\n{self.log()}")
-
-    async def get(self, path: str) -> tuple[int, str]:
-        return await http_get(self.http_url + path, self.netns)
-
-    async def metrics(self) -> str:
-        """The ``/metrics`` page of one worker (any of them)."""
-        status, text = await self.get("/metrics")
-        assert status == 200, status
-        return text
-
-    async def wait_metric(self, name: str, predicate: Callable[[float], bool]) -> float:
-        """Poll ``/metrics`` until ``name``'s value satisfies ``predicate``."""
-        value: float | None = None
-        with trio.move_on_after(WAIT):
-            while True:
-                value = metric(await self.metrics(), name)
-                if value is not None and predicate(value):
-                    return value
-                await trio.sleep(0.1)  # poll interval: no event exists for another process
-        raise AssertionError(f"{name} is {value} after {WAIT} s:\n{self.log()}")
-
-    def kill9(self) -> None:
-        """SIGKILL the whole process group (hypercorn and its workers) now."""
-        if self.proc is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-
-    async def stop(self) -> None:
-        """Kill the process group and reap hypercorn. Safe to call twice."""
-        proc, self.proc = self.proc, None
-        if proc is not None:
-            await kill_group(proc)
-
-    def log(self) -> str:
-        return log_tail(self.log_path)
 
 
 # -- clients ------------------------------------------------------------------------------

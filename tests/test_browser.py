@@ -24,7 +24,7 @@ import pytest
 import trio
 from trio_websocket import open_websocket_url
 
-from _server_process import Server, free_port
+from _server_process import ServerProcess, free_port
 from conftest import fill
 
 if TYPE_CHECKING:
@@ -52,13 +52,13 @@ STEP_TIMEOUT_MS = 15_000
 # --------------------------------------------------------------------------- server process
 
 
-def _make_server(tmp_path: Path, **env: str) -> Iterator[Server]:
-    srv = Server(tmp_path / "data", tmp_path / "server.log", env)
-    srv.start()
+def _make_server(tmp_path: Path, **env: str) -> Iterator[ServerProcess]:
+    srv = ServerProcess(tmp_path / "data", tmp_path / "server.log", env=env, limit_rate=True)
+    trio.run(srv.start)
     try:
         yield srv
     finally:
-        srv.stop()
+        trio.run(srv.stop)
 
 
 @pytest.fixture
@@ -68,17 +68,17 @@ def server_env() -> dict[str, str]:
 
 
 @pytest.fixture
-def server(tmp_path: Path, server_env: dict[str, str]) -> Iterator[Server]:
+def server(tmp_path: Path, server_env: dict[str, str]) -> Iterator[ServerProcess]:
     yield from _make_server(tmp_path, **server_env)
 
 
 @pytest.fixture
-def unlimited_server(tmp_path: Path) -> Iterator[Server]:
+def unlimited_server(tmp_path: Path) -> Iterator[ServerProcess]:
     yield from _make_server(tmp_path, TRIO_CHAT_RATE_LIMIT="0")
 
 
 @pytest.fixture
-def server_with_dead_chat_socket(tmp_path: Path) -> Iterator[Server]:
+def server_with_dead_chat_socket(tmp_path: Path) -> Iterator[ServerProcess]:
     """/api/config names a chat socket nobody listens on (a proxy that drops it, say)."""
     yield from _make_server(tmp_path, TRIO_CHAT_WS_PUBLIC_URL=f"ws://127.0.0.1:{free_port()}/ws")
 
@@ -142,7 +142,7 @@ class Pages:
 
     def open(
         self,
-        server: Server,
+        server: ServerProcess,
         name: str,
         room: str = "general",
         *,
@@ -159,7 +159,7 @@ class Pages:
         if fake_clock:
             page.clock.install()  # runs on real time until the test pauses it
         query = f"?name={name}" + ("&transport=fallback" if self.transport == "fallback" else "")
-        page.goto(f"{server.base}/{query}#{room}")
+        page.goto(f"{server.http_url}/{query}#{room}")
         if wait_joined:
             wait_online(page, self.transport)
             expect_focus_on_message_box(page)
@@ -215,7 +215,7 @@ def shot(page: Page, name: str, transport: str) -> None:
 
 
 def test_two_users_chat_with_presence_and_typing(
-    server: Server, pages: Pages, transport: str
+    server: ServerProcess, pages: Pages, transport: str
 ) -> None:
     from playwright.sync_api import expect
 
@@ -248,7 +248,7 @@ def test_two_users_chat_with_presence_and_typing(
 
 
 def test_rooms_are_separate_with_unread_counts_and_keyboard(
-    server: Server, pages: Pages, transport: str
+    server: ServerProcess, pages: Pages, transport: str
 ) -> None:
     from playwright.sync_api import expect
 
@@ -271,7 +271,7 @@ def test_rooms_are_separate_with_unread_counts_and_keyboard(
     alice.keyboard.type("random")
     alice.keyboard.press("Enter")
     expect(alice.locator("#room-title")).to_have_text("#random")
-    expect(alice).to_have_url(f"{server.base}/?name=alice" + _q(transport) + "#random")
+    expect(alice).to_have_url(f"{server.http_url}/?name=alice" + _q(transport) + "#random")
     expect(message_with(alice, "only for random", "random")).to_have_count(1)  # history
     expect_focus_on_message_box(alice)
     expect(carol.locator("#member-list li")).to_have_text(["alice", "carol (you)"])
@@ -295,7 +295,7 @@ def test_rooms_are_separate_with_unread_counts_and_keyboard(
     expect(alice.locator('#room-list li[data-room="random"]')).to_have_count(0)
 
 
-def test_html_is_shown_literally(server: Server, pages: Pages, transport: str) -> None:
+def test_html_is_shown_literally(server: ServerProcess, pages: Pages, transport: str) -> None:
     from playwright.sync_api import expect
 
     alice = pages.open(server, "alice")
@@ -311,7 +311,7 @@ def test_html_is_shown_literally(server: Server, pages: Pages, transport: str) -
     assert alice.evaluate("window.__pwned") is None
 
 
-def test_phone_width_layout(server: Server, pages: Pages, transport: str) -> None:
+def test_phone_width_layout(server: ServerProcess, pages: Pages, transport: str) -> None:
     from playwright.sync_api import expect
 
     alice = pages.open(server, "alice", width=375, height=667)
@@ -334,7 +334,7 @@ def test_phone_width_layout(server: Server, pages: Pages, transport: str) -> Non
 
 
 def test_server_restart_page_resumes_exactly_once(
-    server: Server, pages: Pages, transport: str
+    server: ServerProcess, pages: Pages, transport: str
 ) -> None:
     from playwright.sync_api import expect
 
@@ -343,7 +343,7 @@ def test_server_restart_page_resumes_exactly_once(
     say(alice, "before the restart")
     expect(message_with(bob, "before the restart")).to_have_count(1)
 
-    server.stop()
+    trio.run(server.stop)
     status = alice.locator("#status")
     expect(status).to_have_attribute("data-state", "reconnecting")
     expect(status).to_contain_text("reconnecting in")
@@ -353,7 +353,7 @@ def test_server_restart_page_resumes_exactly_once(
     say(alice, "typed while offline")
     expect(message_with(alice, "typed while offline")).to_have_class(re.compile(r"\bpending\b"))
 
-    server.start()
+    trio.run(server.start)
     wait_online(bob, transport)
     expect(bob.locator("#member-list li")).to_have_text(["bob (you)"])
     missed = ["missed one", "missed two", "missed three"]
@@ -380,7 +380,7 @@ def test_server_restart_page_resumes_exactly_once(
 
 
 def test_load_older_pages_back_through_history(
-    unlimited_server: Server, pages: Pages, transport: str
+    unlimited_server: ServerProcess, pages: Pages, transport: str
 ) -> None:
     from playwright.sync_api import expect
 
@@ -413,7 +413,7 @@ def test_load_older_pages_back_through_history(
     ids=["fewer-than-a-replay", "one-full-replay", "replay-20-of-30", "replay-60-of-60"],
 )
 def test_load_older_is_offered_only_when_older_messages_exist(
-    server: Server, server_env: dict[str, str], stored: int, older: bool, pages: Pages
+    server: ServerProcess, server_env: dict[str, str], stored: int, older: bool, pages: Pages
 ) -> None:
     from playwright.sync_api import expect
 
@@ -438,7 +438,7 @@ def test_load_older_is_offered_only_when_older_messages_exist(
     [{"TRIO_CHAT_RATE_LIMIT": "10", "TRIO_CHAT_RATE_BURST": "3", "TRIO_CHAT_RATE_STRIKES": "1000"}],
 )
 def test_sends_refused_as_rate_limited_are_retried_from_their_own_room(
-    server: Server, pages: Pages, transport: str
+    server: ServerProcess, pages: Pages, transport: str
 ) -> None:
     from playwright.sync_api import expect
 
@@ -478,7 +478,7 @@ def test_sends_refused_as_rate_limited_are_retried_from_their_own_room(
 
 @pytest.mark.parametrize("server_env", [{"TRIO_CHAT_MAX_TEXT": "20"}])
 def test_the_page_keeps_to_the_servers_text_limit(
-    server: Server, pages: Pages, transport: str
+    server: ServerProcess, pages: Pages, transport: str
 ) -> None:
     from playwright.sync_api import expect
 
@@ -511,7 +511,7 @@ def test_the_page_keeps_to_the_servers_text_limit(
 
 
 def test_slow_disconnect_is_shown_then_recovers(
-    server: Server, pages: Pages, transport: str
+    server: ServerProcess, pages: Pages, transport: str
 ) -> None:
     from playwright.sync_api import expect
 
@@ -534,7 +534,7 @@ def test_slow_disconnect_is_shown_then_recovers(
     page.route_web_socket("**/ws?*", route)
     page.clock.install()  # the reconnect delay runs on a fake clock we advance
     query = "?name=alice" + _q(transport)
-    page.goto(f"{server.base}/{query}#general")
+    page.goto(f"{server.http_url}/{query}#general")
     status = page.locator("#status")
     expect(status).to_have_attribute("data-state", "slow")
     expect(status).to_contain_text("too slow")
@@ -548,7 +548,7 @@ def _q(transport: str) -> str:
     return "&transport=fallback" if transport == "fallback" else ""
 
 
-def test_three_users_two_rooms_readme_scene(server: Server, browser: Browser) -> None:
+def test_three_users_two_rooms_readme_scene(server: ServerProcess, browser: Browser) -> None:
     """Three people, two rooms, an unread count, someone typing: docs/screenshot.png, and
     the same room on a phone: docs/screenshot-phone.png."""
     from playwright.sync_api import expect
@@ -588,7 +588,7 @@ def test_three_users_two_rooms_readme_scene(server: Server, browser: Browser) ->
 
 
 def test_nickname_is_asked_once_then_remembered(
-    server: Server, pages: Pages, transport: str
+    server: ServerProcess, pages: Pages, transport: str
 ) -> None:
     from playwright.sync_api import expect
 
@@ -596,7 +596,7 @@ def test_nickname_is_asked_once_then_remembered(
     ctx.set_default_timeout(STEP_TIMEOUT_MS)
     pages.contexts.append(ctx)
     page = ctx.new_page()
-    page.goto(f"{server.base}/?{_q(transport)}")
+    page.goto(f"{server.http_url}/?{_q(transport)}")
     expect(page.locator("#name-dialog")).to_be_visible()
     expect(page.locator("#name-input")).to_be_focused()
     page.keyboard.type("dora")
@@ -613,7 +613,7 @@ def test_nickname_is_asked_once_then_remembered(
 
 
 def test_page_falls_back_to_ws_when_the_chat_socket_is_unreachable(
-    server_with_dead_chat_socket: Server, browser: Browser
+    server_with_dead_chat_socket: ServerProcess, browser: Browser
 ) -> None:
     from playwright.sync_api import expect
 
@@ -636,8 +636,8 @@ def test_page_sends_again_what_a_full_disk_refused(
 ) -> None:
     from playwright.sync_api import expect
 
-    server = Server(small_disk, tmp_path / "server.log")
-    server.start()
+    server = ServerProcess(small_disk, tmp_path / "server.log", limit_rate=True)
+    trio.run(server.start)
     try:
         alice = pages.open(server, "alice")
         bob = pages.open(server, "bob")
@@ -657,11 +657,11 @@ def test_page_sends_again_what_a_full_disk_refused(
         stored = server.stored_texts("general")
         assert stored == ["before the disk filled", "while the disk is full"]
     finally:
-        server.stop()
+        trio.run(server.stop)
 
 
 def test_page_sends_a_retry_secret_kept_per_tab(
-    server: Server, pages: Pages, transport: str
+    server: ServerProcess, pages: Pages, transport: str
 ) -> None:
     """Retried cids dedupe per ``client_id``: the page keeps one per tab, across reloads."""
     alice = pages.open(server, "alice")
@@ -685,7 +685,9 @@ def test_page_sends_a_retry_secret_kept_per_tab(
 # --------------------------------------------------------------------------- issue 15: the page as people expect it
 
 
-def test_links_are_clickable_and_only_http(server: Server, pages: Pages, transport: str) -> None:
+def test_links_are_clickable_and_only_http(
+    server: ServerProcess, pages: Pages, transport: str
+) -> None:
     from playwright.sync_api import expect
 
     alice = pages.open(server, "alice")
@@ -708,7 +710,7 @@ def test_links_are_clickable_and_only_http(server: Server, pages: Pages, transpo
 
 
 def test_shift_enter_writes_lines_that_are_shown(
-    server: Server, pages: Pages, transport: str
+    server: ServerProcess, pages: Pages, transport: str
 ) -> None:
     from playwright.sync_api import expect
 
@@ -732,7 +734,7 @@ def test_shift_enter_writes_lines_that_are_shown(
 
 
 def test_right_to_left_text_lays_out_right_to_left(
-    server: Server, pages: Pages, transport: str
+    server: ServerProcess, pages: Pages, transport: str
 ) -> None:
     from playwright.sync_api import expect
 
@@ -763,7 +765,7 @@ def _days_back(line: str) -> str:
     return json.dumps(event)
 
 
-def test_day_separators_and_grouping(server: Server, pages: Pages, transport: str) -> None:
+def test_day_separators_and_grouping(server: ServerProcess, pages: Pages, transport: str) -> None:
     from playwright.sync_api import expect
 
     send_as(
@@ -789,7 +791,7 @@ def test_day_separators_and_grouping(server: Server, pages: Pages, transport: st
     alice = ctx.new_page()
     alice.route_web_socket("**/ws?*", route)
     alice.clock.install(time=PAGE_NOON_TS)  # runs on from the page's noon
-    alice.goto(f"{server.base}/?name=alice{_q(transport)}#general")
+    alice.goto(f"{server.http_url}/?name=alice{_q(transport)}#general")
     wait_online(alice, transport)
     expect(messages(alice)).to_have_count(4)
     say(alice, "[0] mine")
@@ -825,7 +827,7 @@ def test_day_separators_and_grouping(server: Server, pages: Pages, transport: st
 
 
 def test_room_browser_lists_rooms_with_members_and_joins_in_one_click(
-    server: Server, pages: Pages, transport: str
+    server: ServerProcess, pages: Pages, transport: str
 ) -> None:
     from playwright.sync_api import expect
 
@@ -854,7 +856,9 @@ def test_room_browser_lists_rooms_with_members_and_joins_in_one_click(
     expect_focus_on_message_box(alice)
 
 
-def test_unread_total_is_in_the_tab_title(server: Server, pages: Pages, transport: str) -> None:
+def test_unread_total_is_in_the_tab_title(
+    server: ServerProcess, pages: Pages, transport: str
+) -> None:
     from playwright.sync_api import expect
 
     alice = pages.open(server, "alice", "a")
@@ -868,18 +872,18 @@ def test_unread_total_is_in_the_tab_title(server: Server, pages: Pages, transpor
     expect(alice).to_have_title("#a · trio-chat")
 
 
-def test_each_tab_has_its_own_name(server: Server, pages: Pages, transport: str) -> None:
+def test_each_tab_has_its_own_name(server: ServerProcess, pages: Pages, transport: str) -> None:
     from playwright.sync_api import expect
 
     ctx = pages.browser.new_context()
     ctx.set_default_timeout(STEP_TIMEOUT_MS)
     pages.contexts.append(ctx)
     first = ctx.new_page()
-    first.goto(f"{server.base}/?name=alice{_q(transport)}#general")
+    first.goto(f"{server.http_url}/?name=alice{_q(transport)}#general")
     wait_online(first, transport)
     # A new tab is asked, with the last name used already typed: Enter keeps it.
     second = ctx.new_page()
-    second.goto(f"{server.base}/?{_q(transport)}#general")
+    second.goto(f"{server.http_url}/?{_q(transport)}#general")
     expect(second.locator("#name-input")).to_be_focused()
     expect(second.locator("#name-input")).to_have_value("alice")
     second.keyboard.type("bob")
@@ -894,7 +898,7 @@ def test_each_tab_has_its_own_name(server: Server, pages: Pages, transport: str)
     wait_online(second, transport)
     expect(first.locator("#member-list li")).to_have_text(["alice (you)", "carol"])
     third = ctx.new_page()
-    third.goto(f"{server.base}/?{_q(transport)}#general")
+    third.goto(f"{server.http_url}/?{_q(transport)}#general")
     expect(third.locator("#name-input")).to_have_value("carol")  # the last one used
     third.close()
     first.reload()
@@ -906,7 +910,7 @@ def test_each_tab_has_its_own_name(server: Server, pages: Pages, transport: str)
 
 
 def test_a_refused_name_is_explained_and_asked_again(
-    server: Server, pages: Pages, transport: str
+    server: ServerProcess, pages: Pages, transport: str
 ) -> None:
     from playwright.sync_api import expect
 
@@ -924,7 +928,7 @@ def test_a_refused_name_is_explained_and_asked_again(
     expect(page).to_have_url(re.compile(r"\?name=dora"))  # a reload keeps the new one
 
 
-def test_a_suffixed_name_is_explained(server: Server, pages: Pages, transport: str) -> None:
+def test_a_suffixed_name_is_explained(server: ServerProcess, pages: Pages, transport: str) -> None:
     from playwright.sync_api import expect
 
     first = pages.open(server, "alice")
@@ -939,12 +943,12 @@ def test_a_suffixed_name_is_explained(server: Server, pages: Pages, transport: s
 
 
 def test_reconnect_counts_down_and_retries_now(
-    server: Server, pages: Pages, transport: str
+    server: ServerProcess, pages: Pages, transport: str
 ) -> None:
     from playwright.sync_api import expect
 
     alice = pages.open(server, "alice", fake_clock=True)
-    server.stop()
+    trio.run(server.stop)
     status = alice.locator("#status")
     # Each failed try doubles the backoff: wait (real time) for a wait of 3 s or more.
     countdown = re.compile(r"reconnecting in ([3-9]) s")
@@ -957,7 +961,7 @@ def test_reconnect_counts_down_and_retries_now(
     alice.clock.run_for(1000)
     expect(status).to_have_text(f"reconnecting in {left - 1} s")
     shot(alice, "countdown", transport)
-    server.start()
+    trio.run(server.start)
     retry = alice.locator("#retry-now")
     expect(retry).to_be_visible()
     retry.click()  # the page's clock stands still: only the button can reconnect it
@@ -966,7 +970,7 @@ def test_reconnect_counts_down_and_retries_now(
     expect(alice.locator("#why")).to_have_text("")
 
 
-def test_close_codes_are_explained(server: Server, pages: Pages, transport: str) -> None:
+def test_close_codes_are_explained(server: ServerProcess, pages: Pages, transport: str) -> None:
     from playwright.sync_api import expect
 
     codes = [1008, 1011, 4008, 1001]
@@ -992,7 +996,7 @@ def test_close_codes_are_explained(server: Server, pages: Pages, transport: str)
     page = ctx.new_page()
     page.route_web_socket("**/ws?*", route)
     page.clock.install()  # the reconnect delays run on a clock we advance
-    page.goto(f"{server.base}/?name=alice{_q(transport)}#general")
+    page.goto(f"{server.http_url}/?name=alice{_q(transport)}#general")
     for i, code in enumerate(codes):
         expect(page.locator("#why")).to_have_text(sentences[code])
         assert len(connections) == i + 1
@@ -1014,7 +1018,7 @@ _FOCUSED = """() => {
 
 
 @pytest.mark.parametrize("server_env", [{"TRIO_CHAT_RATE_LIMIT": "0"}])
-def test_keyboard_only_use(server: Server, pages: Pages, transport: str) -> None:
+def test_keyboard_only_use(server: ServerProcess, pages: Pages, transport: str) -> None:
     from playwright.sync_api import expect
 
     send_as(server.chat_url, "writer", "general", [f"line {i:03d}" for i in range(80)])
@@ -1076,7 +1080,9 @@ def axe_violations(page: Page) -> list[str]:
     ]
 
 
-def test_axe_core_finds_no_serious_violations(server: Server, pages: Pages, transport: str) -> None:
+def test_axe_core_finds_no_serious_violations(
+    server: ServerProcess, pages: Pages, transport: str
+) -> None:
     from playwright.sync_api import expect
 
     alice = pages.open(server, "alice")
@@ -1096,7 +1102,7 @@ def test_axe_core_finds_no_serious_violations(server: Server, pages: Pages, tran
     alice.keyboard.press("Escape")
     phone = pages.open(server, "carol", width=375, height=667)
     assert axe_violations(phone) == []
-    server.stop()
+    trio.run(server.stop)
     expect(alice.locator("#retry-now")).to_be_visible()
     assert axe_violations(alice) == []
 
@@ -1109,7 +1115,7 @@ TRIM_SLACK = 50
 
 @pytest.mark.parametrize("server_env", [{"TRIO_CHAT_RATE_LIMIT": "0"}])
 def test_a_flood_keeps_the_dom_bounded_and_the_page_responsive(
-    server: Server, pages: Pages, transport: str
+    server: ServerProcess, pages: Pages, transport: str
 ) -> None:
     from playwright.sync_api import expect
 
@@ -1179,7 +1185,7 @@ def _current_room_shown(page: Page) -> None:
 
 @pytest.mark.parametrize("server_env", [{"TRIO_CHAT_RATE_LIMIT": "0"}])
 def test_phone_keeps_room_and_join_box_in_reach_and_the_list_tall_with_a_keyboard(
-    server: Server, pages: Pages, transport: str
+    server: ServerProcess, pages: Pages, transport: str
 ) -> None:
     from playwright.sync_api import expect
 

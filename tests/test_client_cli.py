@@ -26,11 +26,11 @@ from trio_websocket import (
 
 from trio_chat.client._explain import explain_close
 
-from _server_process import BIN, Server
+from _server_process import BIN, ServerProcess
 from conftest import fill
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Iterator
+    from collections.abc import AsyncIterator
     from pathlib import Path
 
     from trio_websocket import WebSocketServer
@@ -44,13 +44,13 @@ LINE_TIMEOUT = 15.0
 
 
 @pytest.fixture
-def server(tmp_path: Path) -> Iterator[Server]:
-    srv = Server(tmp_path / "data", tmp_path / "server.log")
-    srv.start()
+async def server(tmp_path: Path) -> AsyncIterator[ServerProcess]:
+    srv = ServerProcess(tmp_path / "data", tmp_path / "server.log", limit_rate=True)
+    await srv.start()
     try:
         yield srv
     finally:
-        srv.stop()
+        await srv.stop()
 
 
 # --------------------------------------------------------------------------- client process
@@ -134,7 +134,7 @@ async def start_client(
 
 @pytest.mark.parametrize("transport", ["chat", "fallback"])
 async def test_two_clients_chat_join_leave_quit(
-    server: Server, clients: list[Client], transport: str
+    server: ServerProcess, clients: list[Client], transport: str
 ) -> None:
     url = server.chat_url if transport == "chat" else server.fallback_url
     with trio.fail_after(60):
@@ -170,7 +170,9 @@ async def test_two_clients_chat_join_leave_quit(
         assert bob.count("hello from alice") == 1
 
 
-async def test_client_resumes_after_server_restart(server: Server, clients: list[Client]) -> None:
+async def test_client_resumes_after_server_restart(
+    server: ServerProcess, clients: list[Client]
+) -> None:
     with trio.fail_after(90):
         alice = await start_client(clients, server.chat_url, "alice", "general")
         await alice.expect(r"^\* joined #general")
@@ -183,11 +185,11 @@ async def test_client_resumes_after_server_restart(server: Server, clients: list
         # through the resume (join with `since`).
         bob.proc.send_signal(signal.SIGSTOP)
         try:
-            await trio.to_thread.run_sync(server.stop)
+            await server.stop()
             await alice.expect(r"^\* disconnected")
             await alice.say("typed while the server was down")
             await alice.expect(r"^\* offline: queued for #general")
-            await trio.to_thread.run_sync(server.start)
+            await server.start()
             await alice.expect(r"^\* connected as alice")
             await alice.expect(r"<alice> typed while the server was down$")
             await alice.say("after restart")
@@ -211,7 +213,7 @@ async def test_client_resumes_after_server_restart(server: Server, clients: list
 
 
 async def test_piped_stdin_sends_then_exits_at_eof(
-    server: Server, clients: list[Client], tmp_path: Path
+    server: ServerProcess, clients: list[Client], tmp_path: Path
 ) -> None:
     with trio.fail_after(60):
         watcher = await start_client(clients, server.chat_url, "watcher", "lobby")
@@ -233,8 +235,8 @@ async def test_piped_stdin_sends_then_exits_at_eof(
 async def test_client_sends_again_what_a_full_disk_refused(
     small_disk: Path, tmp_path: Path, clients: list[Client]
 ) -> None:
-    server = Server(small_disk, tmp_path / "server.log")
-    server.start()
+    server = ServerProcess(small_disk, tmp_path / "server.log", limit_rate=True)
+    await server.start()
     try:
         with trio.fail_after(60):
             alice = await start_client(clients, server.chat_url, "alice", "general")
@@ -251,11 +253,11 @@ async def test_client_sends_again_what_a_full_disk_refused(
             assert stored == ["before the disk filled", "while the disk is full"]
             assert alice.count(r"^\* (dis)?connected") == 1  # the connection stayed up
     finally:
-        server.stop()
+        await server.stop()
 
 
 async def test_who_lists_the_members_of_the_current_room(
-    server: Server, clients: list[Client]
+    server: ServerProcess, clients: list[Client]
 ) -> None:
     with trio.fail_after(60):
         alice = await start_client(clients, server.chat_url, "alice", "general")
@@ -286,7 +288,7 @@ async def expect_refused(client: Client, sentence: str) -> None:
 
 
 async def test_refusals_for_good_end_the_run_with_one_sentence(
-    server: Server, clients: list[Client]
+    server: ServerProcess, clients: list[Client]
 ) -> None:
     wrong_path = server.chat_url.replace("/ws", "/chat")
     with trio.fail_after(60):
@@ -301,11 +303,14 @@ async def test_refusals_for_good_end_the_run_with_one_sentence(
 
 async def test_a_host_name_the_server_refuses(tmp_path: Path, clients: list[Client]) -> None:
     # 127.0.0.1 stays allowed for the helper's readiness check; the client says localhost.
-    server = Server(
-        tmp_path / "data", tmp_path / "server.log", env={"TRIO_CHAT_ALLOWED_HOSTS": "127.0.0.1"}
+    server = ServerProcess(
+        tmp_path / "data",
+        tmp_path / "server.log",
+        env={"TRIO_CHAT_ALLOWED_HOSTS": "127.0.0.1"},
+        limit_rate=True,
     )
     try:
-        server.start()
+        await server.start()
         url = server.chat_url.replace("127.0.0.1", "localhost")
         client = await start_client(clients, url, "alice", "general")
         await expect_refused(
@@ -372,32 +377,36 @@ async def _hold_the_one_place(
 
 async def test_transient_refusals_are_retried(tmp_path: Path, clients: list[Client]) -> None:
     """Nothing listening, then a server at its connection cap (503): both retried."""
-    server = Server(
-        tmp_path / "data", tmp_path / "server.log", env={"TRIO_CHAT_MAX_CONNECTIONS": "1"}
+    server = ServerProcess(
+        tmp_path / "data",
+        tmp_path / "server.log",
+        env={"TRIO_CHAT_MAX_CONNECTIONS": "1"},
+        limit_rate=True,
     )
     port = server.ws_port
-    with trio.fail_after(60), contextlib.ExitStack() as cleanup:
-        cleanup.callback(server.stop)
-        client = await start_client(clients, server.chat_url, "alice", "general")
-        await client.expect(
-            rf"^\* disconnected: nothing listens at 127\.0\.0\.1:{port} \(connection refused; "
-            r"is the server running\?\); reconnecting in"
-        )
-        # Stopped, so that the one place goes to the holder, not to the client's next try.
-        client.proc.send_signal(signal.SIGSTOP)
-        try:
-            await trio.to_thread.run_sync(server.start)
-            async with trio.open_nursery() as nursery:
-                await nursery.start(_hold_the_one_place, server.chat_url)
+    with trio.fail_after(60):
+        async with contextlib.AsyncExitStack() as cleanup:
+            cleanup.push_async_callback(server.stop)
+            client = await start_client(clients, server.chat_url, "alice", "general")
+            await client.expect(
+                rf"^\* disconnected: nothing listens at 127\.0\.0\.1:{port} \(connection refused; "
+                r"is the server running\?\); reconnecting in"
+            )
+            # Stopped, so that the one place goes to the holder, not to the client's next try.
+            client.proc.send_signal(signal.SIGSTOP)
+            try:
+                await server.start()
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(_hold_the_one_place, server.chat_url)
+                    client.proc.send_signal(signal.SIGCONT)
+                    await client.expect(
+                        r"^\* disconnected: the server is full: too many connections \(HTTP 503\); "
+                        "reconnecting in"
+                    )
+                    nursery.cancel_scope.cancel()
+                await client.expect(r"^\* connected as alice")
+            finally:
                 client.proc.send_signal(signal.SIGCONT)
-                await client.expect(
-                    r"^\* disconnected: the server is full: too many connections \(HTTP 503\); "
-                    "reconnecting in"
-                )
-                nursery.cancel_scope.cancel()
-            await client.expect(r"^\* connected as alice")
-        finally:
-            client.proc.send_signal(signal.SIGCONT)
 
 
 @pytest.mark.parametrize(

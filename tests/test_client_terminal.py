@@ -18,10 +18,10 @@ import pytest
 import trio
 from trio_websocket import WebSocketConnection, open_websocket_url
 
-from _server_process import BIN, Server
+from _server_process import BIN, ServerProcess
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Iterator
+    from collections.abc import AsyncIterator
     from pathlib import Path
 
 pytestmark = [
@@ -35,13 +35,13 @@ PROMPT: Final = "#general> "
 
 
 @pytest.fixture
-def server(tmp_path: Path) -> Iterator[Server]:
-    srv = Server(tmp_path / "data", tmp_path / "server.log")
-    srv.start()
+async def server(tmp_path: Path) -> AsyncIterator[ServerProcess]:
+    srv = ServerProcess(tmp_path / "data", tmp_path / "server.log", limit_rate=True)
+    await srv.start()
     try:
         yield srv
     finally:
-        srv.stop()
+        await srv.stop()
 
 
 class Pane:
@@ -105,7 +105,7 @@ async def pane(tmp_path: Path) -> AsyncIterator[Pane]:
         await p.kill()
 
 
-async def start_alice(pane: Pane, server: Server) -> None:
+async def start_alice(pane: Pane, server: ServerProcess) -> None:
     """``trio-chat client`` as alice in #general, ready at its prompt."""
     await pane.start([str(BIN / "trio-chat"), "client", server.chat_url, "--name", "alice"])
     await pane.wait_for(r"^\* joined #general")
@@ -131,7 +131,7 @@ def lines_of(screen: str) -> list[str]:
     return [line.rstrip() for line in screen.splitlines()]
 
 
-async def test_incoming_line_keeps_the_partial_input(server: Server, pane: Pane) -> None:
+async def test_incoming_line_keeps_the_partial_input(server: ServerProcess, pane: Pane) -> None:
     await start_alice(pane, server)
     async with open_websocket_url(server.chat_url + "?name=bob") as bob:
         await join_as_bob(bob)
@@ -159,7 +159,7 @@ async def test_incoming_line_keeps_the_partial_input(server: Server, pane: Pane)
         assert sum(1 for x in screen if "half a line" in x) == 1, screen
 
 
-async def test_typing_is_shown_then_cleared_and_sent(server: Server, pane: Pane) -> None:
+async def test_typing_is_shown_then_cleared_and_sent(server: ServerProcess, pane: Pane) -> None:
     await start_alice(pane, server)
     async with open_websocket_url(server.chat_url + "?name=bob") as bob:
         await join_as_bob(bob)
@@ -175,7 +175,7 @@ async def test_typing_is_shown_then_cleared_and_sent(server: Server, pane: Pane)
 
 @pytest.mark.parametrize(("keys", "status"), [("C-c", 130), ("C-d", 0), ("/quit Enter", 0)])
 async def test_ctrl_c_ctrl_d_and_quit_exit_without_a_traceback(
-    server: Server, pane: Pane, keys: str, status: int
+    server: ServerProcess, pane: Pane, keys: str, status: int
 ) -> None:
     await start_alice(pane, server)
     if keys == "C-c":
@@ -195,7 +195,7 @@ async def test_ctrl_c_ctrl_d_and_quit_exit_without_a_traceback(
 
 
 async def test_a_refusal_for_good_gives_the_terminal_back_with_one_sentence(
-    server: Server, pane: Pane
+    server: ServerProcess, pane: Pane
 ) -> None:
     await pane.start([str(BIN / "trio-chat"), "client", server.chat_url, "--name", "no name"])
     assert await pane.exit_status() == 1

@@ -18,15 +18,8 @@ from typing import TYPE_CHECKING
 import pytest
 import trio
 
-from _netns import (
-    ChatServer,
-    Lan,
-    Member,
-    connect_member,
-    free_udp_port,
-    metric,
-    netns_unavailable,
-)
+from _netns import Lan, Member, connect_member, metric, netns_unavailable
+from _server_process import ServerProcess, free_udp_port
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -79,7 +72,7 @@ async def test_three_hosts_chat_and_a_cut_off_host_catches_up(lan: Lan, tmp_path
         "TRIO_CHAT_CLUSTER_SECRET": secrets.token_urlsafe(24),
     }
     servers = [
-        ChatServer(
+        ServerProcess(
             tmp_path / f"data{i}",
             tmp_path / f"host{i}.log",
             host=lan.address(i),
@@ -92,7 +85,7 @@ async def test_three_hosts_chat_and_a_cut_off_host_catches_up(lan: Lan, tmp_path
     ]
     try:
         for server in servers:
-            await server.start()
+            await server.spawn()
         async with trio.open_nursery() as nursery:
             for server in servers:
                 nursery.start_soon(server.wait_ready)
@@ -141,4 +134,4 @@ async def test_three_hosts_chat_and_a_cut_off_host_catches_up(lan: Lan, tmp_path
             nursery.cancel_scope.cancel()
     finally:
         for server in servers:
-            await server.stop()
+            await server.kill()

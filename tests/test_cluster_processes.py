@@ -20,8 +20,8 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed
 
-from _netns import BIN, WAIT, ChatServer, Member, connect_member, free_port, free_udp_port
-from _server_process import worker_pids
+from _netns import WAIT, Member, connect_member
+from _server_process import BIN, ServerProcess, free_udp_port, worker_pids
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -49,7 +49,7 @@ def new_secret() -> str:
 
 
 async def members_on_distinct_nodes(
-    nursery: trio.Nursery, server: ChatServer, count: int, limit: float = 15.0
+    nursery: trio.Nursery, server: ServerProcess, count: int, limit: float = 15.0
 ) -> list[Member]:
     """Connect until ``count`` clients sit on ``count`` different workers.
 
@@ -104,11 +104,9 @@ def assert_exactly_once(members: list[Member]) -> None:
 
 @pytest.mark.timeout(40)
 async def test_three_workers_of_one_hypercorn_are_one_chat(tmp_path: Path) -> None:
-    server = ChatServer(
+    server = ServerProcess(
         tmp_path / "data",
         tmp_path / "server.log",
-        http_port=free_port(),
-        ws_port=free_port(),
         workers=3,
         # No secret set: host mode makes a key file in the (fresh) shared data directory,
         # so this test's key is its own too.
@@ -121,7 +119,6 @@ async def test_three_workers_of_one_hypercorn_are_one_chat(tmp_path: Path) -> No
     )
     try:
         await server.start()
-        await server.wait_ready()
         async with trio.open_nursery() as nursery:
             members = await members_on_distinct_nodes(nursery, server, 3)
             host_id = (tmp_path / "data" / "node" / "host-id").read_text().strip()
@@ -138,38 +135,36 @@ async def test_three_workers_of_one_hypercorn_are_one_chat(tmp_path: Path) -> No
             assert "after" not in str(leaver.texts(ROOM))
             nursery.cancel_scope.cancel()
     finally:
-        await server.stop()
+        await server.kill()
 
 
-async def start_all(servers: list[ChatServer]) -> None:
+async def start_all(servers: list[ServerProcess]) -> None:
     for server in servers:
-        await server.start()
+        await server.spawn()
     async with trio.open_nursery() as nursery:
         for server in servers:
             nursery.start_soon(server.wait_ready)
 
 
-def three_servers(tmp_path: Path, env: dict[str, str]) -> list[ChatServer]:
+def three_servers(tmp_path: Path, env: dict[str, str]) -> list[ServerProcess]:
     return [
-        ChatServer(
+        ServerProcess(
             tmp_path / f"data{i}",
             tmp_path / f"server{i}.log",
-            http_port=free_port(),
-            ws_port=free_port(),
             env=env,
         )
         for i in range(3)
     ]
 
 
-async def wait_peers(servers: list[ChatServer], count: int) -> None:
+async def wait_peers(servers: list[ServerProcess], count: int) -> None:
     async with trio.open_nursery() as nursery:
         for server in servers:
             nursery.start_soon(server.wait_metric, "trio_chat_cluster_peers", lambda v: v == count)
 
 
 async def one_member_each_chatting(
-    nursery: trio.Nursery, servers: list[ChatServer]
+    nursery: trio.Nursery, servers: list[ServerProcess]
 ) -> list[Member]:
     """Once the servers see each other: a client on each, all in ROOM, one round of chat."""
     await wait_peers(servers, len(servers) - 1)
@@ -194,7 +189,7 @@ async def test_three_processes_failure_detection_and_restart(tmp_path: Path) -> 
 
             # kill -9: no Leave packet; the others must notice the silence.
             killed_at = time.monotonic()
-            servers[2].kill9()
+            servers[2].signal(signal.SIGKILL, group=True)
             await victim.wait_for(lambda: victim.disconnected, "the connection drop")
             async with trio.open_nursery() as waits:
                 for member in alive:
@@ -202,11 +197,10 @@ async def test_three_processes_failure_detection_and_restart(tmp_path: Path) -> 
             detected = time.monotonic() - killed_at
             assert detected < DETECT_LIMIT, detected
             await chat_round(alive, "while down")
-            await servers[2].stop()
+            await servers[2].kill()
 
             # Same data directory: same node id, a newer incarnation.
             await servers[2].start()
-            await servers[2].wait_ready()
             await wait_peers(servers, 2)
             back = await connect_member(nursery, servers[2].host, servers[2].ws_port, "p2b")
             assert back.node == victim.node
@@ -220,7 +214,7 @@ async def test_three_processes_failure_detection_and_restart(tmp_path: Path) -> 
             nursery.cancel_scope.cancel()
     finally:
         for server in servers:
-            await server.stop()
+            await server.kill()
 
 
 @pytest.mark.timeout(45)
@@ -233,14 +227,13 @@ async def test_messages_sent_while_a_process_was_down_reach_it(tmp_path: Path) -
             *alive, victim = members
             last_seen = victim.messages(ROOM)[-1]["id"]
 
-            servers[2].kill9()
+            servers[2].signal(signal.SIGKILL, group=True)
             await victim.wait_for(lambda: victim.disconnected, "the connection drop")
-            await servers[2].stop()
+            await servers[2].kill()
             missed = await chat_round(alive, "while down")
             # Restarted at once, before the others declare it dead: they see a newer
             # incarnation of the same node.
             await servers[2].start()
-            await servers[2].wait_ready()
             await wait_peers(servers, 2)
 
             back = await connect_member(nursery, servers[2].host, servers[2].ws_port, "p2b")
@@ -253,23 +246,20 @@ async def test_messages_sent_while_a_process_was_down_reach_it(tmp_path: Path) -
             nursery.cancel_scope.cancel()
     finally:
         for server in servers:
-            await server.stop()
+            await server.kill()
 
 
 @pytest.mark.timeout(30)
 async def test_cluster_check_lists_the_running_peers(tmp_path: Path) -> None:
     env = cluster_env(free_udp_port(), new_secret())
-    server = ChatServer(
+    server = ServerProcess(
         tmp_path / "data",
         tmp_path / "server.log",
-        http_port=free_port(),
-        ws_port=free_port(),
         workers=2,
         env=env,
     )
     try:
         await server.start()
-        await server.wait_ready()
         # Whichever worker answers, one peer means both workers are up.
         await server.wait_metric("trio_chat_cluster_peers", lambda v: v == 1)
         host_id = (tmp_path / "data" / "node" / "host-id").read_text().strip()
@@ -288,10 +278,10 @@ async def test_cluster_check_lists_the_running_peers(tmp_path: Path) -> None:
         assert "loops back on 127.0.0.1" in out, out
         assert "OK: 2 peer(s) seen." in out, out
     finally:
-        await server.stop()
+        await server.kill()
 
 
-async def history(server: ChatServer, room: str) -> list[tuple[str, str]]:
+async def history(server: ServerProcess, room: str) -> list[tuple[str, str]]:
     """Every message of ``room`` in the store as (text, id), oldest first (HTTP API)."""
     found: list[tuple[str, str]] = []
     before = ""
@@ -331,7 +321,7 @@ class Chatter:
     #: Pace of the sends: a steady flow across the kill, not a flood.
     INTERVAL = 0.05
 
-    def __init__(self, server: ChatServer, member: Member) -> None:
+    def __init__(self, server: ServerProcess, member: Member) -> None:
         self.server = server
         self.connections = [member]
         self.acked: dict[str, str] = {}
@@ -370,7 +360,7 @@ class Chatter:
         return {text for member in self.connections for text in member.texts(ROOM)}
 
 
-async def poll_health(server: ChatServer, failures: list[str], stop: trio.Event) -> None:
+async def poll_health(server: ServerProcess, failures: list[str], stop: trio.Event) -> None:
     """GET /healthz every 50 ms until ``stop``; record each one that fails twice in a row.
 
     A request the killed worker had just accepted dies with it: a client's immediate
@@ -393,18 +383,15 @@ RESTART_LIMIT = 5.0
 async def test_kill_9_of_one_worker_the_others_serve_on(tmp_path: Path) -> None:
     """``trio-chat serve --workers 3``: kill -9 one worker while clients on every worker
     send. Nobody else notices, nothing acked is lost, the worker is back in seconds."""
-    server = ChatServer(
+    server = ServerProcess(
         tmp_path / "data",
         tmp_path / "server.log",
-        http_port=free_port(),
-        ws_port=free_port(),
         workers=3,
         cli=True,
         env=cluster_env(free_udp_port(), new_secret()),
     )
     try:
         await server.start()
-        await server.wait_ready()
         async with trio.open_nursery() as nursery:
             members = await members_on_distinct_nodes(nursery, server, 3)
             await all_join(members)
@@ -460,4 +447,4 @@ async def test_kill_9_of_one_worker_the_others_serve_on(tmp_path: Path) -> None:
                 await chatter.member.wait_texts(ROOM, set(acked))
             nursery.cancel_scope.cancel()
     finally:
-        await server.stop()
+        await server.kill()

@@ -17,8 +17,9 @@ from typing import TYPE_CHECKING, Any, Final
 import httpx
 import pytest
 import trio
-from test_process import ServerProcess
 from trio_websocket import ConnectionClosed, HandshakeError, open_websocket_url
+
+from _server_process import ServerProcess
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -131,7 +132,7 @@ async def test_every_acked_message_survives_a_stop(tmp_path: Path, signum: int) 
         assert len(acked_before) >= STOP_AFTER
 
         await server.start()
-        stored = await history(server.base)
+        stored = await history(server.http_url)
         ids = [m["id"] for m in stored]
         assert len(ids) == len(set(ids)), "a message id twice in history"
         assert ids == sorted(ids)
@@ -145,7 +146,7 @@ async def test_every_acked_message_survives_a_stop(tmp_path: Path, signum: int) 
         async with trio.open_nursery() as nursery:
             for sender in senders:
                 nursery.start_soon(sender.retry_unacked, server.chat_url)
-        stored = await history(server.base)
+        stored = await history(server.http_url)
         cids = [m["cid"] for m in stored]
         assert sorted(cids) == sorted(cid for s in senders for cid in s.sent)
         for sender in senders:

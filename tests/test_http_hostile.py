@@ -26,7 +26,7 @@ from trio_chat.node._cluster import (
 from trio_chat.protocol._hosts import host_allowed
 from trio_chat.server._session import Session
 
-from _netns import free_udp_port
+from _server_process import free_udp_port
 from conftest import make_settings, start_server
 
 if TYPE_CHECKING:

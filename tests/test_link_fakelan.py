@@ -16,7 +16,7 @@ import trio
 import trio.testing
 
 from trio_chat.link._events import Delivered, Gap, LinkEvent, PeerDown, PeerStatus, PeerUp
-from trio_chat.link._packet import Data, PacketCodec
+from trio_chat.link._packet import Data, Nak, PacketCodec
 from trio_chat.link._socket import EVENT_BUFFER, ClusterLink, LinkConfig
 
 SECRET = b"fakelan secret, 32 bytes long..."
@@ -35,18 +35,40 @@ def wall_ms() -> int:
     return int(wall_clock() * 1000)
 
 
-def data_of(datagram: bytes) -> Data | None:
-    """The data fragment in a datagram, opened as any cluster member could."""
+def message_of(datagram: bytes) -> Any:
+    """The message in a datagram, opened as any cluster member could."""
     observer = PacketCodec(secret=SECRET, cluster_id=CLUSTER, node_id="observer", incarnation=1)
-    message = observer.open_untrusted(datagram).message
+    return observer.open_untrusted(datagram).message
+
+
+def data_of(datagram: bytes) -> Data | None:
+    """The data fragment in a datagram, if it carries one."""
+    message = message_of(datagram)
     return message if isinstance(message, Data) else None
+
+
+def nakers(lan: FakeLan, target: str) -> set[str]:
+    """The nodes that have asked ``target`` to repair a loss (sent it a NAK) so far."""
+    naks = ((sender, message_of(datagram)) for _, sender, datagram in lan.log)
+    return {sender for sender, nak in naks if isinstance(nak, Nak) and nak.target == target}
+
+
+def node_rng(seed: int, name: str) -> random.Random:
+    """The random numbers of node ``name`` in the test seeded ``seed``: the same every run.
+
+    (A ``str`` seed is hashed with SHA-512, not ``hash()``: ``PYTHONHASHSEED`` cannot
+    change it.)
+    """
+    return random.Random(f"{seed}:{name}")
 
 
 class FakeEndpoint:
     """One node's datagram socket on the fake LAN (a ``DatagramTransport``)."""
 
-    def __init__(self, lan: FakeLan, name: str) -> None:
+    def __init__(self, lan: FakeLan, name: str, rng: random.Random) -> None:
         self.lan, self.name = lan, name
+        #: Decides the fate (loss, duplication, delay) of what this node sends.
+        self.rng = rng
         self.unplugged = False
         # Like a socket's receive buffer: what does not fit is dropped.
         self._send, self._receive = trio.open_memory_channel[bytes](10_000)
@@ -68,7 +90,13 @@ class FakeEndpoint:
 
 
 class FakeLan:
-    """A multicast segment: every datagram goes to every endpoint, including its sender."""
+    """A multicast segment: every datagram goes to every endpoint, including its sender.
+
+    Each node draws the fate of its datagrams from a `random.Random` of its own, seeded
+    from ``seed`` and its name: trio runs ready tasks in no fixed order, so with one
+    generator for the whole LAN, the draws a datagram got would depend on how the other
+    nodes' tasks happened to be scheduled, and a failure might not come back on a rerun.
+    """
 
     def __init__(
         self,
@@ -80,7 +108,7 @@ class FakeLan:
         max_delay: float = 0.0,
     ) -> None:
         self._nursery = nursery
-        self._rng = random.Random(seed)
+        self.seed = seed
         self.loss, self.duplicate, self.max_delay = loss, duplicate, max_delay
         self.endpoints: dict[str, FakeEndpoint] = {}
         self.filter: Filter = lambda sender, receiver, data: False
@@ -89,22 +117,31 @@ class FakeLan:
         #: (sender, receiver) -> virtual time of the last datagram that arrived.
         self.last_arrival: dict[tuple[str, str], float] = {}
         self.overflows = 0
+        self._transmitted = trio.Event()
+
+    async def wait_for(self, condition: Callable[[], bool]) -> None:
+        """Wait until ``condition()`` holds (checked at each transmission)."""
+        while not condition():
+            await self._transmitted.wait()
 
     def endpoint(self, name: str) -> FakeEndpoint:
-        self.endpoints[name] = FakeEndpoint(self, name)
+        self.endpoints[name] = FakeEndpoint(self, name, node_rng(self.seed, name))
         return self.endpoints[name]
 
     def transmit(self, sender: str, data: bytes) -> None:
         self.log.append((trio.current_time(), sender, data))
+        self._transmitted.set()
+        self._transmitted = trio.Event()
+        rng = self.endpoints[sender].rng
         for receiver in list(self.endpoints.values()):
             if self.filter(sender, receiver.name, data):
                 continue
-            copies = 2 if self._rng.random() < self.duplicate else 1
+            copies = 2 if rng.random() < self.duplicate else 1
             for _ in range(copies):
-                if receiver.name != sender and self._rng.random() < self.loss:
+                if receiver.name != sender and rng.random() < self.loss:
                     continue
                 if self.max_delay:
-                    delay = self._rng.uniform(0, self.max_delay)
+                    delay = rng.uniform(0, self.max_delay)
                     self._nursery.start_soon(self._arrive, delay, sender, receiver, data)
                 else:  # In order, as on a quiet LAN (tasks could be run in any order).
                     self._arrive_now(sender, receiver, data)
@@ -195,7 +232,6 @@ async def start_node(
 async def test_lossy_lan_delivers_every_message_once_in_order(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    rng = random.Random(1)
     sent: dict[str, list[bytes]] = defaultdict(list)
     with trio.fail_after(120):
         async with trio.open_nursery() as nursery:
@@ -206,6 +242,7 @@ async def test_lossy_lan_delivers_every_message_once_in_order(
                 await node.wait_for(lambda n=node: len(n.of(PeerUp)) == 3)
 
             async def talk(node: Node) -> None:
+                rng = node_rng(1, node.name)
                 for i in range(60):
                     size = 5000 if i % 10 == 3 else rng.randrange(1, 300)
                     payload = b"%s:%d:" % (node.name.encode(), i) + rng.randbytes(size)
@@ -266,7 +303,8 @@ async def test_crashed_node_restarts_as_a_new_incarnation(
             # "lost" never reaches anyone, repairs neither; heartbeats say it exists.
             lan.filter = lambda s, r, d: s == "c" and data_of(d) is not None
             c.link.broadcast(b"lost")
-            await trio.sleep(1.5)
+            # Whatever the loss, both others learn of it (from c's heartbeats) and ask.
+            await lan.wait_for(lambda: nakers(lan, "c") == {"a", "b"})
             old = c.link.statistics().link
             c.crash()
             await trio.sleep(2.0)

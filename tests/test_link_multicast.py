@@ -9,7 +9,6 @@ from __future__ import annotations
 import io
 import logging
 import os
-import socket
 from dataclasses import replace
 
 import pytest
@@ -20,12 +19,7 @@ from trio_chat.link._diag import run_cluster_check
 from trio_chat.link._events import Delivered, PeerDown, PeerUp
 from trio_chat.link._socket import ClusterLink, LinkConfig, MulticastTransport, new_incarnation
 
-
-def free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+from _server_process import free_udp_port
 
 
 @pytest.fixture

@@ -8,11 +8,9 @@ wait for the process with a deadline, and every process is killed in a ``finally
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -25,152 +23,16 @@ from trio_websocket import ConnectionClosed, open_websocket_url
 
 from trio_chat.app._supervisor import START_FAILED
 
-from _server_process import kill_group, log_tail, worker_pids
+from _server_process import BIN, ServerProcess, free_port, running_server, worker_pids
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Mapping, Sequence
+    import subprocess
 
 pytestmark = pytest.mark.slow
 
-BIN: Final = Path(sys.executable).parent
-READY_TIMEOUT: Final = 20.0
-# How long a signalled server may take to close its clients and exit. Hypercorn's own
-# graceful timeout is 3 s and the chat node's shutdown grace 3 s.
-EXIT_TIMEOUT: Final = 8.0
 # A server refusing a bad setting must say so and stop at once, not after a timeout.
 REFUSE_TIMEOUT: Final = 15.0
 CLOSE_GOING_AWAY: Final = 1001
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class ServerProcess:
-    """A trio-chat server process (and its worker), started in a process group of its own.
-
-    Args:
-      data_dir: the ``TRIO_CHAT_DATA_DIR``.
-      log_path: where its stdout and stderr go (appended, so restarts keep one log).
-      cli: start ``trio-chat serve`` instead of ``hypercorn trio_chat:app``.
-      args: more arguments for the command (``--workers 2``).
-      env: more environment variables (they override the test defaults).
-    """
-
-    def __init__(
-        self,
-        data_dir: Path,
-        log_path: Path,
-        *,
-        cli: bool = False,
-        args: Sequence[str] = (),
-        env: Mapping[str, str] | None = None,
-    ) -> None:
-        self.data_dir = data_dir
-        self.log_path = log_path
-        self.cli = cli
-        self.args = list(args)
-        self.extra_env = dict(env or {})
-        self.proc: trio.Process | None = None
-        self.http_port = 0
-        self.ws_port = 0
-
-    @property
-    def base(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
-
-    @property
-    def chat_url(self) -> str:
-        return f"ws://127.0.0.1:{self.ws_port}/ws"
-
-    @property
-    def fallback_url(self) -> str:
-        return f"ws://127.0.0.1:{self.http_port}/ws"
-
-    async def spawn(self) -> trio.Process:
-        """Start the process on fresh ports; do not wait for it to be ready."""
-        self.http_port, self.ws_port = free_port(), free_port()
-        bind, ws_bind = f"127.0.0.1:{self.http_port}", f"127.0.0.1:{self.ws_port}"
-        env = {
-            **os.environ,
-            "PYTHONUNBUFFERED": "1",
-            "TRIO_CHAT_WS_BIND": ws_bind,
-            "TRIO_CHAT_DATA_DIR": str(self.data_dir),
-            "TRIO_CHAT_CLUSTER": "off",
-            "TRIO_CHAT_RATE_LIMIT": "0",
-            **self.extra_env,
-        }
-        if self.cli:
-            args = [str(BIN / "trio-chat"), "serve", "--bind", bind]
-        else:
-            args = [str(BIN / "hypercorn"), "trio_chat:app", "--worker-class", "trio"]
-            args += ["--bind", bind]
-        args += self.args
-        with self.log_path.open("ab") as log:
-            self.proc = await trio.lowlevel.open_process(
-                args, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-            )
-        return self.proc
-
-    async def start(self) -> None:
-        """Start the process and wait until ``/healthz`` and the chat socket answer."""
-        await self.spawn()
-        with trio.move_on_after(READY_TIMEOUT):
-            async with httpx.AsyncClient() as http:
-                while not await self._ready(http):  # noqa: ASYNC110
-                    await trio.sleep(0.05)  # poll interval, bounded by READY_TIMEOUT
-                return
-        pytest.fail(f"server not ready after {READY_TIMEOUT}s:\n{self.log()}")
-
-    async def _ready(self, http: httpx.AsyncClient) -> bool:
-        assert self.proc is not None
-        if self.proc.returncode is not None:
-            pytest.fail(f"server exited with {self.proc.returncode}:\n{self.log()}")
-        try:
-            ok = (await http.get(self.base + "/healthz", timeout=1.0)).status_code == 200
-            if ok:
-                stream = await trio.open_tcp_stream("127.0.0.1", self.ws_port)
-                await stream.aclose()
-        except (httpx.HTTPError, OSError):
-            return False
-        return ok
-
-    def signal(self, signum: int, *, group: bool = False) -> None:
-        """Send ``signum`` to the server process, or to its whole process group."""
-        assert self.proc is not None
-        if group:
-            os.killpg(self.proc.pid, signum)
-        else:
-            self.proc.send_signal(signum)
-
-    async def wait_exit(self, limit: float = EXIT_TIMEOUT) -> int:
-        """Wait for the server process to exit; fail after ``limit`` seconds."""
-        assert self.proc is not None
-        with trio.move_on_after(limit):
-            return await self.proc.wait()
-        pytest.fail(f"server still running {limit}s after the signal:\n{self.log()}")
-
-    async def kill(self) -> None:
-        """SIGKILL the whole process group (server and worker) and reap the server."""
-        proc, self.proc = self.proc, None
-        if proc is not None:
-            await kill_group(proc)
-
-    def log(self) -> str:
-        return log_tail(self.log_path)
-
-
-@contextlib.asynccontextmanager
-async def running_server(tmp_path: Path, **kwargs: Any) -> AsyncIterator[ServerProcess]:
-    """A started `ServerProcess`; its process group is killed when the block ends."""
-    server = ServerProcess(tmp_path / "data", tmp_path / "server.log", **kwargs)
-    try:
-        await server.start()
-        yield server
-    finally:
-        await server.kill()
 
 
 async def _close_code_of(url: str, name: str, ready: trio.Event, codes: dict[str, Any]) -> None:
@@ -365,7 +227,7 @@ async def test_hypercorn_refuses_bad_settings(tmp_path: Path) -> None:
             log = server.log()
             assert f"cannot start: {var}" in log, log
             with pytest.raises(httpx.ConnectError):
-                await http.get(server.base + "/healthz")
+                await http.get(server.http_url + "/healthz")
 
 
 @pytest.mark.parametrize(

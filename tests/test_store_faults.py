@@ -469,7 +469,8 @@ async def node_session(
     commands, receive = trio.open_memory_channel[str](10)
     async with trio.open_nursery() as nursery:
         await nursery.start(node.run)
-        nursery.start_soon(Session(node, inbox, "alice").run, receive.receive)
+        # Not startable; it has run once `Joined` arrives, below.
+        nursery.start_soon(Session(node, inbox, "alice").run, receive.receive)  # noqa: ASYNC113
         await commands.send('{"type":"join","room":"r"}')
         await inbox.next_of(Joined)
         yield node, inbox, commands

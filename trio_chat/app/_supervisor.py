@@ -125,7 +125,7 @@ async def _orphaned(parent: int, done: trio.CancelScope) -> None:
     try:
         pidfd = os.pidfd_open(parent)
     except ProcessLookupError:
-        pass
+        await trio.lowlevel.checkpoint()  # gone already
     else:
         try:
             # A pidfd becomes readable when its process exits.

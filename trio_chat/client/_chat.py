@@ -227,6 +227,7 @@ class ChatClient:
         """Serve one connection until it closes; return why it closed."""
         self._ws = ws
         last_frame = [time.monotonic()]
+        reason: CloseReason | None = None
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._keepalive, ws, last_frame)
@@ -243,9 +244,10 @@ class ChatClient:
                 except ConnectionClosed as exc:
                     # Caught inside the nursery, so it does not come out as a group.
                     nursery.cancel_scope.cancel()
-                    return exc.reason
+                    reason = exc.reason
         finally:
             self._ws = None
+        return reason
 
     async def _keepalive(self, ws: WebSocketConnection, last_frame: list[float]) -> None:
         while True:
@@ -282,6 +284,7 @@ class ChatClient:
     # --------------------------------------------------------------------- server frames
 
     async def _handle_line(self, ws: WebSocketConnection, line: str) -> None:
+        await trio.lowlevel.checkpoint()  # most frames await nothing else
         try:
             frame = json.loads(line)
         except ValueError:
@@ -382,6 +385,7 @@ class ChatClient:
 
     async def _command(self, line: str) -> bool:
         """Run a ``/command``; return False for ``/quit``."""
+        await trio.lowlevel.checkpoint()  # most commands await nothing else
         verb, _, rest = line.partition(" ")
         arg = rest.strip().lstrip("#")
         if verb == "/quit":
@@ -424,6 +428,7 @@ class ChatClient:
         return True
 
     async def _queue_send(self, text: str) -> None:
+        await trio.lowlevel.checkpoint()  # queued offline, it awaits nothing else
         if self._current is None:
             self._say("! join a room first: /join ROOM")
             return
@@ -451,6 +456,7 @@ class ChatClient:
         await self._send(ws, {"type": "send", "room": p.room, "text": p.text, "cid": p.cid})
 
     async def _send(self, ws: WebSocketConnection, frame: dict[str, Any]) -> None:
+        await trio.lowlevel.checkpoint()  # on a closed connection, send_message does not
         # A closed connection is noticed (and handled) by the receive loop; a send that
         # fails here stays in the outbox and goes out again after the reconnect.
         with contextlib.suppress(ConnectionClosed):
@@ -462,6 +468,7 @@ class ChatClient:
         if ws is not None:
             with trio.move_on_after(CLOSE_TIMEOUT, shield=True):
                 await ws.aclose()
+        await trio.lowlevel.checkpoint()  # the close is shielded: not one
 
     def _say(self, text: str) -> None:
         self._out.write(text + "\n")

@@ -39,6 +39,7 @@ async def run_cluster_check(config: LinkConfig, seconds: float, out: TextIO) -> 
         0 if at least one peer answered, 1 if multicast loops back on this host but no peer
         answered, 2 if not even our own datagrams came back (or the group cannot be joined).
     """
+    await trio.lowlevel.checkpoint()  # a group that cannot be joined fails before any
     name = f"check-{socket.gethostname()}-{os.getpid()}".encode()[:64].decode(errors="ignore")
     observer = replace(config, node_id=name, incarnation=new_incarnation(), http_url="")
     link = ClusterLink(observer)

@@ -7,6 +7,8 @@ import logging
 import urllib.parse
 from typing import TYPE_CHECKING
 
+import trio
+
 from ..protocol._hosts import host_allowed
 from ._connection import ConnectionClosed
 from ._session import Session, origin_allowed
@@ -26,6 +28,7 @@ async def handle_chat_socket(
     Cancellation: the connection's nursery is cancelled when its socket is done; the
     session leaves its rooms in ``finally`` without awaiting.
     """
+    await trio.lowlevel.checkpoint()  # a refusal awaits nothing else
     if not host_allowed(request.host, node.settings):
         # A DNS-rebinding page, or a name the operator has not listed (_hosts.py).
         log.debug("refused %s: Host %r is not allowed", conn.remote, request.host)

@@ -259,6 +259,7 @@ class Session:
             reason = "client_id is 16-64 of A-Z a-z 0-9 _ -; retries dedupe per connection"
             self._refuse(ProtocolError("bad_client_id", reason), None)
         try:
+            await trio.lowlevel.checkpoint()  # a session closed at once reads nothing
             while not self.closed:
                 command = None
                 try:
@@ -320,7 +321,8 @@ class Session:
             )
         self._strikes = 0
 
-    async def _handle(self, command: object) -> None:
+    # Per frame: `run` checkpoints for each one it reads, most commands await nothing.
+    async def _handle(self, command: object) -> None:  # noqa: ASYNC910
         match command:
             case Send():
                 await self._send(command)
