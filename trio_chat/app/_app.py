@@ -147,6 +147,7 @@ class ChatApp:
         store: Store | None = None
         try:
             settings = self._settings = self._settings or Settings.from_env()
+            tls = settings.chat_socket_tls()
             raise_nofile_limit()
             identity = claim_identity(settings.data_dir)
             bus = None
@@ -168,7 +169,7 @@ class ChatApp:
         started = False
         try:
             async with trio.open_nursery() as nursery:
-                node = Node(settings, identity.node_id, store, bus)
+                node = Node(settings, identity.node_id, store, bus, tls)
                 await nursery.start(node.run)
                 if self._take_sigterm:
                     nursery.start_soon(_close_on_sigterm, node)

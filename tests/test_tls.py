@@ -1,0 +1,378 @@
+"""TLS on the chat socket: wss:// with a certificate made here, the page over https, failures.
+
+The certificate is self-signed, for ``chat.test`` and 127.0.0.1; clients trust it alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import functools
+import ipaddress
+import os
+import ssl
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import httpx
+import pytest
+import trio
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from hypercorn.config import Config
+from hypercorn.trio import serve
+from test_socket_intake import client_hello, echo, open_raw, read_to_eof, upgrade
+from trio_websocket import open_websocket_url
+
+from trio_chat import ChatApp, Settings
+from trio_chat._errors import ConfigError
+from trio_chat.server._boundary import FailureBoundary
+from trio_chat.server._limits import ConnectionLimits
+from trio_chat.server._listener import HANDSHAKE_TIMEOUT, WebSocketServer
+
+from _server_process import free_port, log_tail
+from conftest import Server, eventually, make_settings
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+SERVE = [str(Path(sys.executable).parent / "trio-chat"), "serve"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Cert:
+    certfile: Path
+    keyfile: Path
+    #: A key that is not the certificate's.
+    other_keyfile: Path
+
+    def client_context(self) -> ssl.SSLContext:
+        """A client context that trusts this certificate only."""
+        return ssl.create_default_context(cafile=str(self.certfile))
+
+
+def _write_key(key: ec.EllipticCurvePrivateKey, path: Path) -> None:
+    path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+
+
+@pytest.fixture(scope="module")
+def cert(tmp_path_factory: pytest.TempPathFactory) -> Cert:
+    directory = tmp_path_factory.mktemp("tls")
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "chat.test")])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("chat.test"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    found = Cert(directory / "cert.pem", directory / "key.pem", directory / "other-key.pem")
+    found.certfile.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    _write_key(key, found.keyfile)
+    _write_key(ec.generate_private_key(ec.SECP256R1()), found.other_keyfile)
+    return found
+
+
+async def start_tls_server(nursery: trio.Nursery, tmp_path: Path, cert: Cert) -> Server:
+    """hypercorn over https and the chat socket over wss://, both with ``cert``."""
+    settings = make_settings(tmp_path, ws_certfile=cert.certfile, ws_keyfile=cert.keyfile)
+    app = ChatApp(settings)
+    config = Config()
+    config.bind = ["127.0.0.1:0"]
+    config.accesslog = None
+    config.graceful_timeout = 1
+    config.certfile = str(cert.certfile)
+    config.keyfile = str(cert.keyfile)
+    shutdown = trio.Event()
+    binds = await nursery.start(
+        functools.partial(serve, app, config, shutdown_trigger=shutdown.wait)
+    )
+    http_url = binds[0]
+    assert http_url.startswith("https://")
+    assert app.node is not None
+    wss = f"wss://127.0.0.1:{app.node.chat_socket_port}/ws"
+    return Server(app, http_url, wss, http_url.replace("https://", "wss://") + "/ws", shutdown)
+
+
+@pytest.fixture
+async def tls_server(nursery: trio.Nursery, tmp_path: Path, cert: Cert) -> Server:
+    return await start_tls_server(nursery, tmp_path, cert)
+
+
+async def test_chat_socket_speaks_wss_and_config_says_so(
+    tls_server: Server, cert: Cert, connect: Any
+) -> None:
+    context = cert.client_context()
+    async with httpx.AsyncClient(base_url=tls_server.http_url, verify=context) as http:
+        config = (await http.get("/api/config")).json()
+    port = tls_server.node.chat_socket_port
+    assert config["ws_url"] == f"wss://127.0.0.1:{port}/ws"
+    url = config["ws_url"]
+    async with (
+        connect(url, "alice", ssl_context=context) as alice,
+        connect(url, "bob", ssl_context=context) as bob,
+    ):
+        assert len(tls_server.node.chat_socket.connections) == 2
+        await alice.join("tls")
+        await bob.join("tls")
+        # 24 KiB of messages, more than a TLS record holds: several records, in order.
+        big = "x" * 3000
+        for i in range(8):
+            await alice.chat("tls", f"{i} {big}")
+        for i in range(8):
+            assert (await bob.next_of("message"))["text"] == f"{i} {big}"
+        await bob.chat("tls", "hello over wss")
+        assert (await alice.next_of("message"))["text"] == "hello over wss"
+    async with connect(url, "carol", ssl_context=context) as carol:
+        replay, _ = await carol.join("tls")
+        assert [m["text"] for m in replay][-1] == "hello over wss"
+        assert len(replay) == 9
+
+
+async def test_plain_text_client_on_the_tls_port_is_cut(
+    tls_server: Server, cert: Cert, connect: Any
+) -> None:
+    context = cert.client_context()
+    url = tls_server.chat_socket_url
+    async with (
+        connect(url, "alice", ssl_context=context) as alice,
+        connect(url, "bob", ssl_context=context) as bob,
+    ):
+        await alice.join("room")
+        await bob.join("room")
+        stream = await open_raw(tls_server.node.chat_socket_port)
+        async with stream:
+            with trio.fail_after(HANDSHAKE_TIMEOUT / 2):
+                await stream.send_all(upgrade("127.0.0.1"))
+                # Cut at once: closed with the request unread, so the kernel may reset.
+                with contextlib.suppress(trio.BrokenResourceError):
+                    assert b"HTTP" not in await read_to_eof(stream)
+        assert tls_server.node.errors["tls_handshake"] == 1
+        await eventually(lambda: len(tls_server.node.chat_socket.connections) == 2)
+        await alice.chat("room", "still chatting")
+        assert (await bob.next_of("message"))["text"] == "still chatting"
+    assert not tls_server.node.failures.statistics().contained
+
+
+async def test_stalled_tls_handshake_is_cut_at_the_timeout(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock, cert: Cert
+) -> None:
+    failures = FailureBoundary()
+    errors: list[str] = []
+    settings = Settings(ws_certfile=cert.certfile, ws_keyfile=cert.keyfile)
+    bare = WebSocketServer(
+        echo,
+        failures=failures,
+        limits=ConnectionLimits(100, 100),
+        count_error=errors.append,
+        max_message=16 * 1024,
+        backlog_limit=1024 * 1024,
+        keepalive_interval=3600,
+        tls=settings.chat_socket_tls(),
+    )
+    port = await nursery.start(bare.serve, "127.0.0.1", 0)
+    context = cert.client_context()
+    async with open_websocket_url(f"wss://127.0.0.1:{port}/ok", ssl_context=context) as other:
+        stalled = [await open_raw(port) for _ in range(2)]
+        start = trio.current_time()
+        # One sends half a ClientHello, one sends nothing: both wait for more.
+        await stalled[0].send_all(client_hello()[:40])
+        await eventually(lambda: len(bare.connections) == 3)
+        for stream in stalled:
+            async with stream:
+                assert await read_to_eof(stream) == b""
+        assert trio.current_time() - start >= HANDSHAKE_TIMEOUT
+        assert errors == ["handshake_timeout"] * 2
+        await eventually(lambda: len(bare.connections) == 1)
+        await other.send_message("still here")
+        assert await other.get_message() == "still here"
+    assert not failures.statistics().contained
+
+
+def test_a_bad_certificate_names_the_setting(cert: Cert, tmp_path: Path) -> None:
+    missing = tmp_path / "missing.pem"
+    with pytest.raises(ConfigError, match=r"TRIO_CHAT_WS_CERTFILE=.*no such file"):
+        Settings(ws_certfile=missing).chat_socket_tls()
+    with pytest.raises(ConfigError, match=r"TRIO_CHAT_WS_KEYFILE=.*no such file"):
+        Settings(ws_certfile=cert.certfile, ws_keyfile=missing).chat_socket_tls()
+    with pytest.raises(ConfigError, match=r"TRIO_CHAT_WS_CERTFILE=.*matching key"):
+        Settings(ws_certfile=cert.certfile, ws_keyfile=cert.other_keyfile).chat_socket_tls()
+    with pytest.raises(ConfigError, match=r"TRIO_CHAT_WS_CERTFILE=.*matching key"):
+        Settings(ws_certfile=cert.keyfile, ws_keyfile=cert.keyfile).chat_socket_tls()
+    with pytest.raises(ConfigError, match="TRIO_CHAT_WS_KEYFILE is set without"):
+        Settings.from_env({"TRIO_CHAT_WS_KEYFILE": str(cert.keyfile)})
+    assert Settings().chat_socket_tls() is None
+    settings = Settings(ws_certfile=cert.certfile, ws_keyfile=cert.keyfile)
+    assert settings.chat_socket_url("chat.test:8443", 8001) == "wss://chat.test:8001/ws"
+
+
+@pytest.mark.parametrize("which", ["missing", "mismatched"])
+def test_serve_exits_2_on_a_bad_certificate(cert: Cert, tmp_path: Path, which: str) -> None:
+    keyfile = cert.other_keyfile if which == "mismatched" else cert.keyfile
+    certfile = tmp_path / "missing.pem" if which == "missing" else cert.certfile
+    env = {**os.environ, "TRIO_CHAT_DATA_DIR": str(tmp_path / "data")}
+    env.pop("TRIO_CHAT_WS_CERTFILE", None)
+    done = subprocess.run(
+        [*SERVE, "--certfile", str(certfile), "--keyfile", str(keyfile)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "TRIO_CHAT_WS_CERTFILE" in done.stderr
+    assert not (tmp_path / "data").exists()
+
+
+# --------------------------------------------------------------------------- the browser
+
+
+@pytest.fixture
+def public_url() -> str | None:
+    """``TRIO_CHAT_WS_PUBLIC_URL`` for `https_serve` (``{ws_port}``: its chat socket port)."""
+    return None
+
+
+@pytest.fixture
+def https_serve(cert: Cert, tmp_path: Path, public_url: str | None) -> Iterator[int]:
+    """``trio-chat serve --certfile --keyfile`` on free ports; yields the page's port."""
+    port, ws_port = free_port(), free_port()
+    env = {
+        **os.environ,
+        "TRIO_CHAT_DATA_DIR": str(tmp_path / "data"),
+        "TRIO_CHAT_CLUSTER": "off",
+        "TRIO_CHAT_WS_BIND": f"127.0.0.1:{ws_port}",
+        "TRIO_CHAT_ALLOWED_HOSTS": "chat.test,127.0.0.1",
+    }
+    if public_url is not None:
+        env["TRIO_CHAT_WS_PUBLIC_URL"] = public_url.format(ws_port=ws_port)
+    args = [*SERVE, "--bind", f"127.0.0.1:{port}"]
+    args += ["--certfile", str(cert.certfile), "--keyfile", str(cert.keyfile)]
+    log_path = tmp_path / "server.log"
+    with log_path.open("ab") as log:
+        proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        context = cert.client_context()
+        deadline = time.monotonic() + 20
+        while True:
+            assert proc.poll() is None, log_tail(log_path)
+            try:
+                url = f"https://127.0.0.1:{port}/healthz"
+                if httpx.get(url, verify=context, timeout=1.0).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, log_tail(log_path)
+            time.sleep(0.05)  # poll interval, bounded by the deadline
+        config = httpx.get(f"https://127.0.0.1:{port}/api/config", verify=context).json()
+        if public_url is None:
+            assert config["ws_url"] == f"wss://127.0.0.1:{ws_port}/ws"
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(timeout=15)
+
+
+@contextlib.contextmanager
+def chromium() -> Iterator[Any]:
+    """Chromium with ``chat.test`` mapped to 127.0.0.1, in a context ignoring https errors.
+
+    A real host name: Chromium treats 127.0.0.1 as a secure context, which would hide a
+    blocked ws:// (mixed content) from an https page.
+    """
+    from test_browser import CHROMIUM, CHROMIUM_ARGS
+
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} not found: install it with `make browsers`")
+    from playwright.sync_api import sync_playwright
+
+    args = [*CHROMIUM_ARGS, "--host-resolver-rules=MAP chat.test 127.0.0.1"]
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=args)
+        try:
+            yield browser.new_context(ignore_https_errors=True)
+        finally:
+            browser.close()
+
+
+@pytest.mark.slow
+def test_https_page_chats_over_the_wss_chat_socket(https_serve: int) -> None:
+    from playwright.sync_api import expect
+    from test_browser import message_with, say, wait_online
+
+    port = https_serve
+    with chromium() as context:
+        sockets: list[str] = []
+        pages = []
+        errors: list[str] = []
+        for name in ("alice", "bob"):
+            page = context.new_page()
+            page.on("websocket", lambda ws: sockets.append(ws.url))
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            page.goto(f"https://chat.test:{port}/?name={name}#general")
+            # "chat": the chat socket, not the /ws fallback.
+            wait_online(page, "chat")
+            pages.append(page)
+        alice, bob = pages
+        say(alice, "hello over wss")
+        expect(message_with(bob, "hello over wss")).to_have_count(1)
+        assert len(sockets) == 2, sockets
+        assert all(url.startswith("wss://chat.test:") for url in sockets), sockets
+        assert not any(f":{port}/" in url for url in sockets), sockets
+        assert not errors
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "public_url",
+    [
+        # A plain chat socket named to an https page: mixed content, never offered.
+        "ws://chat.test:{ws_port}/ws",
+        # A URL `new WebSocket` refuses (a fragment): it throws, as it does with a
+        # SecurityError, and the page must go on to /ws.
+        "wss://chat.test:{ws_port}/ws#fragment",
+    ],
+)
+def test_https_page_falls_back_to_ws_when_the_chat_socket_cannot_be_opened(
+    https_serve: int,
+) -> None:
+    from test_browser import wait_online
+
+    port = https_serve
+    with chromium() as context:
+        sockets: list[str] = []
+        errors: list[str] = []
+        page = context.new_page()
+        page.on("websocket", lambda ws: sockets.append(ws.url))
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        page.goto(f"https://chat.test:{port}/?name=alice#general")
+        wait_online(page, "fallback")
+        # One socket, to /ws on the page's own origin: the chat socket's never opened.
+        assert len(sockets) == 1, sockets
+        assert sockets[0].startswith(f"wss://chat.test:{port}/ws?"), sockets
+        assert not errors
