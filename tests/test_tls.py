@@ -11,10 +11,12 @@ import datetime
 import functools
 import ipaddress
 import os
+import socket
 import ssl
 import subprocess
 import sys
 import time
+import urllib.parse
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,8 +29,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from hypercorn.config import Config
 from hypercorn.trio import serve
+from test_backpressure import RawClient, messages
 from test_socket_intake import client_hello, echo, open_raw, read_to_eof, upgrade
 from trio_websocket import open_websocket_url
+from wsproto.events import AcceptConnection, Request
 
 from trio_chat import ChatApp, Settings
 from trio_chat._errors import ConfigError
@@ -211,6 +215,96 @@ async def test_stalled_tls_handshake_is_cut_at_the_timeout(
         await other.send_message("still here")
         assert await other.get_message() == "still here"
     assert not failures.statistics().contained
+
+
+class _TlsSocket:
+    """A TLS stream with the two socket calls `RawClient` makes."""
+
+    def __init__(self, stream: trio.SSLStream[trio.SocketStream]) -> None:
+        self.stream = stream
+
+    async def send(self, data: bytes) -> int:
+        await self.stream.send_all(data)
+        return len(data)
+
+    async def recv(self, size: int) -> bytes:
+        try:
+            return await self.stream.receive_some(size)
+        except trio.BrokenResourceError:
+            return b""
+
+    def close(self) -> None:
+        self.stream.transport_stream.socket.close()
+
+
+async def tls_raw_client(url: str, name: str, cert: Cert, rcvbuf: int = 4096) -> RawClient:
+    """`RawClient` (test_backpressure.py) over TLS: the test decides when bytes are read."""
+    parts = urllib.parse.urlsplit(url)
+    sock = trio.socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    await sock.connect((parts.hostname, parts.port))
+    stream = trio.SSLStream(
+        trio.SocketStream(sock), cert.client_context(), server_hostname=parts.hostname
+    )
+    await stream.do_handshake()
+    client = RawClient(_TlsSocket(stream))  # type: ignore[arg-type]
+    await client._send(Request(host=parts.netloc, target=f"{parts.path}?name={name}"))
+    while not any(isinstance(e, AcceptConnection) for e in await client._receive_events()):
+        pass
+    return client
+
+
+async def test_partial_tls_writes_never_tear_a_frame_and_a_slow_reader_is_closed_4008(
+    nursery: trio.Nursery, tmp_path: Path, cert: Cert
+) -> None:
+    settings = make_settings(
+        tmp_path,
+        rate_limit=0.0,
+        backlog=64 * 1024,
+        store="memory",
+        ws_certfile=cert.certfile,
+        ws_keyfile=cert.keyfile,
+    )
+    app = ChatApp(settings)
+    config = Config()
+    config.bind = ["127.0.0.1:0"]
+    config.accesslog = None
+    config.graceful_timeout = 1
+    await nursery.start(functools.partial(serve, app, config, shutdown_trigger=trio.Event().wait))
+    assert app.node is not None
+    node = app.node
+    url = f"wss://127.0.0.1:{node.chat_socket_port}/ws"
+    slow = await tls_raw_client(url, "slow", cert, rcvbuf=2048)
+    sipper = await tls_raw_client(url, "sipper", cert, rcvbuf=2048)
+    publisher = await tls_raw_client(url, "publisher", cert)
+    for client in (slow, sipper, publisher):
+        await client.send(type="join", room="flood")
+        await client.read_until(lambda c=client: c.count["joined"] > 0)
+    count = 200
+    async with trio.open_nursery() as inner:
+
+        async def read_when_dropped() -> None:
+            await eventually(lambda: node.chat_socket.statistics().slow_closes == 1)
+            await slow.read_until(lambda: False)
+
+        inner.start_soon(read_when_dropped)
+        # The sipper reads a few hundred bytes at a time, often enough to stay within
+        # its backlog; the slow client reads nothing until it is dropped.
+        for start in range(0, count, 20):
+            for i in range(start, start + 20):
+                await publisher.send(type="send", room="flood", text=f"{i:06d} " + "x" * 2000)
+            await sipper.read_until(lambda n=start + 20: sipper.count["message"] >= n, 300)
+            await publisher.read_until(lambda n=start + 20: publisher.count["message"] >= n)
+    assert [m["text"][:6] for m in messages(sipper)] == [f"{i:06d}" for i in range(count)]
+    stats = node.chat_socket.statistics()
+    assert stats.partial_writes > 0
+    assert stats.slow_closes == 1
+    # What the slow client got is whole frames (each decrypted and parsed), then 4008.
+    assert slow.close_code == 4008
+    assert 0 < len(messages(slow)) < count
+    for client in (slow, sipper, publisher):
+        client.close()
+    assert not node.failures.statistics().contained
 
 
 def test_a_bad_certificate_names_the_setting(cert: Cert, tmp_path: Path) -> None:

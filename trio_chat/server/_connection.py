@@ -125,7 +125,7 @@ class WebSocketConnection(OutboundPath):
                 await trio.lowlevel.wait_readable(self._sock)
             except ssl.SSLWantWriteError:
                 await trio.lowlevel.wait_writable(self._sock)
-            except (ssl.SSLError, ConnectionError) as exc:
+            except OSError as exc:  # SSLError included; a reset; ENOTCONN if it left early
                 self.abort()
                 raise ProtocolError("tls_handshake", f"TLS handshake failed: {exc}") from None
 
