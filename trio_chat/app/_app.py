@@ -50,9 +50,22 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("trio_chat.app")
 
-WEB_DIR: Final = Path(
-    os.environ.get("TRIO_CHAT_WEB_DIR", Path(__file__).resolve().parents[2] / "web")
-)
+
+def _web_dir() -> Path:
+    """The page's files: ``TRIO_CHAT_WEB_DIR``, else the installed copy, else the checkout's.
+
+    A wheel ships them as ``trio_chat/web/`` (pyproject.toml maps web/ there); a checkout
+    (an editable install, ``make run``) serves web/ itself, so edits show at once.
+    """
+    override = os.environ.get("TRIO_CHAT_WEB_DIR", "")
+    if override:
+        return Path(override)
+    package = Path(__file__).resolve().parents[1]
+    installed = package / "web"
+    return installed if installed.is_dir() else package.parent / "web"
+
+
+WEB_DIR: Final = _web_dir()
 
 _Scope = dict[str, Any]
 # After SIGTERM, how long a worker waits for hypercorn's shutdown: its graceful timeout
