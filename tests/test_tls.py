@@ -36,6 +36,7 @@ from wsproto.events import AcceptConnection, Request
 
 from trio_chat import ChatApp, Settings
 from trio_chat._errors import ConfigError
+from trio_chat.node._multicast import peer_tls
 from trio_chat.server._boundary import FailureBoundary
 from trio_chat.server._limits import ConnectionLimits
 from trio_chat.server._listener import HANDSHAKE_TIMEOUT, WebSocketServer
@@ -71,16 +72,22 @@ def _write_key(key: ec.EllipticCurvePrivateKey, path: Path) -> None:
     )
 
 
-@pytest.fixture(scope="module")
-def cert(tmp_path_factory: pytest.TempPathFactory) -> Cert:
-    directory = tmp_path_factory.mktemp("tls")
+def make_cert(
+    directory: Path, issuer: tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None = None
+) -> tuple[Cert, x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """A certificate for chat.test and 127.0.0.1: self-signed (a CA), or by ``issuer``.
+
+    The certificate file holds the chain: the certificate, then its issuer's.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "chat.test")])
     now = datetime.datetime.now(datetime.UTC)
+    signer_cert, signer_key = issuer if issuer is not None else (None, key)
     certificate = (
         x509.CertificateBuilder()
         .subject_name(name)
-        .issuer_name(name)
+        .issuer_name(signer_cert.subject if signer_cert is not None else name)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(hours=1))
@@ -91,14 +98,20 @@ def cert(tmp_path_factory: pytest.TempPathFactory) -> Cert:
             ),
             critical=False,
         )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
+        .add_extension(x509.BasicConstraints(ca=issuer is None, path_length=None), critical=True)
+        .sign(signer_key, hashes.SHA256())
     )
     found = Cert(directory / "cert.pem", directory / "key.pem", directory / "other-key.pem")
-    found.certfile.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    chain = [certificate] + ([signer_cert] if signer_cert is not None else [])
+    found.certfile.write_bytes(b"".join(c.public_bytes(serialization.Encoding.PEM) for c in chain))
     _write_key(key, found.keyfile)
     _write_key(ec.generate_private_key(ec.SECP256R1()), found.other_keyfile)
-    return found
+    return found, certificate, key
+
+
+@pytest.fixture(scope="module")
+def cert(tmp_path_factory: pytest.TempPathFactory) -> Cert:
+    return make_cert(tmp_path_factory.mktemp("tls"))[0]
 
 
 async def start_tls_server(nursery: trio.Nursery, tmp_path: Path, cert: Cert) -> Server:
@@ -305,6 +318,31 @@ async def test_partial_tls_writes_never_tear_a_frame_and_a_slow_reader_is_closed
     for client in (slow, sipper, publisher):
         client.close()
     assert not node.failures.statistics().contained
+
+
+async def test_heal_requests_trust_exactly_this_nodes_certificate(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """Host mode: workers heal from each other at https://127.0.0.1:…, a name a real
+    certificate does not carry; they trust their own certificate, and not its issuer."""
+    ca, ca_cert, ca_key = make_cert(tmp_path / "ca")
+    leaf = make_cert(tmp_path / "leaf", (ca_cert, ca_key))[0]
+    sibling = make_cert(tmp_path / "sibling", (ca_cert, ca_key))[0]
+    server = await start_tls_server(nursery, tmp_path / "server", leaf)
+
+    async def status(verify: ssl.SSLContext | bool) -> int:
+        async with httpx.AsyncClient(verify=verify) as http:
+            return (await http.get(server.http_url + "/healthz")).status_code
+
+    assert await status(peer_tls(Settings(cluster="host", ws_certfile=leaf.certfile))) == 200
+    for other in (sibling, ca):
+        with pytest.raises(httpx.ConnectError):
+            await status(peer_tls(Settings(cluster="host", ws_certfile=other.certfile)))
+    # LAN peers: the usual checks (here: an unknown CA).
+    lan = Settings(cluster="lan", ws_certfile=leaf.certfile)
+    assert peer_tls(lan) is True
+    with pytest.raises(httpx.ConnectError):
+        await status(peer_tls(lan))
 
 
 def test_a_bad_certificate_names_the_setting(cert: Cert, tmp_path: Path) -> None:

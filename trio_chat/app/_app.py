@@ -25,7 +25,7 @@ from quart_trio import QuartTrio
 from .._errors import ConfigError, ProtocolError, StoreError
 from ..node._cluster import HEAL_HEADER, HEAL_PAGE
 from ..node._identity import NodeIdentity, claim_identity
-from ..node._multicast import MulticastBus, link_config
+from ..node._multicast import MulticastBus, link_config, peer_tls
 from ..node._node import Node, open_store
 from ..protocol._codes import CLOSE_INTERNAL_ERROR, CLOSE_TOO_BIG, CLOSE_UNSUPPORTED
 from ..protocol._hosts import bound_to_loopback, host_allowed
@@ -166,7 +166,7 @@ class ChatApp:
             bus = None
             if settings.cluster != "off":
                 link = link_config(settings, identity, http_url=settings.http_url or "")
-                bus = MulticastBus.from_config(link)
+                bus = MulticastBus.from_config(link, peer_tls(settings))
             store = self._store if self._store is not None else open_store(settings)
         except Exception as exc:
             # Anything at all: an exception escaping the lifespan would make hypercorn
