@@ -36,19 +36,32 @@ export function forgetConfig() {
   config = null;
 }
 
+/**
+ * `path` (absolute, or relative to this page) as a WebSocket URL, or null if this page may
+ * not open it. ws:// and wss:// stay as they are; http:// and https:// become them. An
+ * https page never gets a ws:// URL: the browser blocks it as mixed content.
+ */
 function wsUrl(path) {
-  const u = new URL(path, location.href);
-  u.protocol = u.protocol === "https:" ? "wss:" : "ws:";
+  let u;
+  try {
+    u = new URL(path, location.href);
+  } catch (_) {
+    return null;
+  }
+  if (u.protocol === "https:") u.protocol = "wss:";
+  else if (u.protocol === "http:") u.protocol = "ws:";
+  else if (u.protocol !== "wss:" && u.protocol !== "ws:") return null;
+  if (location.protocol === "https:" && u.protocol === "ws:") return null;
   return u;
 }
 
 /** Where to connect, in order: the chat socket, then the /ws fallback on this origin. */
 export function socketUrls(forceFallback) {
   const list = [];
-  if (!forceFallback && config && config.ws_url) {
-    list.push({ url: wsUrl(config.ws_url), kind: "chat" });
-  }
-  list.push({ url: wsUrl((config && config.fallback_ws_url) || "/ws"), kind: "fallback" });
+  const chat = !forceFallback && config && config.ws_url ? wsUrl(config.ws_url) : null;
+  if (chat) list.push({ url: chat, kind: "chat" });
+  const fallback = wsUrl((config && config.fallback_ws_url) || "/ws") || wsUrl("/ws");
+  list.push({ url: fallback, kind: "fallback" });
   return list;
 }
 

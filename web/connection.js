@@ -81,7 +81,16 @@ async function connect() {
 
 function tryUrl(list, i) {
   let opened = false;
-  const sock = new WebSocket(String(list[i].url));
+  let sock;
+  try {
+    sock = new WebSocket(String(list[i].url));
+  } catch (_) {
+    // A SecurityError (mixed content, a blocked port) or a SyntaxError: this URL cannot
+    // be opened at all, so go on to the next (the /ws fallback) at once.
+    if (i + 1 < list.length) tryUrl(list, i + 1);
+    else disconnected(1006, "");
+    return;
+  }
   ws = sock;
   sock.addEventListener("open", () => {
     opened = true;

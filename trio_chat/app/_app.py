@@ -25,7 +25,7 @@ from quart_trio import QuartTrio
 from .._errors import ConfigError, ProtocolError, StoreError
 from ..node._cluster import HEAL_HEADER, HEAL_PAGE
 from ..node._identity import NodeIdentity, claim_identity
-from ..node._multicast import MulticastBus, link_config
+from ..node._multicast import MulticastBus, link_config, peer_tls
 from ..node._node import Node, open_store
 from ..protocol._codes import CLOSE_INTERNAL_ERROR, CLOSE_TOO_BIG, CLOSE_UNSUPPORTED
 from ..protocol._hosts import bound_to_loopback, host_allowed
@@ -50,9 +50,22 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("trio_chat.app")
 
-WEB_DIR: Final = Path(
-    os.environ.get("TRIO_CHAT_WEB_DIR", Path(__file__).resolve().parents[2] / "web")
-)
+
+def _web_dir() -> Path:
+    """The page's files: ``TRIO_CHAT_WEB_DIR``, else the installed copy, else the checkout's.
+
+    A wheel ships them as ``trio_chat/web/`` (pyproject.toml maps web/ there); a checkout
+    (an editable install, ``make run``) serves web/ itself, so edits show at once.
+    """
+    override = os.environ.get("TRIO_CHAT_WEB_DIR", "")
+    if override:
+        return Path(override)
+    package = Path(__file__).resolve().parents[1]
+    installed = package / "web"
+    return installed if installed.is_dir() else package.parent / "web"
+
+
+WEB_DIR: Final = _web_dir()
 
 _Scope = dict[str, Any]
 # After SIGTERM, how long a worker waits for hypercorn's shutdown: its graceful timeout
@@ -147,12 +160,13 @@ class ChatApp:
         store: Store | None = None
         try:
             settings = self._settings = self._settings or Settings.from_env()
+            tls = settings.chat_socket_tls()
             raise_nofile_limit()
             identity = claim_identity(settings.data_dir)
             bus = None
             if settings.cluster != "off":
                 link = link_config(settings, identity, http_url=settings.http_url or "")
-                bus = MulticastBus.from_config(link)
+                bus = MulticastBus.from_config(link, peer_tls(settings))
             store = self._store if self._store is not None else open_store(settings)
         except Exception as exc:
             # Anything at all: an exception escaping the lifespan would make hypercorn
@@ -168,7 +182,7 @@ class ChatApp:
         started = False
         try:
             async with trio.open_nursery() as nursery:
-                node = Node(settings, identity.node_id, store, bus)
+                node = Node(settings, identity.node_id, store, bus, tls)
                 await nursery.start(node.run)
                 if self._take_sigterm:
                     nursery.start_soon(_close_on_sigterm, node)

@@ -51,6 +51,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--workers", type=int, default=1, help="worker processes, restarted if they die (default 1)"
     )
+    serve.add_argument(
+        "--certfile",
+        help="serve the page over https with this certificate chain (PEM); the chat socket"
+        " then serves wss:// with it too, unless TRIO_CHAT_WS_CERTFILE says otherwise",
+    )
+    serve.add_argument(
+        "--keyfile", help="the private key of --certfile (PEM; default: in the certificate file)"
+    )
     for setting in SETTINGS:
         default = setting.default_text().replace("`", "")
         serve.add_argument(
@@ -84,35 +92,56 @@ def _serve(args: argparse.Namespace) -> int:
         value = getattr(args, setting.name)
         if value is not None:
             os.environ[setting.var] = value
-    os.environ.setdefault("TRIO_CHAT_HTTP_URL", f"http://{args.bind}")
+    scheme = "http"
+    if args.certfile is not None:
+        # Hypercorn's certificate is the chat socket's too: the page is https, so its
+        # socket must be wss:// (a browser blocks ws:// from an https page).
+        scheme = "https"
+        if not os.environ.get("TRIO_CHAT_WS_CERTFILE"):
+            os.environ["TRIO_CHAT_WS_CERTFILE"] = args.certfile
+            os.environ.pop("TRIO_CHAT_WS_KEYFILE", None)
+            if args.keyfile is not None:
+                os.environ["TRIO_CHAT_WS_KEYFILE"] = args.keyfile
+    elif args.keyfile is not None:
+        print("trio-chat: --keyfile needs --certfile", file=sys.stderr)
+        return 2
+    os.environ.setdefault("TRIO_CHAT_HTTP_URL", f"{scheme}://{args.bind}")
     try:
         settings = Settings.from_env()
+        # Read the certificate now: a bad one stops the command, not each worker.
+        settings.chat_socket_tls()
     except ConfigError as exc:
         print(f"trio-chat: {exc}", file=sys.stderr)
         return 2
     config = Config()
     config.bind = [args.bind]
+    config.certfile = args.certfile
+    config.keyfile = args.keyfile
     config.accesslog = None
     config.errorlog = "-"
-    for line in first_lines(args.bind, settings):
+    for line in first_lines(args.bind, settings, scheme):
         print(f"trio-chat: {line}", flush=True)
     if args.workers > 1:
         return Supervisor(config, args.workers).run()
     return run_node(config, None, (signal.SIGTERM, signal.SIGINT))
 
 
-def first_lines(bind: str, settings: Settings) -> list[str]:
-    """What ``serve`` prints first: what to open, where the data lives, how to stop it."""
+def first_lines(bind: str, settings: Settings, scheme: str = "http") -> list[str]:
+    """What ``serve`` prints first: what to open, where the data lives, how to stop it.
+
+    ``scheme`` is the page's (``https`` when hypercorn has a certificate).
+    """
     if settings.ws_bind is None:
-        chat = f"http://{bind}"  # the page's port serves /ws too
+        chat = f"{scheme}://{bind}"  # the page's port serves /ws too
     else:
         host, port = settings.ws_bind
-        chat = f"ws://{f'[{host}]' if ':' in host else host}:{port}/ws"
+        ws = "wss" if settings.ws_certfile is not None else "ws"
+        chat = f"{ws}://{f'[{host}]' if ':' in host else host}:{port}/ws"
     data = f"data (history, node identity, cluster key) in {settings.data_dir.resolve()}"
     if settings.store == "memory":
         data += "; history is kept in memory only"
     return [
-        f"open http://{bind}/ in a browser (in a terminal: trio-chat client {chat})",
+        f"open {scheme}://{bind}/ in a browser (in a terminal: trio-chat client {chat})",
         data,
         "stop with Ctrl-C",
     ]

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 import secrets
+import ssl
 import time
 from typing import TYPE_CHECKING, Final, NoReturn
 
@@ -77,26 +79,61 @@ def link_config(settings: Settings, identity: NodeIdentity, *, http_url: str) ->
     )
 
 
+_PEM_CERTIFICATE: Final = re.compile(
+    rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL
+)
+
+
+def peer_tls(settings: Settings) -> ssl.SSLContext | bool:
+    """How heal requests check a peer's https certificate (httpx's ``verify``).
+
+    Host mode with a certificate: the peers are this host's workers, serving this node's
+    own certificate at a loopback address it does not name, so exactly that certificate
+    (its first, the leaf) is trusted, whoever issued it. Otherwise the usual CA and name
+    checks: in LAN mode each peer's ``TRIO_CHAT_HTTP_URL`` must use a name its
+    certificate covers.
+
+    Raises:
+      ConfigError: the certificate file holds no PEM certificate.
+    """
+    if settings.cluster != "host" or settings.ws_certfile is None:
+        return True
+    found = _PEM_CERTIFICATE.search(settings.ws_certfile.read_bytes())
+    if found is None:
+        raise ConfigError(f"TRIO_CHAT_WS_CERTFILE={str(settings.ws_certfile)!r}: no certificate")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_REQUIRED
+    # The leaf alone is the trust anchor: not its issuer, which signs others' too.
+    context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+    context.load_verify_locations(cadata=found.group().decode("ascii"))
+    return context
+
+
 class MulticastBus:
     """A `Bus` over the multicast link.
 
     Args:
       link: the link (not yet running: `run` runs it).
       secret: the cluster secret (the link's), which signs heal requests.
+      verify: how heal requests check a peer's https certificate (`peer_tls`).
     """
 
-    def __init__(self, link: ClusterLink, secret: bytes) -> None:
+    def __init__(
+        self, link: ClusterLink, secret: bytes, verify: ssl.SSLContext | bool = True
+    ) -> None:
         self.link = link
         self._secret = secret
+        self._verify = verify
 
     @classmethod
-    def from_config(cls, config: LinkConfig) -> MulticastBus:
+    def from_config(cls, config: LinkConfig, verify: ssl.SSLContext | bool = True) -> MulticastBus:
         """The bus over a multicast socket.
 
         Raises:
           ConfigError: the secret or node id is unusable.
         """
-        return cls(ClusterLink(config), config.secret)
+        return cls(ClusterLink(config), config.secret, verify)
 
     @property
     def heal_secret(self) -> bytes:
@@ -137,7 +174,7 @@ class MulticastBus:
             params = {"origin": origin, "after": after, "limit": limit_text}
             try:
                 with trio.fail_after(_HEAL_TIMEOUT):
-                    async with httpx.AsyncClient() as client:
+                    async with httpx.AsyncClient(verify=self._verify) as client:
                         response = await client.get(
                             url, params=params, headers={HEAL_HEADER: signature}
                         )

@@ -34,6 +34,8 @@ from ._presence import Presence
 from ._store import MemoryStore, Message, SqliteStore, Store
 
 if TYPE_CHECKING:
+    import ssl
+
     from ..protocol._wire import Send, TypingEvent
     from ..server._ports import Member
     from ..settings._settings import Settings
@@ -63,10 +65,16 @@ class Node:
       node_id: this node's stable id (see `claim_identity`).
       store: the history engine; `open_store` picks it from the settings.
       bus: the cluster engine (`MulticastBus`), or None to run alone.
+      tls: the chat socket's TLS context (`Settings.chat_socket_tls`), None for ``ws://``.
     """
 
     def __init__(
-        self, settings: Settings, node_id: str, store: Store, bus: Bus | None = None
+        self,
+        settings: Settings,
+        node_id: str,
+        store: Store,
+        bus: Bus | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.settings = settings
         self.node_id = node_id
@@ -95,6 +103,7 @@ class Node:
             max_message=settings.max_frame,
             backlog_limit=settings.backlog,
             keepalive_interval=settings.keepalive_interval,
+            tls=tls,
         )
         self.chat_socket_port: int | None = None
         self._fallback_slow = 0

@@ -11,6 +11,8 @@ import collections
 import contextlib
 import dataclasses
 import errno
+import logging
+import ssl
 from typing import TYPE_CHECKING, Final
 
 import trio
@@ -50,6 +52,10 @@ if TYPE_CHECKING:
     from wsproto.events import Event
 
 
+log = logging.getLogger("trio_chat.websocket")
+
+# Over a TLS record's 16 KiB, so a read leaves no decrypted bytes in OpenSSL's buffer
+# unread (`_wait_readable` checks anyway).
 RECV_SIZE: Final = 64 * 1024
 _MAX_HANDSHAKE: Final = 16 * 1024
 
@@ -100,17 +106,62 @@ class WebSocketConnection(OutboundPath):
 
     # -- inbound ------------------------------------------------------------------------
 
-    async def _receive_bytes(self) -> bytes:
+    async def tls_handshake_untrusted(self) -> None:
+        """Run the TLS handshake of a connection accepted on a TLS socket.
+
+        Bounded by the caller (the handshake timeout covers it and the upgrade request).
+
+        Raises:
+          ProtocolError: code ``tls_handshake``: the client is not speaking TLS (a
+            plain-text request), refused our certificate, or went away; the
+            connection is cut.
+        """
+        assert isinstance(self._sock, ssl.SSLSocket)
         while True:
             try:
-                data = self._sock.recv(RECV_SIZE)
-            except BlockingIOError:
+                self._sock.do_handshake()
+                return
+            except ssl.SSLWantReadError:
                 await trio.lowlevel.wait_readable(self._sock)
+            except ssl.SSLWantWriteError:
+                await trio.lowlevel.wait_writable(self._sock)
+            except OSError as exc:  # SSLError included; a reset; ENOTCONN if it left early
+                self.abort()
+                raise ProtocolError("tls_handshake", f"TLS handshake failed: {exc}") from None
+
+    def _recv_nowait(self) -> bytes | None:
+        """What the client sent, b"" once it is gone, None while there is nothing yet.
+
+        On a TLS socket a read never needs a write (renegotiation is off; OpenSSL
+        answers a TLS 1.3 key update on the next write), so the want-write case only
+        waits like the want-read one.
+        """
+        try:
+            return self._sock.recv(RECV_SIZE)
+        except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            return None
+        except ssl.SSLError as exc:
+            # A corrupt record, or TCP closed without TLS's close: the client is gone.
+            log.debug("cutting %s: %s", self.remote, exc)
+            return b""
+        except OSError as exc:
+            if exc.errno in (errno.ECONNRESET, errno.ETIMEDOUT, errno.EPIPE):
+                return b""
+            raise
+
+    async def _wait_readable(self) -> None:
+        """Wait for input; bytes OpenSSL has decrypted but not handed out count."""
+        if isinstance(self._sock, ssl.SSLSocket) and self._sock.pending():
+            await trio.lowlevel.checkpoint()
+        else:
+            await trio.lowlevel.wait_readable(self._sock)
+
+    async def _receive_bytes(self) -> bytes:
+        while True:
+            data = self._recv_nowait()
+            if data is None:
+                await self._wait_readable()
                 continue
-            except OSError as exc:
-                if exc.errno in (errno.ECONNRESET, errno.ETIMEDOUT, errno.EPIPE):
-                    return b""
-                raise
             await trio.lowlevel.checkpoint()
             return data
 
@@ -234,15 +285,15 @@ class WebSocketConnection(OutboundPath):
         with scope:
             await trio.lowlevel.checkpoint_if_cancelled()
             while self._stash_size <= self._max_message:
-                await trio.lowlevel.wait_readable(self._sock)
+                await self._wait_readable()
                 if scope.cancel_called:
                     return
                 try:
-                    data = self._sock.recv(RECV_SIZE)
-                except BlockingIOError:
-                    continue
+                    data = self._recv_nowait()
                 except OSError:
                     data = b""
+                if data is None:
+                    continue
                 self.received_since_ping = True
                 if not data:
                     self._close_output()

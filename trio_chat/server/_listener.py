@@ -31,6 +31,7 @@ from ._connection import (
 from ._limits import RETRY_AFTER, refusal_body
 
 if TYPE_CHECKING:
+    import ssl
     from collections.abc import Awaitable, Callable, Iterator
 
     from ._boundary import FailureBoundary
@@ -108,6 +109,8 @@ class WebSocketServer:
       max_message: largest message a client may send, in bytes.
       backlog_limit: bytes a client may leave unread before it is closed as slow.
       keepalive_interval: seconds between two pings of each connection.
+      tls: serve ``wss://`` with this context (None: plain ``ws://``). The TLS handshake
+        counts in the handshake timeout.
     """
 
     def __init__(
@@ -120,6 +123,7 @@ class WebSocketServer:
         max_message: int,
         backlog_limit: int,
         keepalive_interval: float,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self._handler = handler
         self._failures = failures
@@ -128,6 +132,7 @@ class WebSocketServer:
         self._max_message = max_message
         self._backlog_limit = backlog_limit
         self._keepalive_interval = keepalive_interval
+        self._tls = tls
         self._accepting = trio.CancelScope()
         self._counters = SocketCounters()
         self._refusing = 0
@@ -198,7 +203,8 @@ class WebSocketServer:
         if refused is not None:
             self._count_error(refused)
             if self._refusing >= _MAX_REFUSING:
-                _send_refusal(sock, refused)
+                if self._tls is None:
+                    _send_refusal(sock, refused)
                 sock.close()
                 return
             self._refusing += 1
@@ -255,11 +261,17 @@ class WebSocketServer:
         try:
             sock.setblocking(False)
             if refused is not None:
-                _send_refusal(sock, refused)
-                await _linger(sock)
+                # Over TLS the client gets only the close: a 503 would cost a handshake
+                # each, the very work a flood past the caps must not get.
+                if self._tls is None:
+                    _send_refusal(sock, refused)
+                    await _linger(sock)
                 return
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SNDBUF)
+            if self._tls is not None:
+                # Still non-blocking; the handshake itself runs in `_handshake`.
+                sock = self._tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
             async with trio.open_nursery() as nursery:
                 conn = WebSocketConnection(
                     sock,
@@ -302,9 +314,15 @@ class WebSocketServer:
                 await conn.wait_done()
 
     async def _handshake(self, conn: WebSocketConnection) -> HandshakeRequest | None:
-        """The client's upgrade request, or None if it was refused or too slow."""
+        """The client's upgrade request, or None if it was refused or too slow.
+
+        On a TLS socket the TLS handshake comes first, within the same timeout: a
+        client that stalls it, or speaks plain text, holds its slot no longer.
+        """
         with trio.move_on_after(HANDSHAKE_TIMEOUT):
             try:
+                if self._tls is not None:
+                    await conn.tls_handshake_untrusted()
                 return await conn.handshake_untrusted()
             except ProtocolError as exc:
                 # A scanner or a health check, most likely: not worth a log line each.

@@ -17,6 +17,14 @@ pulled instead: `OutboundPath.send_reply` waits until the backlog has drained
 below half its bound before queueing one, so a reply of any size goes out as fast as the
 client reads it, and its bytes never count as lag.
 
+On a TLS socket (`ssl.SSLSocket`, non-blocking) the same path holds, with two
+differences. ``SSLSocket.sendmsg`` does not exist: the writer sends the backlog's frames
+one ``send`` each (each one or more TLS records). And a ``send`` that raises
+``SSLWantWriteError`` may already have encrypted part of its frame into OpenSSL's
+buffer: that frame must be offered again, whole and first, so it is kept in the backlog as
+begun (a memoryview) and never dropped. OpenSSL never reports a partial write (no
+``SSL_MODE_ENABLE_PARTIAL_WRITE``): a frame is taken whole or not yet.
+
 A close frame is the last frame: after it, or after the client's close, only the frame
 already partly on the wire may still go out before it. The connection ends once the
 close frame has been written (bounded by the caller), never by cancelling the writer
@@ -28,6 +36,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
+import ssl
 from typing import TYPE_CHECKING, Final
 
 import trio
@@ -50,6 +59,9 @@ log = logging.getLogger("trio_chat.websocket")
 SLOW_CLOSE_GRACE: Final = 2.0
 # sendmsg takes at most IOV_MAX buffers; 64 is plenty to fill a socket buffer.
 _MAX_IOV: Final = 64
+# What a non-blocking TLS send raises when the kernel takes no more (a read is never
+# needed: renegotiation is off, see Settings.chat_socket_tls).
+_TLS_WOULD_BLOCK: Final = (ssl.SSLWantWriteError, ssl.SSLWantReadError)
 
 
 @dataclasses.dataclass
@@ -79,6 +91,7 @@ class OutboundPath:
         counters: SocketCounters,
     ) -> None:
         self._sock = sock
+        self._tls = isinstance(sock, ssl.SSLSocket)
         self._counters = counters
         self._nursery = nursery
         self._ws: WSConnection | Connection = WSConnection(ConnectionType.SERVER)
@@ -143,17 +156,22 @@ class OutboundPath:
 
     def _queue(self, data: bytes, *, reply: bool = False) -> None:
         if not self._backlog:
+            rest: bytes | memoryview = data
             try:
                 sent = self._sock.send(data)
             except BlockingIOError:
                 sent = 0
+            except _TLS_WOULD_BLOCK:
+                # OpenSSL may hold part of it already: offered again first, never dropped.
+                sent = 0
+                rest = memoryview(data)
             except OSError:
                 self.abort()
                 return
             if sent == len(data):
                 return
             self._counters.partial_writes += 1
-            self._append(memoryview(data)[sent:] if sent else data, reply)
+            self._append(memoryview(data)[sent:] if sent else rest, reply)
         else:
             self._append(data, reply)
         if self._backlog_bytes > self._counters.peak_backlog:
@@ -218,11 +236,14 @@ class OutboundPath:
 
     def _flush(self) -> None:
         """Write as much of the backlog as the kernel takes, keeping frame order."""
-        buffers = [self._backlog[i] for i in range(min(len(self._backlog), _MAX_IOV))]
-        try:
-            sent = self._sock.sendmsg(buffers)
-        except BlockingIOError:
-            return
+        if self._tls:
+            sent = self._flush_tls()
+        else:
+            buffers = [self._backlog[i] for i in range(min(len(self._backlog), _MAX_IOV))]
+            try:
+                sent = self._sock.sendmsg(buffers)
+            except BlockingIOError:
+                return
         self._backlog_bytes -= sent
         if sent:
             # The client is reading (its TCP stack acknowledged data): as alive as a
@@ -236,6 +257,20 @@ class OutboundPath:
             else:
                 self._backlog[0] = memoryview(head)[sent:]
                 sent = 0
+
+    def _flush_tls(self) -> int:
+        """`_flush`'s write on a TLS socket: one ``send`` per frame; the bytes written."""
+        sent = 0
+        for i in range(min(len(self._backlog), _MAX_IOV)):
+            frame = self._backlog[i]
+            try:
+                sent += self._sock.send(frame)
+            except _TLS_WOULD_BLOCK:
+                # Part of it may be encrypted already: it must go out next, whole.
+                if not isinstance(frame, memoryview):
+                    self._backlog[i] = memoryview(frame)
+                break
+        return sent
 
     def _overflow(self) -> None:
         self._drop_unstarted()

@@ -28,6 +28,7 @@ bounds the documentation shows, so the checks cannot drift from it.
 from __future__ import annotations
 
 import os
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Final, Literal
@@ -116,6 +117,24 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             "the chat socket URL given to the page, behind a proxy",
             kind=url("ws", "wss"),
             unset="from the page's host",
+        ),
+    ] = None
+    ws_certfile: Annotated[
+        Path | None,
+        _doc(
+            "the chat socket's TLS certificate chain (PEM): it then serves `wss://`."
+            " `trio-chat serve --certfile` sets it",
+            kind=PATH,
+            unset="plain `ws://`",
+        ),
+    ] = None
+    ws_keyfile: Annotated[
+        Path | None,
+        _doc(
+            "the private key of `TRIO_CHAT_WS_CERTFILE` (PEM; unset: in the certificate"
+            " file). `trio-chat serve --keyfile` sets it",
+            kind=PATH,
+            unset="none",
         ),
     ] = None
     max_connections: Annotated[
@@ -255,6 +274,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
                 "TRIO_CHAT_CLUSTER=lan needs TRIO_CHAT_CLUSTER_INTERFACE: the address of"
                 " this host on the LAN (multicast leaves through that interface)"
             )
+        if self.ws_keyfile is not None and self.ws_certfile is None:
+            raise ConfigError("TRIO_CHAT_WS_KEYFILE is set without TRIO_CHAT_WS_CERTFILE")
         if self.rate_limit > 0 and self.rate_burst < 1:
             raise ConfigError("TRIO_CHAT_RATE_BURST must be at least 1 when rate limiting is on")
 
@@ -268,7 +289,38 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         if port is None:
             return None
         host = page_host.rsplit(":", 1)[0] if not page_host.endswith("]") else page_host
-        return f"ws://{host}:{port}/ws"
+        scheme = "ws" if self.ws_certfile is None else "wss"
+        return f"{scheme}://{host}:{port}/ws"
+
+    def chat_socket_tls(self) -> ssl.SSLContext | None:
+        """The chat socket's TLS context, or None when it speaks plain ``ws://``.
+
+        Raises:
+          ConfigError: the certificate or key file is missing, unreadable, not PEM, or
+            the two do not match; the message names the variable.
+        """
+        if self.ws_certfile is None:
+            return None
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        # A client-started renegotiation would make a read need a write (and a write a
+        # read) on the non-blocking socket; nothing needs it.
+        context.options |= ssl.OP_NO_RENEGOTIATION
+        for var, path in (
+            ("TRIO_CHAT_WS_CERTFILE", self.ws_certfile),
+            ("TRIO_CHAT_WS_KEYFILE", self.ws_keyfile),
+        ):
+            if path is not None and not path.is_file():
+                raise ConfigError(f"{var}={str(path)!r}: no such file")
+        try:
+            context.load_cert_chain(self.ws_certfile, self.ws_keyfile)
+        except (ssl.SSLError, OSError) as exc:
+            raise ConfigError(
+                f"TRIO_CHAT_WS_CERTFILE={str(self.ws_certfile)!r} and TRIO_CHAT_WS_KEYFILE="
+                f"{str(self.ws_keyfile or self.ws_certfile)!r}: not a certificate and its"
+                f" matching key ({exc})"
+            ) from None
+        return context
 
 
 @dataclass(frozen=True, slots=True)
