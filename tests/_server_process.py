@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
@@ -236,10 +237,34 @@ class ServerProcess:
 
     def log(self) -> str:
         """The end of the server's log, for failure messages."""
+        return log_tail(self.log_path)
+
+
+def log_tail(log_path: Path) -> str:
+    """The end of a server's log, for failure messages."""
+    try:
+        return log_path.read_text(errors="replace")[-6000:]
+    except OSError:
+        return "(no log)"
+
+
+def wait_healthy(
+    proc: subprocess.Popen[bytes], base: str, log_path: Path, *, limit: float, verify: Any = True
+) -> None:
+    """Poll ``base``/healthz until it answers 200 (for servers started with Popen).
+
+    Fails with the log's tail when the process exits or ``limit`` seconds pass.
+    """
+    deadline = time.monotonic() + limit
+    while True:
+        assert proc.poll() is None, log_tail(log_path)
         try:
-            return self.log_path.read_text(errors="replace")[-6000:]
-        except OSError:
-            return "(no log)"
+            if httpx.get(base + "/healthz", verify=verify, timeout=1.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, log_tail(log_path)
+        time.sleep(0.05)  # poll interval, bounded by the deadline
 
 
 @contextlib.asynccontextmanager

@@ -7,14 +7,13 @@ import shutil
 import subprocess
 import sys
 import sysconfig
-import time
 import tomllib
 from pathlib import Path
 
 import httpx
 import pytest
 
-from _server_process import free_port, log_tail
+from _server_process import free_port, wait_healthy
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -81,16 +80,7 @@ def test_an_installed_wheel_serves_the_page(tmp_path: Path) -> None:
         proc = subprocess.Popen(serve, env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
     try:
         base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 30
-        while True:
-            assert proc.poll() is None, log_tail(log_path)
-            try:
-                if httpx.get(base + "/healthz", timeout=1.0).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, log_tail(log_path)
-            time.sleep(0.05)  # poll interval, bounded by the deadline
+        wait_healthy(proc, base, log_path, limit=30)
         page = httpx.get(base + "/")
         assert page.status_code == 200
         assert page.text == (ROOT / "web" / "index.html").read_text()

@@ -15,7 +15,6 @@ import socket
 import ssl
 import subprocess
 import sys
-import time
 import urllib.parse
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -41,7 +40,7 @@ from trio_chat.server._boundary import FailureBoundary
 from trio_chat.server._limits import ConnectionLimits
 from trio_chat.server._listener import HANDSHAKE_TIMEOUT, WebSocketServer
 
-from _server_process import free_port, log_tail
+from _server_process import free_port, wait_healthy
 from conftest import Server, eventually, make_settings
 
 if TYPE_CHECKING:
@@ -410,17 +409,7 @@ def https_serve(cert: Cert, tmp_path: Path, public_url: str | None) -> Iterator[
         proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         context = cert.client_context()
-        deadline = time.monotonic() + 20
-        while True:
-            assert proc.poll() is None, log_tail(log_path)
-            try:
-                url = f"https://127.0.0.1:{port}/healthz"
-                if httpx.get(url, verify=context, timeout=1.0).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, log_tail(log_path)
-            time.sleep(0.05)  # poll interval, bounded by the deadline
+        wait_healthy(proc, f"https://127.0.0.1:{port}", log_path, limit=20, verify=context)
         config = httpx.get(f"https://127.0.0.1:{port}/api/config", verify=context).json()
         if public_url is None:
             assert config["ws_url"] == f"wss://127.0.0.1:{ws_port}/ws"
