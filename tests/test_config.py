@@ -16,7 +16,7 @@ import pytest
 from trio_chat import ConfigError, Settings
 from trio_chat.app._cli import build_parser
 from trio_chat.link._socket import LinkConfig
-from trio_chat.node._multicast import cluster_secret
+from trio_chat.node._peer_http import cluster_secret
 from trio_chat.settings._settings import SETTINGS, settings_table
 
 README: Final = Path(__file__).parent.parent / "README.md"
