@@ -1,0 +1,314 @@
+"""The Redis engine (`RedisBus`) with a real ``redis-server``, nodes in one process.
+
+Each node is a real `Node` with a memory store, its bus a `RedisBus` on a redis-server
+this test starts on a free port in its temporary directory (persistence off, or AOF for
+the restart test). Real time: Redis does not run on trio's clock. The heal fetch is
+answered from the peers' stores (as in tests/test_cluster_inprocess.py); the HTTP fetch
+is the multicast engine's (node/_peer_http.py), tested through real processes.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import shutil
+import socket
+import subprocess
+import time
+from typing import TYPE_CHECKING, Any
+
+import pytest
+import trio
+from test_session import Recorder, open_session
+
+from trio_chat.node._node import Node
+from trio_chat.node._redis import RedisBus
+from trio_chat.node._store import MemoryStore, Message
+from trio_chat.protocol._wire import Ack, Joined, MessageEvent, Presence
+
+from _server_process import free_port
+from conftest import eventually, make_settings
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+    from pathlib import Path
+
+    from trio_chat.server._session import Session
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("redis-server") is None, reason="needs Debian's redis-server"
+)
+
+ROOM = "general"
+SECRET = b"a cluster secret for the redis tests"
+# Short, so that a dead node leaves within a test's patience.
+TTL = 1.5
+
+
+class RedisServer:
+    """``redis-server`` on a free port in ``folder``, stopped and started at will."""
+
+    def __init__(self, folder: Path, *, aof: bool) -> None:
+        self.folder = folder
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.aof = aof
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        persistence = ["--appendonly", "yes", "--appendfsync", "always"] if self.aof else []
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
+            + (persistence or ["--appendonly", "no"])
+            + ["--dir", str(self.folder)],
+            stdout=subprocess.DEVNULL,
+        )
+        self._wait_ready()
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(100).startswith(b"+PONG"):
+                        return
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(10)
+            self.proc = None
+
+
+@pytest.fixture
+def redis(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path, aof=False)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def redis_aof(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path, aof=True)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+class StoreBus(RedisBus):
+    """The Redis bus, with the heal fetch answered from the peers' stores."""
+
+    cluster: dict[str, ChatNode]
+    name: str
+
+    async def fetch(self, origin: str, after: str, limit: int) -> list[Message]:
+        await trio.lowlevel.checkpoint()
+        peers = [n for n in self.cluster.values() if n.alive and n.name != self.name]
+        peers.sort(key=lambda n: n.name != origin)
+        for peer in peers:
+            return peer.node.store.from_origin(origin, after, limit)
+        return []
+
+
+@dataclasses.dataclass
+class ChatNode:
+    name: str
+    node: Node
+    bus: StoreBus
+    nursery: trio.Nursery
+    scope: trio.CancelScope
+    alive: bool = True
+
+    async def client(self, name: str) -> tuple[Session, Recorder, trio.MemorySendChannel[str]]:
+        return await open_session(self.nursery, self.node, name)
+
+    def crash(self) -> None:
+        """Stop dead: its key stays in Redis until it expires."""
+        self.alive = False
+        self.scope.cancel()
+
+
+async def start_chat_node(
+    nursery: trio.Nursery,
+    url: str,
+    cluster: dict[str, ChatNode],
+    tmp_path: Path,
+    name: str,
+    **options: Any,
+) -> ChatNode:
+    settings = make_settings(tmp_path / name, ws_bind=None, rate_limit=0)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    store = MemoryStore()
+    bus = StoreBus(
+        url,
+        node_id=name,
+        incarnation=int(trio.current_time() * 1000),
+        http_url=f"http://{name}",
+        secret=SECRET,
+        store=store,
+        state_dir=settings.data_dir,
+        stream_max=1000,
+        prefix=f"test-{tmp_path.name}",
+        presence_ttl=TTL,
+        **options,
+    )
+    bus.cluster, bus.name = cluster, name
+    node = Node(settings, name, store, bus)
+
+    async def run(task_status: trio.TaskStatus[ChatNode]) -> None:
+        with trio.CancelScope() as scope:
+            async with trio.open_nursery() as inner:
+                await inner.start(node.run)
+                task_status.started(ChatNode(name, node, bus, inner, scope))
+                await trio.sleep_forever()
+
+    chat_node: ChatNode = await nursery.start(run)
+    cluster[name] = chat_node
+    return chat_node
+
+
+async def all_up(nodes: list[ChatNode]) -> None:
+    names = {n.name for n in nodes}
+    await eventually(lambda: all(set(n.bus.peers()) == names - {n.name} for n in nodes))
+
+
+def texts(recorder: Recorder) -> list[str]:
+    return [e.text for e in recorder.events if isinstance(e, MessageEvent)]
+
+
+async def join(send: trio.MemorySendChannel[str], recorder: Recorder) -> Joined:
+    await send.send(json.dumps({"type": "join", "room": ROOM}))
+    await eventually(lambda: any(isinstance(e, Joined) for e in recorder.events))
+    return next(e for e in recorder.events if isinstance(e, Joined))
+
+
+async def say(send: trio.MemorySendChannel[str], text: str) -> None:
+    await send.send(json.dumps({"type": "send", "room": ROOM, "text": text, "cid": text}))
+
+
+def acked(recorder: Recorder) -> set[str]:
+    return {e.cid for e in recorder.events if isinstance(e, Ack) and e.cid}
+
+
+def by_sender(recorder: Recorder) -> dict[str, list[str]]:
+    seen: dict[str, list[str]] = collections.defaultdict(list)
+    for event in recorder.events:
+        if isinstance(event, MessageEvent):
+            seen[event.sender].append(event.text)
+    return dict(seen)
+
+
+async def test_every_message_reaches_every_node_once_in_per_sender_order(
+    redis: RedisServer, tmp_path: Path
+) -> None:
+    cluster: dict[str, ChatNode] = {}
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nodes = [
+                await start_chat_node(nursery, redis.url, cluster, tmp_path, f"n{i}")
+                for i in range(3)
+            ]
+            await all_up(nodes)
+            clients = [await n.client(f"user{i}") for i, n in enumerate(nodes)]
+            for _, recorder, send in clients:
+                await join(send, recorder)
+            for i in range(30):
+                for k, (_, _, send) in enumerate(clients[:2]):
+                    await say(send, f"u{k}-{i}")
+            expected = {f"user{k}": [f"u{k}-{i}" for i in range(30)] for k in range(2)}
+            for _, recorder, _ in clients:
+                await eventually(lambda r=recorder: len(texts(r)) >= 60)
+            # A second copy would come by the next read: wait for every node's reader to
+            # be past everything sent.
+            await eventually(lambda: all(n.bus.statistics()["redis_queued"] == 0 for n in nodes))
+            await trio.sleep(0.5)
+            nursery.cancel_scope.cancel()
+    for node, (_, recorder, _) in zip(nodes, clients, strict=True):
+        assert by_sender(recorder) == expected
+        assert len(node.node.store.latest(ROOM, 100)) == 60
+        assert node.node.statistics().duplicates == 0
+        stats = node.bus.statistics()
+        assert stats["redis_connected"] == 1
+        assert stats.get("redis_gaps", 0) == 0
+
+
+async def test_presence_merges_and_a_silent_node_leaves_within_the_ttl(
+    redis: RedisServer, tmp_path: Path
+) -> None:
+    cluster: dict[str, ChatNode] = {}
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            a, b, c = [
+                await start_chat_node(nursery, redis.url, cluster, tmp_path, n) for n in "abc"
+            ]
+            await all_up([a, b, c])
+            _, alice_rec, alice = await a.client("alice")
+            _, bob_rec, bob = await b.client("bob")
+            await join(alice, alice_rec)
+            await join(bob, bob_rec)
+            await eventually(lambda: sorted(c.node.members(ROOM)) == ["alice", "bob"])
+            _, carol_rec, carol = await c.client("carol")
+            members = (await join(carol, carol_rec)).members
+            assert sorted(members) == ["alice", "bob", "carol"]
+            await eventually(lambda: "carol" in a.node.members(ROOM))
+            b.crash()
+            crashed = trio.current_time()
+            await eventually(lambda: Presence(room=ROOM, left="bob") in carol_rec.events)
+            # Its key expires after TTL; the next heartbeat (TTL / 3) sees it gone.
+            assert trio.current_time() - crashed < TTL + TTL / 3 + 1
+            await eventually(lambda: Presence(room=ROOM, left="bob") in alice_rec.events)
+            assert sorted(a.node.members(ROOM)) == ["alice", "carol"]
+            nursery.cancel_scope.cancel()
+
+
+async def test_messages_sent_while_redis_is_down_are_acked_and_arrive_once_after(
+    redis_aof: RedisServer, tmp_path: Path
+) -> None:
+    cluster: dict[str, ChatNode] = {}
+    with trio.fail_after(40):
+        async with trio.open_nursery() as nursery:
+            # a keeps 4 messages in memory (the rest come back from its store), b all.
+            nodes = [
+                await start_chat_node(nursery, redis_aof.url, cluster, tmp_path, "a", queue_max=4),
+                await start_chat_node(nursery, redis_aof.url, cluster, tmp_path, "b"),
+            ]
+            await all_up(nodes)
+            (_, a_rec, a_send), (_, b_rec, b_send) = [await n.client(f"u{n.name}") for n in nodes]
+            await join(a_send, a_rec)
+            await join(b_send, b_rec)
+            await say(a_send, "before")
+            await eventually(lambda: texts(b_rec) == ["before"])
+            redis_aof.stop()
+            await eventually(lambda: not any(n.bus.statistics()["redis_connected"] for n in nodes))
+            down = [f"down-{i}" for i in range(10)]
+            for text in down:
+                await say(a_send, text)
+                await say(b_send, "b-" + text)
+            # Acked locally while Redis is away.
+            await eventually(lambda: set(down) <= acked(a_rec))
+            await eventually(lambda: {"b-" + t for t in down} <= acked(b_rec))
+            a_stats, b_stats = nodes[0].bus.statistics(), nodes[1].bus.statistics()
+            assert (a_stats["redis_queued"], a_stats["redis_spilled"]) == (2, 8)
+            assert (b_stats["redis_queued"], b_stats.get("redis_spilled", 0)) == (10, 0)
+            await trio.sleep(2)
+            redis_aof.start()
+            await eventually(lambda: all(n.bus.statistics()["redis_connected"] for n in nodes))
+            await eventually(lambda: len(texts(b_rec)) == 21 and len(texts(a_rec)) == 21)
+            await eventually(lambda: all(n.bus.statistics()["redis_queued"] == 0 for n in nodes))
+            await trio.sleep(0.5)
+            nursery.cancel_scope.cancel()
+    for node, rec in zip(nodes, (a_rec, b_rec), strict=True):
+        assert by_sender(rec) == {"ua": ["before", *down], "ub": ["b-" + t for t in down]}
+        assert node.node.statistics().duplicates == 0
+        assert node.bus.statistics()["redis_reconnects"] >= 1
