@@ -227,6 +227,7 @@ def test_redis_mode_takes_a_url_and_never_shows_its_password() -> None:
             "TRIO_CHAT_CLUSTER": "redis",
             "TRIO_CHAT_REDIS_URL": url,
             "TRIO_CHAT_REDIS_STREAM_MAX": "5000",
+            "TRIO_CHAT_CLUSTER_SECRET": "a secret of enough length",
         }
     )
     assert (settings.cluster, settings.redis_url, settings.redis_stream_max) == ("redis", url, 5000)
@@ -236,6 +237,8 @@ def test_redis_mode_takes_a_url_and_never_shows_its_password() -> None:
     assert redact_url("redis://h:6379") == "redis://h:6379"
     with pytest.raises(ConfigError, match="TRIO_CHAT_CLUSTER=redis needs TRIO_CHAT_REDIS_URL"):
         Settings.from_env({"TRIO_CHAT_CLUSTER": "redis"})
+    with pytest.raises(ConfigError, match="needs TRIO_CHAT_CLUSTER_SECRET or"):
+        Settings.from_env({"TRIO_CHAT_CLUSTER": "redis", "TRIO_CHAT_REDIS_URL": url})
 
 
 @pytest.mark.parametrize(

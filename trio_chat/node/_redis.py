@@ -186,7 +186,8 @@ class RedisBus:
             redis_queued=len(self._queue),
             peers=len(self._peers),
         )
-        counts.setdefault("redis_stream_lag_ms", 0)
+        for name in ("redis_stream_lag_ms", "redis_reconnects", "redis_spilled", "redis_heals"):
+            counts.setdefault(name, 0)
         return counts
 
     # -- running ------------------------------------------------------------------------
@@ -389,7 +390,7 @@ class RedisBus:
         first = await client.xrange(self._stream, "-", "+", count=1)
         if not first or _id_key(_text(first[0].identifier)) <= _id_key(position):
             return
-        self._stats["redis_gaps"] += 1
+        self._stats["redis_heals"] += 1
         log.warning(
             "the Redis stream was trimmed past this node's position (%s, the oldest entry is %s):"
             " healing every peer's messages from history",

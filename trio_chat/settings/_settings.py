@@ -273,6 +273,16 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             )
         if self.cluster == "redis" and self.redis_url is None:
             raise ConfigError("TRIO_CHAT_CLUSTER=redis needs TRIO_CHAT_REDIS_URL")
+        if (
+            self.cluster == "redis"
+            and self.cluster_secret is None
+            and self.cluster_key_file is None
+        ):
+            raise ConfigError(
+                "TRIO_CHAT_CLUSTER=redis needs TRIO_CHAT_CLUSTER_SECRET or"
+                " TRIO_CHAT_CLUSTER_KEY_FILE: peers on other hosts sign their history"
+                " requests with it"
+            )
         if self.rate_limit > 0 and self.rate_burst < 1:
             raise ConfigError("TRIO_CHAT_RATE_BURST must be at least 1 when rate limiting is on")
 
