@@ -151,11 +151,14 @@ async def start_chat_node(
     cluster: dict[str, ChatNode],
     tmp_path: Path,
     name: str,
+    *,
+    store: MemoryStore | None = None,
+    stream_max: int = 1000,
     **options: Any,
 ) -> ChatNode:
     settings = make_settings(tmp_path / name, ws_bind=None, rate_limit=0)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    store = MemoryStore()
+    store = store or MemoryStore()
     bus = StoreBus(
         url,
         node_id=name,
@@ -164,7 +167,7 @@ async def start_chat_node(
         secret=SECRET,
         store=store,
         state_dir=settings.data_dir,
-        stream_max=1000,
+        stream_max=stream_max,
         prefix=f"test-{tmp_path.name}",
         presence_ttl=TTL,
         **options,
@@ -318,6 +321,40 @@ async def test_messages_sent_while_redis_is_down_are_acked_and_arrive_once_after
         assert by_sender(rec) == {"ua": ["before", *down], "ub": ["b-" + t for t in down]}
         assert node.node.statistics().duplicates == 0
         assert node.bus.statistics()["redis_reconnects"] >= 1
+
+
+async def test_a_node_behind_the_trimmed_tail_heals_from_its_peers(
+    redis: RedisServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    cluster: dict[str, ChatNode] = {}
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            # MAXLEN ~ 10: Redis trims whole blocks of 100 entries, so 300 are enough.
+            a = await start_chat_node(nursery, redis.url, cluster, tmp_path, "a", stream_max=10)
+            b = await start_chat_node(nursery, redis.url, cluster, tmp_path, "b", stream_max=10)
+            await all_up([a, b])
+            _, rec, send = await a.client("alice")
+            await join(send, rec)
+            await say(send, "first")
+            await eventually(lambda: len(b.node.store.latest(ROOM, 10)) == 1)
+            b_store = b.node.store
+            assert isinstance(b_store, MemoryStore)
+            b.crash()
+            sent = [f"m{i}" for i in range(300)]
+            for text in sent:
+                await say(send, text)
+            await eventually(lambda: set(sent) <= acked(rec))
+            await eventually(lambda: a.bus.statistics()["redis_queued"] == 0)
+            # Back, with its store and its stream position: the stream lost m0 and more.
+            b = await start_chat_node(
+                nursery, redis.url, cluster, tmp_path, "b", store=b_store, stream_max=10
+            )
+            await eventually(lambda: len(b_store.latest(ROOM, 1000)) == 301)
+            await eventually(lambda: b.node.cluster.statistics()["gaps_healed"] >= 1)
+            assert b.bus.statistics()["redis_heals"] == 1
+            nursery.cancel_scope.cancel()
+    assert [m.text for m in b_store.latest(ROOM, 1000)] == ["first", *sent]
+    assert "the Redis stream was trimmed past this node's position" in caplog.text
 
 
 async def redis_metric(server: Server, name: str) -> float:
