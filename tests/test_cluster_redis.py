@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import io
 import json
 import logging
 import re
@@ -26,7 +27,8 @@ import trio
 from test_session import Recorder, open_session
 
 from trio_chat.node._node import Node
-from trio_chat.node._redis import RedisBus
+from trio_chat.node._redis import PREFIX, RedisBus
+from trio_chat.node._redis_diag import run_redis_check
 from trio_chat.node._store import MemoryStore, Message
 from trio_chat.protocol._wire import Ack, Joined, MessageEvent, Presence
 
@@ -154,6 +156,7 @@ async def start_chat_node(
     *,
     store: MemoryStore | None = None,
     stream_max: int = 1000,
+    prefix: str | None = None,
     **options: Any,
 ) -> ChatNode:
     settings = make_settings(tmp_path / name, ws_bind=None, rate_limit=0)
@@ -168,7 +171,7 @@ async def start_chat_node(
         store=store,
         state_dir=settings.data_dir,
         stream_max=stream_max,
-        prefix=f"test-{tmp_path.name}",
+        prefix=prefix or f"test-{tmp_path.name}",
         presence_ttl=TTL,
         **options,
     )
@@ -410,3 +413,40 @@ async def test_a_wrong_redis_password_is_a_clear_error_and_the_server_stays_up(
         assert await redis_metric(server, "connected") == 0
     finally:
         redis.stop()
+
+
+async def test_the_cluster_command_shows_the_redis_state(
+    redis: RedisServer, tmp_path: Path
+) -> None:
+    out = io.StringIO()
+    assert await run_redis_check(redis.url, out) == 1
+    assert "no live node" in out.getvalue()
+    cluster: dict[str, ChatNode] = {}
+    async with trio.open_nursery() as nursery:
+        node = await start_chat_node(nursery, redis.url, cluster, tmp_path, "n1", prefix=PREFIX)
+        _, rec, send = await node.client("alice")
+        await join(send, rec)
+        await say(send, "hello")
+        await eventually(lambda: node.bus.statistics()["redis_queued"] == 0 and bool(acked(rec)))
+        out = io.StringIO()
+        assert await run_redis_check(redis.url, out) == 0
+        nursery.cancel_scope.cancel()
+    report = out.getvalue()
+    assert "connected; stream trio-chat:messages: 1 entries" in report
+    assert "node n1: incarnation" in report
+    assert "HTTP http://n1" in report
+    unreachable = RedisServer(tmp_path, aof=False)
+    out = io.StringIO()
+    assert await run_redis_check(unreachable.url, out) == 2
+    assert "unreachable" in out.getvalue()
+    guarded = RedisServer(tmp_path / "guarded", aof=False, password="right")
+    guarded.folder.mkdir()
+    guarded.start()
+    try:
+        out = io.StringIO()
+        url = f"redis://:wrong-pw@127.0.0.1:{guarded.port}/0"
+        assert await run_redis_check(url, out) == 2
+    finally:
+        guarded.stop()
+    assert "refused the credentials in TRIO_CHAT_REDIS_URL" in out.getvalue()
+    assert "wrong-pw" not in out.getvalue()

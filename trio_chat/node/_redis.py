@@ -42,6 +42,8 @@ if TYPE_CHECKING:
     from ._store import Message, Store
 
 log = logging.getLogger("trio_chat.cluster")
+# coredis logs each connect retry at INFO; the bus says once that Redis is away.
+logging.getLogger("coredis").setLevel(logging.WARNING)
 
 #: A node whose key is this old is dead (issue 13: members leave within 10 s).
 PRESENCE_TTL: Final = 6.0
@@ -60,7 +62,10 @@ _RETRY_MAX: Final = 10.0
 # Own messages re-read from the store per page after an overflow.
 _BACKLOG_PAGE: Final = 500
 _REDIS_ERRORS: Final = (coredis.exceptions.RedisError, OSError, trio.TooSlowError)
-_key_value: Final = msgspec.msgpack.Decoder(tuple[int, str])
+#: The key prefix of a cluster (``<prefix>:messages``, ``<prefix>:node:<id>``).
+PREFIX: Final = "trio-chat"
+#: A node key's value: (incarnation, HTTP URL).
+key_value: Final = msgspec.msgpack.Decoder(tuple[int, str])
 _encoder: Final = msgspec.msgpack.Encoder()
 
 
@@ -90,7 +95,7 @@ class RedisBus:
         store: Store,
         state_dir: Path,
         stream_max: int,
-        prefix: str = "trio-chat",
+        prefix: str = PREFIX,
         presence_ttl: float = PRESENCE_TTL,
         queue_max: int = QUEUE_MAX,
     ) -> None:
@@ -275,7 +280,7 @@ class RedisBus:
             if raw is None or node == self._node_id:
                 continue
             try:
-                now[node] = _key_value.decode(raw)
+                now[node] = key_value.decode(raw)
             except msgspec.DecodeError:
                 log.error("ignored the malformed Redis key %s", key.decode())
         for node in self._peers.keys() - now.keys():
