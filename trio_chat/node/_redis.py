@@ -70,7 +70,7 @@ _encoder: Final = msgspec.msgpack.Encoder()
 
 
 class RedisBus:
-    """A `Bus` over Redis Streams, keys with a TTL, and pub/sub.
+    """A `Bus` over Redis Streams (messages; presence and typing) and keys with a TTL (peers).
 
     Args:
       url: the Redis URL (may hold a password: logged only through `redact_url`).
