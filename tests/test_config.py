@@ -16,7 +16,8 @@ import pytest
 from trio_chat import ConfigError, Settings
 from trio_chat.app._cli import build_parser
 from trio_chat.link._socket import LinkConfig
-from trio_chat.node._multicast import cluster_secret
+from trio_chat.node._peer_http import cluster_secret
+from trio_chat.settings._kinds import redact_url
 from trio_chat.settings._settings import SETTINGS, settings_table
 
 README: Final = Path(__file__).parent.parent / "README.md"
@@ -217,3 +218,39 @@ def test_unreadable_or_short_key_files_are_refused(tmp_path: Path) -> None:
     short.write_text("tiny")
     with pytest.raises(ConfigError, match="shorter than 16"):
         cluster_secret(Settings(cluster_key_file=short))
+
+
+def test_redis_mode_takes_a_url_and_never_shows_its_password() -> None:
+    url = "rediss://:hunter2-secret@redis.example.com:6380/2"
+    settings = Settings.from_env(
+        {
+            "TRIO_CHAT_CLUSTER": "redis",
+            "TRIO_CHAT_REDIS_URL": url,
+            "TRIO_CHAT_REDIS_STREAM_MAX": "5000",
+            "TRIO_CHAT_CLUSTER_SECRET": "a secret of enough length",
+        }
+    )
+    assert (settings.cluster, settings.redis_url, settings.redis_stream_max) == ("redis", url, 5000)
+    assert Settings().redis_stream_max == 1_000_000
+    assert redact_url(url) == "rediss://:***@redis.example.com:6380/2"
+    assert redact_url("redis://app:pw@h/0") == "redis://app:***@h/0"
+    assert redact_url("redis://h:6379") == "redis://h:6379"
+    with pytest.raises(ConfigError, match="TRIO_CHAT_CLUSTER=redis needs TRIO_CHAT_REDIS_URL"):
+        Settings.from_env({"TRIO_CHAT_CLUSTER": "redis"})
+    with pytest.raises(ConfigError, match="needs TRIO_CHAT_CLUSTER_SECRET or"):
+        Settings.from_env({"TRIO_CHAT_CLUSTER": "redis", "TRIO_CHAT_REDIS_URL": url})
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://:hunter2-secret@redis.example.com",
+        "redis://:hunter2-secret@",
+        "redis://:hunter2-secret@h:99999/0",
+        "redis://:hunter2-secret@h:6379/zero",
+    ],
+)
+def test_a_bad_redis_url_names_the_variable_not_the_password(url: str) -> None:
+    with pytest.raises(ConfigError, match=r"^TRIO_CHAT_REDIS_URL=") as caught:
+        Settings.from_env({"TRIO_CHAT_REDIS_URL": url})
+    assert "hunter2" not in str(caught.value)

@@ -27,6 +27,8 @@ from ..node._cluster import HEAL_HEADER, HEAL_PAGE
 from ..node._identity import NodeIdentity, claim_identity
 from ..node._multicast import MulticastBus, link_config, peer_tls
 from ..node._node import Node, open_store
+from ..node._peer_http import cluster_secret
+from ..node._redis import RedisBus
 from ..protocol._codes import CLOSE_INTERNAL_ERROR, CLOSE_TOO_BIG, CLOSE_UNSUPPORTED
 from ..protocol._hosts import bound_to_loopback, host_allowed
 from ..protocol._wire import (
@@ -46,6 +48,7 @@ from ._metrics import render_metrics
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
 
+    from ..node._bus import Bus
     from ..node._store import Store
 
 log = logging.getLogger("trio_chat.app")
@@ -163,11 +166,24 @@ class ChatApp:
             tls = settings.chat_socket_tls()
             raise_nofile_limit()
             identity = claim_identity(settings.data_dir)
-            bus = None
-            if settings.cluster != "off":
+            store = self._store if self._store is not None else open_store(settings)
+            bus: Bus | None = None
+            if settings.cluster == "redis" and settings.redis_url is not None:
+                # Started even when Redis is unreachable: the node chats locally and
+                # the bus connects with backoff, saying so in the log (no crash loop).
+                bus = RedisBus(
+                    settings.redis_url,
+                    node_id=identity.node_id,
+                    incarnation=identity.incarnation,
+                    http_url=settings.http_url or "",
+                    secret=cluster_secret(settings),
+                    store=store,
+                    state_dir=settings.data_dir / "node",
+                    stream_max=settings.redis_stream_max,
+                )
+            elif settings.cluster != "off":
                 link = link_config(settings, identity, http_url=settings.http_url or "")
                 bus = MulticastBus.from_config(link, peer_tls(settings))
-            store = self._store if self._store is not None else open_store(settings)
         except Exception as exc:
             # Anything at all: an exception escaping the lifespan would make hypercorn
             # serve on without it (and without a node) instead of stopping the worker.
@@ -175,6 +191,8 @@ class ChatApp:
                 log.error("cannot start: %s", exc)
             else:
                 log.critical("cannot start", exc_info=exc)
+            if store is not None:
+                store.close()
             if identity is not None:
                 identity.release()
             await send({"type": "lifespan.startup.failed", "message": str(exc)})

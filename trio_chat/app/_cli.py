@@ -160,6 +160,10 @@ def _cluster_check(args: argparse.Namespace) -> int:
     if settings.cluster == "off":
         print("trio-chat: TRIO_CHAT_CLUSTER=off: this node joins no cluster", file=sys.stderr)
         return 2
+    if settings.cluster == "redis" and settings.redis_url is not None:
+        from ..node._redis_diag import run_redis_check
+
+        return trio.run(run_redis_check, settings.redis_url, sys.stdout)
     identity = claim_identity(settings.data_dir)
     try:
         config = link_config(settings, identity, http_url=settings.http_url or "")

@@ -78,13 +78,24 @@ def render_metrics(node: Node) -> str:
     )
     if node.cluster is not None:
         for name, value in node.cluster.statistics().items():
+            # The Redis engine's own counters keep their name: trio_chat_redis_*.
+            redis = name.startswith("redis_")
             metric(
-                f"cluster_{name}",
+                name if redis else f"cluster_{name}",
                 "gauge" if name in _CLUSTER_GAUGES else "counter",
-                f"Cluster link: {name.replace('_', ' ')}.",
+                f"{'Redis engine' if redis else 'Cluster link'}: {name.replace('_', ' ')}.",
                 [("", value)],
             )
     return "\n".join(lines) + "\n"
 
 
-_CLUSTER_GAUGES = {"peers", "buffer_packets", "buffer_bytes", "reorder_packets", "rcvbuf"}
+_CLUSTER_GAUGES = {
+    "peers",
+    "buffer_packets",
+    "buffer_bytes",
+    "reorder_packets",
+    "rcvbuf",
+    "redis_connected",
+    "redis_queued",
+    "redis_stream_lag_ms",
+}

@@ -8,11 +8,11 @@ from ._history import History as History
 from ._identity import NodeIdentity as NodeIdentity
 from ._identity import claim_identity as claim_identity
 from ._multicast import MulticastBus as MulticastBus
-from ._multicast import cluster_secret as cluster_secret
 from ._multicast import link_config as link_config
 from ._names import Names as Names
 from ._node import Node as Node
 from ._node import open_store as open_store
+from ._peer_http import cluster_secret as cluster_secret
 from ._presence import Presence as Presence
 from ._store import MemoryStore as MemoryStore
 from ._store import Message as Message

@@ -83,6 +83,15 @@ _encoder: Final = msgspec.msgpack.Encoder()
 _decoder: Final[msgspec.msgpack.Decoder[Body]] = msgspec.msgpack.Decoder(Body)
 
 
+def decode_body(data: bytes) -> Body:
+    """A payload `Broadcaster` encoded.
+
+    Raises:
+      msgspec.DecodeError: it is not one.
+    """
+    return _decoder.decode(data)
+
+
 def sign_heal_request(
     secret: bytes, origin: str, after: str, limit: str, now: float, nonce: str | None = None
 ) -> str:

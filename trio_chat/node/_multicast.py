@@ -8,15 +8,10 @@ from peers' HTTP API (``/api/cluster/messages``, signed with the cluster secret)
 from __future__ import annotations
 
 import dataclasses
-import logging
 import re
-import secrets
 import ssl
-import time
 from typing import TYPE_CHECKING, Final, NoReturn
 
-import httpx
-import msgspec
 import trio
 
 from .._errors import ConfigError
@@ -26,42 +21,12 @@ from ..link._events import PeerDown as LinkPeerDown
 from ..link._events import PeerUp as LinkPeerUp
 from ..link._socket import ClusterLink, LinkConfig
 from ._bus import BusEvent, Gap, Payload, PeerDown, PeerUp
-from ._cluster import HEAL_HEADER, sign_heal_request
-from ._identity import create_once
-from ._store import Message
+from ._peer_http import cluster_secret, fetch_from_peers
 
 if TYPE_CHECKING:
     from ..settings._settings import Settings
     from ._identity import NodeIdentity
-
-log = logging.getLogger("trio_chat.cluster")
-# One line per heal request is noise; failures are logged here.
-logging.getLogger("httpx").setLevel(logging.WARNING)
-
-_HEAL_TIMEOUT: Final = 10.0
-_messages_decoder: Final = msgspec.json.Decoder(list[Message])
-
-
-def cluster_secret(settings: Settings) -> bytes:
-    """The cluster secret: set, read from the key file, or (host mode) made once.
-
-    Raises:
-      ConfigError: the key file cannot be read, or holds too short a secret.
-    """
-    if settings.cluster_secret is not None:
-        return settings.cluster_secret
-    path = settings.cluster_key_file
-    if path is None:
-        path = settings.data_dir / "cluster.key"
-        # Readable by the owner only: whoever reads it can join the cluster.
-        create_once(path, secrets.token_urlsafe(32), 0o600)
-    try:
-        secret = path.read_bytes().strip()
-    except OSError as exc:
-        raise ConfigError(f"cannot read the cluster key file {path}: {exc.strerror}") from None
-    if len(secret) < 16:
-        raise ConfigError(f"the cluster key in {path} is shorter than 16 bytes")
-    return secret
+    from ._store import Message
 
 
 def link_config(settings: Settings, identity: NodeIdentity, *, http_url: str) -> LinkConfig:
@@ -161,28 +126,13 @@ class MulticastBus:
     async def fetch(self, origin: str, after: str, limit: int) -> list[Message]:
         """Ask the origin first, then the other live peers, over their HTTP API."""
         peers = [
-            p
+            (p.node, p.http_url)
             for p in self.link.peers()
-            if p.http_url and p.status in (PeerStatus.ALIVE, PeerStatus.SUSPECT)
+            if p.status in (PeerStatus.ALIVE, PeerStatus.SUSPECT)
         ]
-        # The origin has everything it sent; any other peer has what it received.
-        peers.sort(key=lambda p: p.node != origin)
-        for peer in peers:
-            url = f"{peer.http_url}/api/cluster/messages"
-            limit_text = str(limit)
-            signature = sign_heal_request(self._secret, origin, after, limit_text, time.time())
-            params = {"origin": origin, "after": after, "limit": limit_text}
-            try:
-                with trio.fail_after(_HEAL_TIMEOUT):
-                    async with httpx.AsyncClient(verify=self._verify) as client:
-                        response = await client.get(
-                            url, params=params, headers={HEAL_HEADER: signature}
-                        )
-                response.raise_for_status()
-                return _messages_decoder.decode(response.content)
-            except (httpx.HTTPError, trio.TooSlowError, msgspec.DecodeError) as exc:
-                log.warning("healing from %s failed: %s", peer.node, exc)
-        return []
+        return await fetch_from_peers(
+            self._secret, peers, origin, after, limit, verify=self._verify
+        )
 
     def statistics(self) -> dict[str, int]:
         link = self.link.statistics()

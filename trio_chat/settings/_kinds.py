@@ -9,6 +9,7 @@ asks the host (`INTERFACE`) is in `trio_chat.settings._host_checks`.
 from __future__ import annotations
 
 import ipaddress
+import urllib.parse
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
@@ -108,6 +109,34 @@ def _parse_group(raw: str) -> str:
     return str(group)
 
 
+def _parse_redis_url(raw: str) -> str:
+    try:
+        parts = urllib.parse.urlsplit(raw)
+        port = parts.port
+    except ValueError:
+        raise ValueError("must be a URL like redis://[:PASSWORD@]HOST[:PORT][/DB]") from None
+    if parts.scheme not in ("redis", "rediss") or not parts.hostname:
+        raise ValueError(
+            "must be a URL like redis://[:PASSWORD@]HOST[:PORT][/DB] (rediss:// for TLS)"
+        )
+    database = parts.path.strip("/")
+    if database and not database.isdigit():
+        raise ValueError("the database (the URL's path) must be a number")
+    if port == 0:
+        raise ValueError("the port must be 1 to 65535")
+    return raw
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its password (if any) replaced by ``***``: what a log may show."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.netloc.rpartition("@")[2]
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
 PLAIN: Final = Kind(lambda raw: raw, _render_plain)
 CHOICE: Final = Kind(str.lower, str)
 SIZE: Final = Kind(_parse_size, _render_size, "a size in bytes (K: KiB, M: MiB)")
@@ -118,4 +147,6 @@ ORIGINS: Final = Kind(_parse_origins, _render_names, "comma-separated http(s)://
 HOSTS: Final = Kind(
     lambda raw: sorted(parse_allowed_hosts(raw)), _render_names, "comma-separated host names"
 )
+#: Secret: a Redis URL may carry a password, so an error never echoes it.
+REDIS_URL: Final = Kind(_parse_redis_url, str, "a redis:// or rediss:// URL", secret=True)
 GROUP: Final = Kind(_parse_group, str, "an IPv4 multicast address (224.0.0.0-239.255.255.255)")

@@ -48,6 +48,7 @@ from ._kinds import (
     ORIGINS,
     PATH,
     PLAIN,
+    REDIS_URL,
     SECRET,
     SIZE,
     Kind,
@@ -59,7 +60,7 @@ if TYPE_CHECKING:
 
 SECONDS: Final = 1.0
 
-ClusterMode = Literal["off", "host", "lan"]
+ClusterMode = Literal["off", "host", "lan", "redis"]
 StoreKind = Literal["sqlite", "memory"]
 
 
@@ -192,7 +193,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         ClusterMode,
         _doc(
             "`off`; `host`: the workers of this host (loopback, TTL 0); `lan`: hosts on"
-            " a LAN (needs a secret and an interface)",
+            " a LAN (needs a secret and an interface); `redis`: every node through one"
+            " Redis (`TRIO_CHAT_REDIS_URL`)",
             kind=CHOICE,
         ),
     ] = "host"
@@ -227,6 +229,21 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         Path | None,
         _doc("a file holding the cluster key", kind=PATH, unset="none"),
     ] = None
+    redis_url: Annotated[
+        str | None,
+        _doc(
+            "the Redis of the `redis` cluster, e.g. `redis://:PASSWORD@10.0.0.5:6379/0`"
+            " (`rediss://` for TLS); never logged with its password. As a flag it shows"
+            " in `ps`: prefer the variable",
+            kind=REDIS_URL,
+            unset="none",
+        ),
+    ] = None
+    redis_stream_max: Annotated[
+        int,
+        Meta(ge=1),
+        _doc("messages the Redis stream keeps (`MAXLEN ~`); a node further behind heals"),
+    ] = 1_000_000
     http_url: Annotated[
         str | None,
         _doc(
@@ -276,6 +293,18 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             )
         if self.ws_keyfile is not None and self.ws_certfile is None:
             raise ConfigError("TRIO_CHAT_WS_KEYFILE is set without TRIO_CHAT_WS_CERTFILE")
+        if self.cluster == "redis" and self.redis_url is None:
+            raise ConfigError("TRIO_CHAT_CLUSTER=redis needs TRIO_CHAT_REDIS_URL")
+        if (
+            self.cluster == "redis"
+            and self.cluster_secret is None
+            and self.cluster_key_file is None
+        ):
+            raise ConfigError(
+                "TRIO_CHAT_CLUSTER=redis needs TRIO_CHAT_CLUSTER_SECRET or"
+                " TRIO_CHAT_CLUSTER_KEY_FILE: peers on other hosts sign their history"
+                " requests with it"
+            )
         if self.rate_limit > 0 and self.rate_burst < 1:
             raise ConfigError("TRIO_CHAT_RATE_BURST must be at least 1 when rate limiting is on")
 

@@ -1,0 +1,454 @@
+"""Redis Streams as a `Bus`: the cluster beyond one LAN (DESIGN.md §6, issue 13).
+
+Messages: every message this node committed goes to one stream (``XADD ... MAXLEN ~``);
+each node reads it with ``XREAD BLOCK`` from the last entry it processed, an id kept in
+its data dir, so a restarted node resumes there. Its own entries it skips. While Redis is
+away the node chats on locally: what it could not add waits in a bounded queue; past the
+bound the queue is dropped and, Redis back, re-read from the store (the node commits
+before it sends), so no acked message is lost. A read that starts before the stream's
+trimmed tail lost entries: each live peer's origin gets a `Gap`, healed from history.
+
+Presence: each node refreshes a key ``<prefix>:node:<id>`` (its incarnation and HTTP
+address) with a TTL; a key that appears is `PeerUp`, one that expires `PeerDown`. Member
+lists, their changes and typing go to a second, short stream (``MAXLEN ~ 1000``) that
+each node reads from its tail when it connects: ephemeral, lost while a node is away (the
+node re-announces its rooms every few seconds, and to every new peer). Not pub/sub:
+coredis 6.9's PubSub fails its own cleanup when cancelled under trio (anyio
+ClosedResourceError, unclosed memory streams), and one XREAD over both streams is simpler.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import tempfile
+import time
+from typing import TYPE_CHECKING, Final, NoReturn
+
+import coredis
+import coredis.exceptions
+import msgspec
+import trio
+
+from ..settings._kinds import redact_url
+from ._bus import BusEvent, Gap, Payload, PeerDown, PeerUp
+from ._cluster import RemoteMessage, decode_body
+from ._peer_http import fetch_from_peers
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from ._store import Message, Store
+
+log = logging.getLogger("trio_chat.cluster")
+# coredis logs each connect retry at INFO; the bus says once that Redis is away.
+logging.getLogger("coredis").setLevel(logging.WARNING)
+
+#: A node whose key is this old is dead (issue 13: members leave within 10 s).
+PRESENCE_TTL: Final = 6.0
+# Entries one XREAD asks for; a full batch means the reader is behind.
+_READ_BATCH: Final = 500
+# How long one XREAD blocks, in ms: short enough that a cancelled read ends soon.
+_READ_BLOCK_MS: Final = 1000
+#: Messages waiting for Redis; past this they are re-read from the store instead.
+QUEUE_MAX: Final = 10_000
+# Ephemeral payloads (presence, typing) waiting to be added; dropped past this. Also the
+# ephemeral stream's MAXLEN: enough for every node's burst between two reads.
+_EPHEMERAL_MAX: Final = 1000
+# Reconnect backoff, doubled up to the max.
+_RETRY_FIRST: Final = 0.2
+_RETRY_MAX: Final = 10.0
+# Own messages re-read from the store per page after an overflow.
+_BACKLOG_PAGE: Final = 500
+_REDIS_ERRORS: Final = (coredis.exceptions.RedisError, OSError, trio.TooSlowError)
+#: The key prefix of a cluster (``<prefix>:messages``, ``<prefix>:node:<id>``).
+PREFIX: Final = "trio-chat"
+#: A node key's value: (incarnation, HTTP URL).
+key_value: Final = msgspec.msgpack.Decoder(tuple[int, str])
+_encoder: Final = msgspec.msgpack.Encoder()
+
+
+class RedisBus:
+    """A `Bus` over Redis Streams (messages; presence and typing) and keys with a TTL (peers).
+
+    Args:
+      url: the Redis URL (may hold a password: logged only through `redact_url`).
+      node_id, incarnation, http_url: this node, as its peers see it.
+      secret: the cluster secret, which signs heal requests.
+      store: this node's store (its own messages are re-read from it after an overflow).
+      state_dir: where the last processed stream id is kept.
+      stream_max: the stream's ``MAXLEN ~``.
+      prefix: names the keys; each cluster one.
+      presence_ttl: a node silent this long is down.
+      queue_max: own messages kept in memory while Redis is away (then the store).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        node_id: str,
+        incarnation: int,
+        http_url: str,
+        secret: bytes,
+        store: Store,
+        state_dir: Path,
+        stream_max: int,
+        prefix: str = PREFIX,
+        presence_ttl: float = PRESENCE_TTL,
+        queue_max: int = QUEUE_MAX,
+    ) -> None:
+        self._url = url
+        self._node_id = node_id
+        self._incarnation = incarnation
+        self._http_url = http_url
+        self._secret = secret
+        self._store = store
+        self._stream_max = stream_max
+        self._stream = f"{prefix}:messages"
+        self._ephemeral_stream = f"{prefix}:ephemeral"
+        self._key_prefix = f"{prefix}:node:"
+        self._ttl = presence_ttl
+        self._queue_max = queue_max
+        self._id_file = state_dir / f"redis-{node_id}.stream-id"
+        #: The last stream entry processed (kept in ``_id_file``); "$": none yet.
+        self._last_id = self._load_last_id()
+        #: The last stream entry read (where the next XREAD starts).
+        self._read_through = self._last_id
+        #: The last ephemeral entry read; from the stream's tail at each connect.
+        self._ephemeral_through = "0-0"
+        self._saved_at = 0.0
+        #: The id of the entry `receive` returned last: processed at the next call.
+        self._handed: str | None = None
+        #: Own messages committed, not yet in the stream: (message id, payload).
+        self._queue: collections.deque[tuple[str, bytes]] = collections.deque()
+        #: Set when the queue overflowed: its oldest message, and own messages after it
+        #: come from the store.
+        self._backlog: tuple[str, bytes] | None = None
+        self._overflows = 0
+        #: The newest own message id added to the stream.
+        self._added_through = ""
+        self._ephemeral: collections.deque[bytes] = collections.deque(maxlen=_EPHEMERAL_MAX)
+        self._wake = trio.Event()
+        # Events wait here for `receive`; bounded: the reader waits, Redis keeps the rest.
+        self._events_in, self._events = trio.open_memory_channel[tuple[BusEvent, str | None]](
+            _READ_BATCH
+        )
+        #: Live peers: node id -> (incarnation, HTTP URL).
+        self._peers: dict[str, tuple[int, str]] = {}
+        self._connected = False
+        #: Whether this outage was logged: once at WARNING, each retry at DEBUG.
+        self._outage_logged = False
+        self._stats = collections.Counter[str]()
+
+    # -- the Bus ------------------------------------------------------------------------
+
+    @property
+    def heal_secret(self) -> bytes:
+        return self._secret
+
+    def send(self, payload: bytes) -> None:
+        body = decode_body(payload)
+        if isinstance(body, RemoteMessage):
+            if len(self._queue) >= self._queue_max:
+                # Every one of them is in the store (committed before sent): the oldest
+                # is kept, the rest re-read from the store after it.
+                if self._backlog is None:
+                    self._backlog = self._queue[0]
+                    log.warning(
+                        "%d messages wait for Redis: the rest will be re-read from the store",
+                        self._queue_max,
+                    )
+                self._overflows += 1
+                self._stats["redis_spilled"] += len(self._queue)
+                self._queue.clear()
+            self._queue.append((body.message.id, payload))
+        elif self._connected:
+            self._ephemeral.append(payload)
+        self._wake.set()
+
+    async def receive(self) -> BusEvent:
+        if self._handed is not None:
+            self._last_id = self._handed
+            self._handed = None
+        event, stream_id = await self._events.receive()
+        self._handed = stream_id
+        return event
+
+    async def fetch(self, origin: str, after: str, limit: int) -> list[Message]:
+        peers = [(node, url) for node, (_, url) in self._peers.items()]
+        return await fetch_from_peers(self._secret, peers, origin, after, limit)
+
+    def peers(self) -> dict[str, str]:
+        """The live peers (their keys have not expired) and their HTTP addresses."""
+        return {node: url for node, (_, url) in self._peers.items()}
+
+    def statistics(self) -> dict[str, int]:
+        counts = dict(self._stats)
+        counts.update(
+            redis_connected=int(self._connected),
+            redis_queued=len(self._queue),
+            peers=len(self._peers),
+        )
+        for name in ("redis_stream_lag_ms", "redis_reconnects", "redis_spilled", "redis_heals"):
+            counts.setdefault(name, 0)
+        return counts
+
+    # -- running ------------------------------------------------------------------------
+
+    async def run(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> NoReturn:
+        """Connect, and again with backoff whenever Redis goes; local chat never waits."""
+        task_status.started()
+        shown = redact_url(self._url)
+        delay = _RETRY_FIRST
+        try:
+            while True:
+                try:
+                    await self._connect_and_serve(shown)
+                except* coredis.exceptions.AuthenticationError as group:
+                    log.error(
+                        "Redis at %s refused the credentials in TRIO_CHAT_REDIS_URL (%s):"
+                        " chatting locally, retrying every %g s",
+                        shown,
+                        _leaf(group),
+                        _RETRY_MAX,
+                    )
+                    delay = _RETRY_MAX
+                except* _REDIS_ERRORS as group:
+                    level = logging.DEBUG if self._outage_logged else logging.WARNING
+                    log.log(
+                        level,
+                        "Redis at %s (TRIO_CHAT_REDIS_URL) is unreachable (%s): chatting"
+                        " locally, queueing messages for it, retrying with backoff",
+                        shown,
+                        _leaf(group),
+                    )
+                    self._outage_logged = True
+                if self._connected:
+                    self._connected = False
+                    delay = _RETRY_FIRST
+                self._stats["redis_reconnects"] += 1
+                await trio.sleep(delay)
+                delay = min(delay * 2, _RETRY_MAX)
+        finally:
+            self._save_last_id(now=True)
+
+    async def _connect_and_serve(self, shown: str) -> NoReturn:
+        client = coredis.Redis.from_url(self._url, decode_responses=False)
+        async with client:
+            await client.ping()
+            log.info("connected to Redis at %s", shown)
+            self._connected = True
+            self._outage_logged = False
+            if self._read_through == "$":
+                self._read_through = await self._newest(client, self._stream)
+            self._ephemeral_through = await self._newest(client, self._ephemeral_stream)
+            self._wake.set()
+            async with trio.open_nursery() as nursery:
+                await self._heartbeat(client)
+                await self._check_trimmed(client)
+                nursery.start_soon(self._heartbeat_forever, client)
+                nursery.start_soon(self._write_forever, client)
+                nursery.start_soon(self._read_forever, client)
+                await trio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    @staticmethod
+    async def _newest(client: coredis.Redis[bytes], stream: str) -> str:
+        newest = await client.xrevrange(stream, "+", "-", count=1)
+        return _text(newest[0].identifier) if newest else "0-0"
+
+    # -- presence -----------------------------------------------------------------------
+
+    async def _heartbeat_forever(self, client: coredis.Redis[bytes]) -> NoReturn:
+        while True:
+            await trio.sleep(self._ttl / 3)
+            await self._heartbeat(client)
+
+    async def _heartbeat(self, client: coredis.Redis[bytes]) -> None:
+        value = _encoder.encode((self._incarnation, self._http_url))
+        px = int(self._ttl * 1000)
+        await client.set(self._key_prefix + self._node_id, value, px=px)
+        keys = [k async for k in client.scan_iter(match=self._key_prefix + "*", count=1000)]
+        values = await client.mget(keys) if keys else ()
+        now: dict[str, tuple[int, str]] = {}
+        for key, raw in zip(keys, values, strict=True):
+            node = key.decode()[len(self._key_prefix) :]
+            if raw is None or node == self._node_id:
+                continue
+            try:
+                now[node] = key_value.decode(raw)
+            except msgspec.DecodeError:
+                log.error("ignored the malformed Redis key %s", key.decode())
+        for node in self._peers.keys() - now.keys():
+            del self._peers[node]
+            await self._events_in.send((PeerDown(node, "its Redis key expired"), None))
+        for node, seen in now.items():
+            known = self._peers.get(node)
+            self._peers[node] = seen
+            if known is None or known[0] != seen[0]:
+                await self._events_in.send((PeerUp(node), None))
+
+    # -- messages -----------------------------------------------------------------------
+
+    async def _write_forever(self, client: coredis.Redis[bytes]) -> NoReturn:
+        while True:
+            await self._wake.wait()
+            self._wake = trio.Event()
+            while self._ephemeral:
+                await self._add_to(
+                    client, self._ephemeral_stream, self._ephemeral[0], _EPHEMERAL_MAX
+                )
+                self._ephemeral.popleft()
+            if self._backlog is not None:
+                await self._add_backlog(client, self._backlog)
+            # In order: after an overflow the backlog goes first, at the next round.
+            while self._queue and self._backlog is None:
+                message_id, payload = self._queue[0]
+                if message_id > self._added_through:
+                    await self._add(client, message_id, payload)
+                # Unless an overflow cleared the queue meanwhile (the backlog has it).
+                if self._queue and self._queue[0][0] == message_id:
+                    self._queue.popleft()
+            if self._backlog is not None:
+                self._wake.set()
+
+    async def _add_backlog(self, client: coredis.Redis[bytes], first: tuple[str, bytes]) -> None:
+        after, payload = first
+        if after > self._added_through:
+            await self._add(client, after, payload)
+        while True:
+            overflows = self._overflows
+            if self._store.blocking:
+                page = await trio.to_thread.run_sync(
+                    self._store.from_origin, self._node_id, after, _BACKLOG_PAGE
+                )
+            else:
+                page = self._store.from_origin(self._node_id, after, _BACKLOG_PAGE)
+            for message in page:
+                if message.id > self._added_through:
+                    await self._add(client, message.id, _encoder.encode(RemoteMessage(message)))
+                after = message.id
+            if len(page) < _BACKLOG_PAGE and overflows == self._overflows:
+                # Caught up: the queue holds everything sent since it was last cleared
+                # (what the store gave too is skipped by id).
+                self._backlog = None
+                log.info("re-added the messages that overflowed the Redis queue")
+                return
+
+    async def _add(self, client: coredis.Redis[bytes], message_id: str, payload: bytes) -> None:
+        await self._add_to(client, self._stream, payload, self._stream_max)
+        self._added_through = message_id
+
+    async def _add_to(
+        self, client: coredis.Redis[bytes], stream: str, payload: bytes, maxlen: int
+    ) -> None:
+        await client.xadd(
+            stream,
+            {b"o": self._node_id.encode(), b"d": payload},
+            trim_strategy=coredis.PureToken.MAXLEN,
+            threshold=maxlen,
+            trim_operator=coredis.PureToken.APPROXIMATELY,
+        )
+
+    async def _read_forever(self, client: coredis.Redis[bytes]) -> NoReturn:
+        while True:
+            response = await client.xread(
+                {self._stream: self._read_through, self._ephemeral_stream: self._ephemeral_through},
+                count=_READ_BATCH,
+                block=_READ_BLOCK_MS,
+            )
+            for entry in response.get(self._ephemeral_stream.encode(), ()) if response else ():
+                self._ephemeral_through = _text(entry.identifier)
+                origin = _text(entry.field_values[b"o"])
+                if origin != self._node_id:
+                    data = _raw(entry.field_values[b"d"])
+                    await self._events_in.send((Payload(origin, data), None))
+            entries = response.get(self._stream.encode(), ()) if response else ()
+            for entry in entries:
+                stream_id = _text(entry.identifier)
+                origin = _text(entry.field_values[b"o"])
+                self._read_through = stream_id
+                if origin != self._node_id:
+                    data = _raw(entry.field_values[b"d"])
+                    await self._events_in.send((Payload(origin, data), stream_id))
+            if entries:
+                newest = _id_key(_text(entries[-1].identifier))[0]
+                self._stats["redis_stream_lag_ms"] = max(0, int(time.time() * 1000) - newest)
+            else:
+                self._stats["redis_stream_lag_ms"] = 0
+                if self._handed is None and not self._events.statistics().current_buffer_used:
+                    # All handed on and processed: own entries at the end count too.
+                    self._last_id = self._read_through
+            self._save_last_id()
+            if len(entries) == _READ_BATCH:
+                await self._check_trimmed(client)
+
+    async def _check_trimmed(self, client: coredis.Redis[bytes]) -> None:
+        """Whether entries after the last one read were trimmed: a `Gap` for each peer if so."""
+        position = self._read_through
+        if position == "0-0":
+            return
+        first = await client.xrange(self._stream, "-", "+", count=1)
+        if not first or _id_key(_text(first[0].identifier)) <= _id_key(position):
+            return
+        self._stats["redis_heals"] += 1
+        log.warning(
+            "the Redis stream was trimmed past this node's position (%s, the oldest entry is %s):"
+            " healing every peer's messages from history",
+            position,
+            _text(first[0].identifier),
+        )
+        for node in self._peers:
+            await self._events_in.send((Gap(node, f"stream trimmed after {position}"), None))
+
+    # -- the stream position ------------------------------------------------------------
+
+    def _load_last_id(self) -> str:
+        try:
+            text = self._id_file.read_text().strip()
+        except FileNotFoundError:
+            # A new node: only what is sent from now on (history came from catch-up).
+            return "$"
+        return text or "$"
+
+    def _save_last_id(self, *, now: bool = False) -> None:
+        if self._last_id == "$":
+            return
+        # At most once a second: what a crash loses is re-read and deduplicated.
+        if not now and time.monotonic() - self._saved_at < 1.0:
+            return
+        self._saved_at = time.monotonic()
+        folder = self._id_file.parent
+        # Atomic: a crash leaves the old id or the new one, never half of one.
+        fd, temporary = tempfile.mkstemp(dir=folder, prefix=".stream-id")
+        with os.fdopen(fd, "w") as file:
+            file.write(self._last_id)
+        os.replace(temporary, self._id_file)
+
+
+def _leaf(error: BaseException) -> BaseException:
+    """The first exception inside nested groups: what to show in a log line."""
+    while isinstance(error, BaseExceptionGroup):
+        error = error.exceptions[0]
+    return error
+
+
+def _text(value: str | bytes) -> str:
+    return value if isinstance(value, str) else value.decode()
+
+
+def _raw(value: object) -> bytes:
+    if isinstance(value, str):
+        return value.encode()
+    if not isinstance(value, bytes):
+        raise coredis.exceptions.InvalidResponse(f"expected bytes, not {type(value).__name__}")
+    return value
+
+
+def _id_key(stream_id: str) -> tuple[int, int]:
+    ms, _, seq = stream_id.partition("-")
+    return int(ms), int(seq or 0)
