@@ -102,7 +102,8 @@ class MulticastBus:
     def heal_secret(self) -> bytes:
         return self._secret
 
-    async def run(
+    # Cluster.run `start`s it: `ClusterLink.run` calls `task_status.started()` for it.
+    async def run(  # noqa: ASYNC128
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> NoReturn:
         await self.link.run(task_status=task_status)
@@ -145,6 +146,7 @@ class MulticastBus:
                 return _messages_decoder.decode(response.content)
             except (httpx.HTTPError, trio.TooSlowError, msgspec.DecodeError) as exc:
                 log.warning("healing from %s failed: %s", peer.node, exc)
+        await trio.lowlevel.checkpoint()  # with no peer to ask, nothing else awaited
         return []
 
     def statistics(self) -> dict[str, int]:

@@ -108,9 +108,9 @@ class WebSocketConnection(OutboundPath):
                 await trio.lowlevel.wait_readable(self._sock)
                 continue
             except OSError as exc:
-                if exc.errno in (errno.ECONNRESET, errno.ETIMEDOUT, errno.EPIPE):
-                    return b""
-                raise
+                if exc.errno not in (errno.ECONNRESET, errno.ETIMEDOUT, errno.EPIPE):
+                    raise
+                data = b""
             await trio.lowlevel.checkpoint()
             return data
 
@@ -203,8 +203,10 @@ class WebSocketConnection(OutboundPath):
                     continue
         await self.wait_done()
 
+    # Its checkpoints are the body's: one on the way out would cancel a body whose work
+    # (a stored message) succeeded before its reply went out.
     @contextlib.asynccontextmanager
-    async def cancel_on_close(self) -> AsyncIterator[None]:
+    async def cancel_on_close(self) -> AsyncIterator[None]:  # noqa: ASYNC911
         """Run the body while still reading the client's control frames.
 
         For commands that may wait (a store read, a full commit queue, a reply waiting
@@ -220,7 +222,7 @@ class WebSocketConnection(OutboundPath):
             watcher = trio.CancelScope()
             self._nursery.start_soon(self._watch_untrusted, body, watcher)
             try:
-                yield
+                yield  # noqa: ASYNC911
             finally:
                 watcher.cancel()
         if self._close_received:
