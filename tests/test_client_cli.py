@@ -318,7 +318,7 @@ async def test_a_host_name_the_server_refuses(tmp_path: Path, clients: list[Clie
             r"the server does not answer to the host name 'localhost' \(HTTP 400 bad host\): ",
         )
     finally:
-        server.stop()
+        await server.stop()
 
 
 async def _answer_http(status: str, stream: trio.SocketStream) -> None:

@@ -185,6 +185,7 @@ class ChatClient:
                 await self._status_changed.wait()
 
     async def _connection_loop(self) -> None:
+        await trio.lowlevel.checkpoint()  # a connect that fails at once awaits nothing else
         attempt = 0
         while True:
             closed: CloseReason | None = None

@@ -111,8 +111,10 @@ class TerminalScreen:
                     trio.from_thread.run_sync(self._on_interrupt)
                     return
                 trio.from_thread.run(send.send, line)
-        except (trio.Cancelled, trio.RunFinishedError, trio.BrokenResourceError):
-            return  # trio stopped reading (the client is quitting): nothing to hand over
+        # A worker thread, not a trio task: the Cancelled is `send`'s, whose caller gave up
+        # on this thread (abandon_on_cancel); raised here, no one would receive it.
+        except (trio.Cancelled, trio.RunFinishedError, trio.BrokenResourceError):  # noqa: ASYNC103
+            return  # noqa: ASYNC104 (trio stopped reading: the client is quitting)
         finally:
             self._stopped.set()
 

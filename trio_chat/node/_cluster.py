@@ -220,6 +220,7 @@ class Cluster:
             self._out.send_snapshot(self._presence.local_rooms())
 
     async def _on_payload(self, origin: str, data: bytes) -> None:
+        await trio.lowlevel.checkpoint()  # only a message awaits (its delivery)
         try:
             body = _decoder.decode(data)
         except msgspec.DecodeError:
@@ -238,6 +239,7 @@ class Cluster:
 
     async def _deliver(self, message: Message) -> bool:
         if message.id in self._recent:
+            await trio.lowlevel.checkpoint()
             return False
         self._recent[message.id] = None
         if len(self._recent) > _RECENT_IDS:
@@ -289,6 +291,7 @@ class Cluster:
             return await history.read_store(history.store.from_origin, origin, after, HEAL_PAGE)
         except StoreError:
             # History logged it; the peers' history serves instead.
+            await trio.lowlevel.checkpoint()
             return []
 
     def statistics(self) -> dict[str, int]:

@@ -211,6 +211,7 @@ class History:
             self._count_error("store_unavailable")
             refusal = store_unavailable(message.room, message.cid)
             await self._hub.publish_to(pending.sender, message.room, refusal)
+        await trio.lowlevel.checkpoint()  # other nodes' messages only: nothing awaited
         return held
 
     async def _publish_commit(self, batch: list[_Pending], duplicates: dict[str, str]) -> None:
@@ -232,6 +233,7 @@ class History:
             if pending.sender is not None:
                 ack = Ack(id=message.id, cid=message.cid)
                 await self._hub.publish_to(pending.sender, message.room, ack)
+        await trio.lowlevel.checkpoint()  # a batch of other nodes' duplicates awaits nothing
 
     # -- reading ------------------------------------------------------------------------
 
@@ -270,6 +272,8 @@ class History:
             return await trio.to_thread.run_sync(
                 self.store.write, messages, limiter=self._write_limiter
             )
+        # Before the write, as the thread's start is: once written, the caller must learn it.
+        await trio.lowlevel.checkpoint()
         return self.store.write(messages)
 
     async def read_store(self, fn: Callable[[*_Args], _R], *args: *_Args) -> _R:

@@ -104,7 +104,8 @@ class MulticastBus:
     def heal_secret(self) -> bytes:
         return self._secret
 
-    async def run(
+    # Cluster.run `start`s it: `ClusterLink.run` calls `task_status.started()` for it.
+    async def run(  # noqa: ASYNC128
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> NoReturn:
         await self.link.run(task_status=task_status)

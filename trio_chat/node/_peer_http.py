@@ -89,4 +89,5 @@ async def fetch_from_peers(
             return _messages_decoder.decode(response.content)
         except (httpx.HTTPError, trio.TooSlowError, msgspec.DecodeError) as exc:
             log.warning("healing from %s failed: %s", node, exc)
+    await trio.lowlevel.checkpoint()  # with no peer to ask, nothing else awaited
     return []

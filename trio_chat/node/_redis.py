@@ -327,6 +327,7 @@ class RedisBus:
                     self._store.from_origin, self._node_id, after, _BACKLOG_PAGE
                 )
             else:
+                await trio.lowlevel.checkpoint()
                 page = self._store.from_origin(self._node_id, after, _BACKLOG_PAGE)
             for message in page:
                 if message.id > self._added_through:
@@ -391,6 +392,7 @@ class RedisBus:
         """Whether entries after the last one read were trimmed: a `Gap` for each peer if so."""
         position = self._read_through
         if position == "0-0":
+            await trio.lowlevel.checkpoint()
             return
         first = await client.xrange(self._stream, "-", "+", count=1)
         if not first or _id_key(_text(first[0].identifier)) <= _id_key(position):

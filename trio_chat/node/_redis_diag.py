@@ -35,6 +35,7 @@ async def run_redis_check(url: str, out: TextIO) -> int:
         while isinstance(error, BaseExceptionGroup):
             error = error.exceptions[0]
         out.write(f"  unreachable: {error or type(error).__name__}\n")
+    await trio.lowlevel.checkpoint()
     return 2
 
 

@@ -120,14 +120,17 @@ class WebSocketConnection(OutboundPath):
         while True:
             try:
                 self._sock.do_handshake()
-                return
             except ssl.SSLWantReadError:
                 await trio.lowlevel.wait_readable(self._sock)
+                continue
             except ssl.SSLWantWriteError:
                 await trio.lowlevel.wait_writable(self._sock)
+                continue
             except OSError as exc:  # SSLError included; a reset; ENOTCONN if it left early
                 self.abort()
                 raise ProtocolError("tls_handshake", f"TLS handshake failed: {exc}") from None
+            await trio.lowlevel.checkpoint()
+            return
 
     def _recv_nowait(self) -> bytes | None:
         """What the client sent, b"" once it is gone, None while there is nothing yet.
@@ -254,8 +257,10 @@ class WebSocketConnection(OutboundPath):
                     continue
         await self.wait_done()
 
+    # Its checkpoints are the body's: one on the way out would cancel a body whose work
+    # (a stored message) succeeded before its reply went out.
     @contextlib.asynccontextmanager
-    async def cancel_on_close(self) -> AsyncIterator[None]:
+    async def cancel_on_close(self) -> AsyncIterator[None]:  # noqa: ASYNC911
         """Run the body while still reading the client's control frames.
 
         For commands that may wait (a store read, a full commit queue, a reply waiting
@@ -271,7 +276,7 @@ class WebSocketConnection(OutboundPath):
             watcher = trio.CancelScope()
             self._nursery.start_soon(self._watch_untrusted, body, watcher)
             try:
-                yield
+                yield  # noqa: ASYNC911
             finally:
                 watcher.cancel()
         if self._close_received:

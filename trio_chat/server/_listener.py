@@ -215,7 +215,8 @@ class WebSocketServer:
         # costs no task. A client silent for a whole interval after a ping is cut. The
         # pings go out in small groups spread over the interval: thousands of pongs
         # arriving at once would hold up every room's fan-out.
-        while True:
+        # groups >= 1: each turn sleeps at least once.
+        while True:  # noqa: ASYNC913
             conns = list(self.connections)
             groups = max(1, math.ceil(len(conns) / _PING_GROUP))
             for start in range(0, groups * _PING_GROUP, _PING_GROUP):
@@ -245,10 +246,14 @@ class WebSocketServer:
         for conn in list(self.connections):
             conn.close_nowait(code, reason)
         with trio.move_on_after(grace):
+            await trio.lowlevel.checkpoint()  # with no connection left, nothing else
             for conn in list(self.connections):
                 await conn.wait_done()
 
-    async def _run_connection(self, sock: socket.socket, host: str, refused: str | None) -> None:
+    # A task of its own (`_admit`): no caller awaits it for a checkpoint.
+    async def _run_connection(  # noqa: ASYNC910
+        self, sock: socket.socket, host: str, refused: str | None
+    ) -> None:
         """Serve one client, from accept to close: its failure boundary.
 
         ``refused`` (a cap's code) answers the client 503 instead. Whatever the
@@ -266,6 +271,8 @@ class WebSocketServer:
                 if self._tls is None:
                     _send_refusal(sock, refused)
                     await _linger(sock)
+                else:
+                    await trio.lowlevel.checkpoint()
                 return
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SNDBUF)
@@ -328,6 +335,7 @@ class WebSocketServer:
                 # A scanner or a health check, most likely: not worth a log line each.
                 log.debug("refused %s: %s", conn.remote, exc.message)
                 self._count_error(exc.code)
+                await trio.lowlevel.checkpoint()  # a bad request line may need no wait
                 return None
         log.debug("cutting %s: no handshake within %g s", conn.remote, HANDSHAKE_TIMEOUT)
         self._count_error("handshake_timeout")
@@ -357,9 +365,11 @@ async def _linger(sock: socket.socket) -> None:
     try:
         sock.shutdown(socket.SHUT_WR)
     except OSError:
+        await trio.lowlevel.checkpoint()
         return
     drained = 0
     with trio.move_on_after(_LINGER):
+        await trio.lowlevel.checkpoint()  # a client that has closed already: no wait
         while drained < _LINGER_BYTES:
             try:
                 data = sock.recv(RECV_SIZE)
