@@ -84,7 +84,8 @@ class Pane:
                 dead, _, status = (
                     await self.tmux("display", "-p", "#{pane_dead} #{pane_dead_status}")
                 ).partition(" ")
-                if dead == "1":
+                # tmux can report the pane dead a moment before it has the status.
+                if dead == "1" and status.strip().isdigit():
                     return int(status)
                 await trio.sleep(POLL)  # poll interval, bounded by SCREEN_TIMEOUT
         pytest.fail(f"still running:\n{await self.screen()}")
