@@ -13,13 +13,12 @@ import time
 from typing import TYPE_CHECKING
 
 import httpx
-import psutil
 import pytest
 import trio
 from test_cluster_redis import RedisServer, redis_aof
 
 from _netns import Member, connect_member
-from _server_process import Server
+from _server_process import ServerProcess
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -35,31 +34,14 @@ LEAVE_LIMIT = 10.0
 STARTUP = 30.0
 
 
-def redis_servers(tmp_path: Path, redis: RedisServer) -> list[Server]:
+def redis_servers(tmp_path: Path, redis: RedisServer) -> list[ServerProcess]:
     secret = secrets.token_urlsafe(24)
-    servers = []
-    for name in "abc":
-        server = Server(tmp_path / name, tmp_path / f"{name}.log")
-        server.extra_env = {
-            "TRIO_CHAT_CLUSTER": "redis",
-            "TRIO_CHAT_REDIS_URL": redis.url,
-            "TRIO_CHAT_CLUSTER_SECRET": secret,
-            "TRIO_CHAT_HTTP_URL": server.base,
-            "TRIO_CHAT_RATE_LIMIT": "0",
-        }
-        servers.append(server)
-    return servers
-
-
-def kill_9(server: Server) -> None:
-    """SIGKILL the server and any worker under it: no goodbye reaches Redis or a peer."""
-    assert server.proc is not None
-    process = psutil.Process(server.proc.pid)
-    for child in process.children(recursive=True):
-        child.kill()
-    process.kill()
-    server.proc.wait()
-    server.proc = None
+    env = {
+        "TRIO_CHAT_CLUSTER": "redis",
+        "TRIO_CHAT_REDIS_URL": redis.url,
+        "TRIO_CHAT_CLUSTER_SECRET": secret,
+    }
+    return [ServerProcess(tmp_path / name, tmp_path / f"{name}.log", env=env) for name in "abc"]
 
 
 async def within(limit: float, predicate: Callable[[], bool]) -> None:
@@ -69,8 +51,8 @@ async def within(limit: float, predicate: Callable[[], bool]) -> None:
             await trio.sleep(0.05)
 
 
-def redis_peers(server: Server) -> float:
-    text = httpx.get(server.base + "/metrics").text
+def redis_peers(server: ServerProcess) -> float:
+    text = httpx.get(server.http_url + "/metrics").text
     line = next(x for x in text.splitlines() if x.startswith("trio_chat_cluster_peers "))
     return float(line.split()[1])
 
@@ -82,7 +64,7 @@ async def test_three_processes_deliver_once_and_a_killed_node_leaves_and_catches
     servers = redis_servers(tmp_path, redis_aof)
     try:
         for server in servers:
-            server.start()
+            await server.start()
         # Each heartbeat (2 s) sees the keys of servers started since.
         await within(STARTUP, lambda: all(redis_peers(s) == 2 for s in servers))
         async with trio.open_nursery() as nursery:
@@ -114,7 +96,8 @@ async def test_three_processes_deliver_once_and_a_killed_node_leaves_and_catches
                     assert mine == [f"{sender} {i}" for i in range(5)]
             a, b, c = members
             killed = time.monotonic()
-            kill_9(servers[2])
+            # SIGKILL to the group: no goodbye reaches Redis or a peer.
+            await servers[2].kill()
             for member in (a, b):
                 await member.wait_for(
                     lambda m=member: c.name not in m.members(ROOM), "c leave", LEAVE_LIMIT
@@ -124,11 +107,10 @@ async def test_three_processes_deliver_once_and_a_killed_node_leaves_and_catches
             for i in range(5):
                 for member in (a, b):
                     await member.say(ROOM, f"{member.name} missed {i}")
-            servers[2].start()
+            await servers[2].start()
             expected = sorted(sent + missed)
             await within(STARTUP, lambda: sorted(servers[2].stored_texts(ROOM)) == expected)
             nursery.cancel_scope.cancel()
     finally:
         for server in servers:
-            if server.proc is not None:
-                kill_9(server)
+            await server.kill()
