@@ -217,3 +217,13 @@ def test_unreadable_or_short_key_files_are_refused(tmp_path: Path) -> None:
     short.write_text("tiny")
     with pytest.raises(ConfigError, match="shorter than 16"):
         cluster_secret(Settings(cluster_key_file=short))
+
+
+def test_the_api_key_is_a_secret_of_16_or_more_characters() -> None:
+    assert Settings.from_env({}).api_key is None
+    key = "k3y-of-the-backend-0123"
+    assert Settings.from_env({"TRIO_CHAT_API_KEY": key}).api_key == key.encode()
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env({"TRIO_CHAT_API_KEY": "short-key"})
+    assert "short-key" not in str(info.value)
+    assert str(info.value).startswith("TRIO_CHAT_API_KEY=(9 characters, not shown)")
