@@ -69,6 +69,9 @@ async def test_a_wrong_or_missing_key_is_refused(api_server: Server) -> None:
                 f"/api/rooms/{ROOM}/messages", json={"text": "x"}, headers=headers
             )
             assert answer.status_code == 401, headers
+            # Its body was not read: the connection is not used again (a publish sent
+            # next on it could wait for ever for its body).
+            assert answer.headers["connection"] == "close"
             answer = await http.post("/api/users/alice/disconnect", headers=headers)
             assert answer.status_code == 401, headers
     assert await _stored(api_server) == []

@@ -33,21 +33,29 @@ log = logging.getLogger("trio_chat.api")
 #: The longest user id ``POST /api/users/<user>/disconnect`` takes (a JWT ``sub``).
 MAX_USER: Final = 256
 
-_Answer = Response | tuple[Response, int] | tuple[str, int]
+_Answer = (
+    Response
+    | tuple[Response, int]
+    | tuple[Response, int, dict[str, str]]
+    | tuple[str, int, dict[str, str]]
+)
+# A refusal leaves the body unread: the client must not send its next request on this
+# connection (hypercorn then sometimes never hands that request's body on).
+_CLOSE: Final = {"Connection": "close"}
 
 
 def add_server_api(quart: QuartTrio, node: Callable[[], Node]) -> None:
     """Add the server API's routes to ``quart``; ``node`` is the running node or aborts."""
 
-    def refusal(n: Node) -> tuple[str, int] | None:
+    def refusal(n: Node) -> tuple[str, int, dict[str, str]] | None:
         key = n.settings.api_key
         if key is None:
-            return "not found\n", 404
+            return "not found\n", 404, _CLOSE
         given = request.headers.get("Authorization", "").encode()
         if not hmac.compare_digest(given, b"Bearer " + key):
             log.debug("refused a server API call without the API key")
             n.count_error("api_unauthorized")
-            return "the server API needs Authorization: Bearer <TRIO_CHAT_API_KEY>\n", 401
+            return "the server API needs Authorization: Bearer <TRIO_CHAT_API_KEY>\n", 401, _CLOSE
         return None
 
     @quart.post("/api/rooms/<room>/messages")
@@ -58,7 +66,8 @@ def add_server_api(quart: QuartTrio, node: Callable[[], Node]) -> None:
             return refused
         body = await _body(n.settings.max_frame)
         if body is None:
-            return jsonify(code="too_big", message="the body is over TRIO_CHAT_MAX_FRAME"), 413
+            too_big = jsonify(code="too_big", message="the body is over TRIO_CHAT_MAX_FRAME")
+            return too_big, 413, _CLOSE
         try:
             command, sender = publish_request_untrusted(room, body, n.settings.max_text)
             answer = await n.publish(sender, command)
@@ -88,7 +97,7 @@ def add_server_api(quart: QuartTrio, node: Callable[[], Node]) -> None:
             return jsonify(code=exc.code, message=exc.message), status
         except StoreError:
             return jsonify(code="store_unavailable", message=STORE_UNAVAILABLE), 503
-        return "", 204
+        return Response("", 204)
 
     @quart.post("/api/users/<user>/disconnect")
     async def disconnect(user: str) -> _Answer:
