@@ -1223,3 +1223,32 @@ def test_phone_keeps_room_and_join_box_in_reach_and_the_list_tall_with_a_keyboar
     shot(alice, "phone-keyboard", transport)
     alice.set_viewport_size({"width": 375, "height": 667})
     expect(alice.locator("body")).not_to_have_class(re.compile(r"\bshort\b"))
+
+
+API_KEY = "browser-test-api-key"
+
+
+@pytest.mark.parametrize("server_env", [{"TRIO_CHAT_API_KEY": API_KEY}])
+def test_a_message_deleted_over_the_server_api_loses_its_text(
+    server: ServerProcess, pages: Pages, transport: str
+) -> None:
+    import httpx
+    from playwright.sync_api import expect
+
+    alice = pages.open(server, "alice")
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    url = f"{server.http_url}/api/rooms/general/messages"
+    answer = httpx.post(url, json={"text": "buy cheap pills", "from": "spammer"}, headers=auth)
+    assert answer.status_code == 201, answer.text
+    message_id = answer.json()["id"]
+    msg = message_with(alice, "buy cheap pills")
+    expect(msg).to_have_count(1)
+    assert httpx.delete(f"{url}/{message_id}", headers=auth).status_code == 204
+    deleted = messages(alice).and_(alice.locator(f'[data-id="{message_id}"]'))
+    expect(deleted.locator(".text")).to_have_text("message deleted")
+    expect(deleted).to_have_class(re.compile(r"\bdeleted\b"))
+    # A page opened later gets it deleted from history.
+    bob = pages.open(server, "bob")
+    later = messages(bob).and_(bob.locator(f'[data-id="{message_id}"]'))
+    expect(later.locator(".text")).to_have_text("message deleted")
+    expect(message_with(bob, "pills")).to_have_count(0)

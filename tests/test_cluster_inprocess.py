@@ -26,7 +26,7 @@ from trio_chat.link._socket import ClusterLink, LinkConfig
 from trio_chat.node._multicast import MulticastBus
 from trio_chat.node._node import Node
 from trio_chat.node._store import MemoryStore, Message
-from trio_chat.protocol._wire import Joined, MessageEvent, Presence
+from trio_chat.protocol._wire import Deleted, Joined, MessageEvent, Presence
 
 from conftest import eventually, make_settings
 
@@ -272,3 +272,47 @@ async def test_a_restarted_peer_catches_up_what_it_missed(
     assert texts(bob_rec) == ["before", "while", "b", "was", "down"]
     # It asked only for what followed the newest message of a's it had stored.
     assert b2.bus.fetches == [("a", b_store.latest(ROOM, 10)[0].id)]
+
+
+async def test_a_tombstone_and_a_disconnect_reach_every_node(
+    autojump_clock: trio.testing.MockClock, tmp_path: Path
+) -> None:
+    """Each node has its own store: the tombstone is stored on each, not just told."""
+    cluster: dict[str, ChatNode] = {}
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            lan = FakeLan(nursery, seed=13, loss=0.2, duplicate=0.2, max_delay=0.005)
+            nodes = [
+                await start_chat_node(nursery, lan, cluster, tmp_path, f"n{i}") for i in range(3)
+            ]
+            await all_up(nodes)
+            clients = [await nodes[i].client(f"user{i}") for i in range(3)]
+            for node, (session, recorder, send) in zip(nodes, clients, strict=True):
+                # As the transports do: a registered session is one the node can close.
+                node.node.register(session)
+                await join(send, recorder)
+            _, _, alice = clients[0]
+            await alice.send(json.dumps({"type": "send", "room": ROOM, "text": "oops"}))
+            for _, recorder, _ in clients:
+                await eventually(lambda r=recorder: texts(r) == ["oops"])
+            (message,) = nodes[0].node.store.latest(ROOM, 5)
+            admin, _, admin_send = clients[1]
+            admin.is_admin = True
+            await admin_send.send(json.dumps({"type": "delete", "room": ROOM, "id": message.id}))
+            deleted = Deleted(room=ROOM, id=message.id)
+            for _, recorder, _ in clients:
+                await eventually(lambda r=recorder: deleted in r.events)
+            for node in nodes:
+                await eventually(lambda n=node: n.node.store.latest(ROOM, 5)[0].deleted)
+            # Deleted already, here too: nothing is stored or sent again.
+            assert not await nodes[2].node.delete(ROOM, message.id)
+            assert nodes[2].node.disconnect("user0") == 0
+            await eventually(lambda: clients[0][1].closed == 4003)
+            await trio.sleep(5)
+            nursery.cancel_scope.cancel()
+    for (_, recorder, _), node in zip(clients, nodes, strict=True):
+        assert recorder.events.count(deleted) == 1
+        (stored,) = node.node.store.latest(ROOM, 5)
+        assert (stored.deleted, stored.text) == (True, "")
+    assert clients[1][1].closed is None
+    assert clients[2][1].closed is None

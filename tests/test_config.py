@@ -254,3 +254,13 @@ def test_a_bad_redis_url_names_the_variable_not_the_password(url: str) -> None:
     with pytest.raises(ConfigError, match=r"^TRIO_CHAT_REDIS_URL=") as caught:
         Settings.from_env({"TRIO_CHAT_REDIS_URL": url})
     assert "hunter2" not in str(caught.value)
+
+
+def test_the_api_key_is_a_secret_of_16_or_more_characters() -> None:
+    assert Settings.from_env({}).api_key is None
+    key = "k3y-of-the-backend-0123"
+    assert Settings.from_env({"TRIO_CHAT_API_KEY": key}).api_key == key.encode()
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env({"TRIO_CHAT_API_KEY": "short-key"})
+    assert "short-key" not in str(info.value)
+    assert str(info.value).startswith("TRIO_CHAT_API_KEY=(9 characters, not shown)")

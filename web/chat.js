@@ -225,6 +225,9 @@ const handlers = {
     view.clearLog(f.room);
     view.systemLine(f.room, "(too much was missed: reloaded the latest messages)", ui.current);
   },
+  deleted(f) {
+    if (typeof f.room === "string" && typeof f.id === "string") view.markDeleted(f.room, f.id);
+  },
   ack(f) {
     if (typeof f.cid === "string") settled(f.cid, f.id);
   },

@@ -197,9 +197,22 @@ function messageNode(m, pending, mine) {
   const text = document.createElement("span");
   text.className = "text";
   text.dir = "auto"; // Arabic and Hebrew lay out right to left
-  text.append(...linkified(m.text));
+  if (m.deleted) showDeleted(li, text);
+  else text.append(...linkified(m.text));
   li.append(time, " ", from, " ", text);
   return li;
+}
+
+/** A deleted message keeps its place, not its text (docs/protocol.md, `deleted`). */
+function showDeleted(li, text) {
+  li.classList.add("deleted");
+  text.replaceChildren("message deleted");
+}
+
+/** Message `id` of `room` was deleted: drop its text if it is shown. */
+export function markDeleted(room, id) {
+  const li = logs.get(room)?.nodes.get(id);
+  if (li) showDeleted(li, li.querySelector(".text"));
 }
 
 function previousMessage(li) {

@@ -42,6 +42,7 @@ from ..server._asgi_transport import AsgiTransport
 from ..server._limits import RETRY_AFTER, raise_nofile_limit, refusal_body
 from ..server._session import Session, origin_allowed
 from ..settings._settings import Settings
+from ._api import add_server_api
 from ._hypercorn import install as install_hypercorn_boundary
 from ._metrics import render_metrics
 
@@ -410,6 +411,7 @@ def _make_quart(chat: ChatApp) -> QuartTrio:
             n.limits.release(address)
         return None
 
+    add_server_api(quart, node)
     return quart
 
 

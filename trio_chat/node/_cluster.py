@@ -29,6 +29,8 @@ from ._bus import Gap, Payload, PeerDown, PeerUp
 from ._store import Message  # noqa: TC001
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from ._bus import Bus
     from ._history import History
     from ._presence import Presence
@@ -77,7 +79,20 @@ class Snapshot(msgspec.Struct, tag="s", array_like=True):
     rooms: dict[str, list[str]]
 
 
-Body = RemoteMessage | RemotePresence | RemoteTyping | Snapshot
+class RemoteDelete(msgspec.Struct, tag="d", array_like=True):
+    """A tombstone: every node stores it (idempotent) and tells its members."""
+
+    room: str
+    id: str
+
+
+class RemoteDisconnect(msgspec.Struct, tag="x", array_like=True):
+    """Close every connection of ``user`` (server API)."""
+
+    user: str
+
+
+Body = RemoteMessage | RemotePresence | RemoteTyping | Snapshot | RemoteDelete | RemoteDisconnect
 
 _encoder: Final = msgspec.msgpack.Encoder()
 _decoder: Final[msgspec.msgpack.Decoder[Body]] = msgspec.msgpack.Decoder(Body)
@@ -158,6 +173,12 @@ class Broadcaster:
     def send_message(self, message: Message) -> None:
         self._send(RemoteMessage(message))
 
+    def send_delete(self, room: str, message_id: str) -> None:
+        self._send(RemoteDelete(room, message_id))
+
+    def send_disconnect(self, user: str) -> None:
+        self._send(RemoteDisconnect(user))
+
     def send_presence(self, room: str, name: str, *, joined: bool) -> None:
         self._send(RemotePresence(room, name, joined))
 
@@ -175,9 +196,16 @@ class Cluster:
       bus: the cluster engine.
       history: where peers' messages are stored and broadcast, and healing reads.
       presence: where peers' presence goes.
+      disconnect: closes a user's connections on this node (peers' server API calls).
     """
 
-    def __init__(self, bus: Bus, history: History, presence: Presence) -> None:
+    def __init__(
+        self,
+        bus: Bus,
+        history: History,
+        presence: Presence,
+        disconnect: Callable[[str], int],
+    ) -> None:
         self.bus = bus
         #: Signs and checks requests for a node's history (``/api/cluster/messages``).
         self.secret = bus.heal_secret
@@ -185,6 +213,7 @@ class Cluster:
         self._out = Broadcaster(bus)
         self._history = history
         self._presence = presence
+        self._disconnect = disconnect
         #: The newest message id delivered from each origin: where a heal starts.
         self._last_from: dict[str, str] = {}
         self._recent: collections.OrderedDict[str, None] = collections.OrderedDict()
@@ -236,6 +265,10 @@ class Cluster:
                 self._presence.remote_typing(room, name)
             case Snapshot(rooms=rooms):
                 self._presence.remote_snapshot(origin, rooms)
+            case RemoteDelete(room=room, id=message_id):
+                await self._history.deliver_remote_delete(room, message_id)
+            case RemoteDisconnect(user=user):
+                self._disconnect(user)
 
     async def _deliver(self, message: Message) -> bool:
         if message.id in self._recent:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, NoReturn
 
 import trio
 
-from ..protocol._codes import CLOSE_GOING_AWAY
+from ..protocol._codes import CLOSE_DISCONNECTED, CLOSE_GOING_AWAY
 from ..protocol._ids import IdClock
 from ..server._boundary import FailureBoundary
 from ..server._chat_socket import handle_chat_socket
@@ -28,7 +28,7 @@ from ..server._hub import Hub
 from ..server._limits import ConnectionLimits, default_max_connections
 from ..server._listener import WebSocketServer
 from ._cluster import Broadcaster, Cluster
-from ._history import History, Replay
+from ._history import ApiSender, History, Replay
 from ._names import Names
 from ._presence import Presence
 from ._store import MemoryStore, Message, SqliteStore, Store
@@ -36,7 +36,7 @@ from ._store import MemoryStore, Message, SqliteStore, Store
 if TYPE_CHECKING:
     import ssl
 
-    from ..protocol._wire import Send, TypingEvent
+    from ..protocol._wire import Ack, ErrorEvent, Send, TypingEvent
     from ..server._ports import Member
     from ..settings._settings import Settings
     from ._bus import Bus
@@ -90,10 +90,13 @@ class Node:
         self.ids = IdClock(node_id)
         self.errors: collections.Counter[str] = collections.Counter()
         peers = None if bus is None else Broadcaster(bus)
+        self._peers = peers
         self.presence = Presence(self.hub, peers)
         self.names = Names(self.presence)
         self.history = History(settings, store, self.hub, self.ids, peers, self.count_error)
-        self.cluster = None if bus is None else Cluster(bus, self.history, self.presence)
+        self.cluster = (
+            None if bus is None else Cluster(bus, self.history, self.presence, self.disconnect_here)
+        )
         self.sessions: set[Member] = set()
         self.chat_socket = WebSocketServer(
             functools.partial(handle_chat_socket, self),
@@ -170,6 +173,9 @@ class Node:
     async def page(self, room: str, before: str | None, limit: int) -> tuple[list[Message], bool]:
         return await self.history.page(room, before, limit)
 
+    async def delete(self, room: str, message_id: str) -> bool:
+        return await self.history.delete(room, message_id)
+
     def count_slow(self) -> None:
         """Count a client closed as slow by a ``/ws`` transport or by its session (lag
         held during a join); the chat socket's write path counts its own."""
@@ -177,6 +183,29 @@ class Node:
 
     def count_error(self, code: str) -> None:
         self.errors[code] += 1
+
+    # -- the server API (app/_api.py) ----------------------------------------------------
+
+    async def publish(self, sender: str, command: Send) -> Ack | ErrorEvent:
+        """Store and broadcast a message from the app's backend; the commit's answer.
+
+        Raises:
+          StoreError: the store is down and its next attempt is not due yet.
+        """
+        return await self.history.publish(ApiSender(sender), command)
+
+    def disconnect(self, user: str) -> int:
+        """Close every connection of ``user`` on every node; how many were here."""
+        if self._peers is not None:
+            self._peers.send_disconnect(user)
+        return self.disconnect_here(user)
+
+    def disconnect_here(self, user: str) -> int:
+        """Close this node's connections of ``user`` with 4003; how many."""
+        closing = [s for s in self.sessions if s.user == user]
+        for session in closing:
+            session.close(CLOSE_DISCONNECTED, "disconnected by the server")
+        return len(closing)
 
     # -- for the app --------------------------------------------------------------------
 

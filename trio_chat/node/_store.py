@@ -40,6 +40,8 @@ class Message(msgspec.Struct, frozen=True, array_like=True):
     cid: str | None = None
     #: ``<requested name>\\0<cid>``: finds a retried send, whichever connection it came on.
     dedupe: str | None = None
+    #: Tombstoned (``DELETE /api/rooms/<room>/messages/<id>``): read back without text.
+    deleted: bool = False
 
     @property
     def origin(self) -> str:
@@ -47,6 +49,10 @@ class Message(msgspec.Struct, frozen=True, array_like=True):
         return self.id[17:]
 
     def event(self) -> MessageEvent:
+        if self.deleted:
+            return MessageEvent(
+                room=self.room, id=self.id, sender=self.sender, ts=self.ts, deleted=True
+            )
         return MessageEvent(
             room=self.room, id=self.id, sender=self.sender, text=self.text, ts=self.ts, cid=self.cid
         )
@@ -85,6 +91,11 @@ class Store(Protocol):
     def from_origin(self, origin: str, after: str, limit: int) -> list[Message]:
         """Up to ``limit`` messages accepted by node ``origin`` with ids above ``after``."""
 
+    def tombstone(self, room: str, message_id: str) -> bool:
+        """Mark ``message_id`` of ``room`` deleted, whether or not it is stored yet (a
+        peer's delete may arrive before the message). Whether it was not marked before.
+        """
+
     def newest_from(self, origin: str) -> str | None:
         """The newest id stored from node ``origin``, if any."""
 
@@ -106,8 +117,19 @@ CREATE TABLE IF NOT EXISTS messages (
 CREATE INDEX IF NOT EXISTS messages_room ON messages (room, id);
 CREATE INDEX IF NOT EXISTS messages_origin ON messages (origin, id);
 CREATE UNIQUE INDEX IF NOT EXISTS messages_dedupe_key ON messages (dedupe) WHERE dedupe IS NOT NULL;
+-- Deleted messages. A table of its own, so files from before deletes get it here, and a
+-- tombstone can be stored before the message it deletes arrives from its node.
+CREATE TABLE IF NOT EXISTS tombstones (
+    id TEXT PRIMARY KEY,
+    room TEXT NOT NULL
+) WITHOUT ROWID;
 """
-_COLUMNS: Final = "id, room, sender, text, ts, cid, dedupe"
+_COLUMNS: Final = (
+    "id, room, sender, CASE WHEN EXISTS (SELECT 1 FROM tombstones t WHERE t.id = messages.id)"
+    " THEN '' ELSE text END, ts, cid, dedupe,"
+    " EXISTS (SELECT 1 FROM tombstones t WHERE t.id = messages.id)"
+)
+_TOMBSTONE: Final = "INSERT OR IGNORE INTO tombstones VALUES (?, ?)"
 
 
 def _row(m: Message) -> tuple[object, ...]:
@@ -185,6 +207,8 @@ class SqliteStore:
                         ).fetchone()
                         if first != m.id:
                             duplicates[m.id] = first
+                # A deleted message healed from a peer keeps its tombstone.
+                db.executemany(_TOMBSTONE, [(m.id, m.room) for m in messages if m.deleted])
                 # In WAL mode the pages reach the disk here: a full disk fails the COMMIT,
                 # which leaves the transaction open.
                 db.execute("COMMIT")
@@ -196,7 +220,11 @@ class SqliteStore:
     def _query(self, sql: str, args: tuple[object, ...]) -> list[Message]:
         with self._read_lock, _engine_errors():
             rows = self._reader.execute(sql, args).fetchall()
-        return [Message(*row) for row in rows]
+        # SQLite answers EXISTS with 0 or 1: peers decode the flag as a bool.
+        return [
+            Message(id_, room, sender, text, ts, cid, dedupe, bool(deleted))
+            for id_, room, sender, text, ts, cid, dedupe, deleted in rows
+        ]
 
     def latest(self, room: str, limit: int) -> list[Message]:
         return self.before(room, None, limit)
@@ -235,6 +263,11 @@ class SqliteStore:
             ).fetchone()
         return None if row[0] is None else str(row[0])
 
+    def tombstone(self, room: str, message_id: str) -> bool:
+        with self._write_lock, _engine_errors():
+            _rollback(self._writer)
+            return self._writer.execute(_TOMBSTONE, (message_id, room)).rowcount == 1
+
     def close(self) -> None:
         self._writer.close()
         self._reader.close()
@@ -255,6 +288,7 @@ class MemoryStore:
         self._rooms: dict[str, list[Message]] = {}
         self._ids: set[str] = set()
         self._dedupe: dict[str, Message] = {}
+        self._tombstones: set[str] = set()
 
     def write(self, messages: list[Message]) -> dict[str, str]:
         duplicates: dict[str, str] = {}
@@ -267,6 +301,8 @@ class MemoryStore:
                     duplicates[m.id] = first.id
                     continue
             self._ids.add(m.id)
+            if m.deleted:
+                self._tombstones.add(m.id)
             room = self._rooms.setdefault(m.room, [])
             if not room or room[-1].id < m.id:
                 room.append(m)
@@ -280,12 +316,27 @@ class MemoryStore:
     def after(self, room: str, since: str, limit: int) -> list[Message]:
         msgs = self._rooms.get(room, [])
         start = bisect.bisect_right(msgs, since, key=lambda x: x.id)
-        return msgs[start : start + limit]
+        return self._marked(msgs[start : start + limit])
 
     def before(self, room: str, before: str | None, limit: int) -> list[Message]:
         msgs = self._rooms.get(room, [])
         end = len(msgs) if before is None else bisect.bisect_left(msgs, before, key=lambda x: x.id)
-        return msgs[max(0, end - limit) : end]
+        return self._marked(msgs[max(0, end - limit) : end])
+
+    def _marked(self, messages: list[Message]) -> list[Message]:
+        """``messages``, the tombstoned ones as the SQLite store reads them back."""
+        return [
+            msgspec.structs.replace(m, text="", deleted=True)
+            if m.id in self._tombstones and not m.deleted
+            else m
+            for m in messages
+        ]
+
+    def tombstone(self, room: str, message_id: str) -> bool:
+        if message_id in self._tombstones:
+            return False
+        self._tombstones.add(message_id)
+        return True
 
     def contains(self, room: str, message_id: str) -> bool:
         msgs = self._rooms.get(room, [])
@@ -302,7 +353,7 @@ class MemoryStore:
             ),
             key=lambda x: x.id,
         )
-        return found[:limit]
+        return self._marked(found[:limit])
 
     def newest_from(self, origin: str) -> str | None:
         return max(

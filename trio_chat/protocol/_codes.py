@@ -25,6 +25,8 @@ CLOSE_TOO_BIG: Final = 1009
 CLOSE_INTERNAL_ERROR: Final = 1011
 #: The client could not keep up with its rooms; it resumes from history on reconnect.
 CLOSE_SLOW: Final = 4008
+#: The app's backend disconnected this user (``POST /api/users/<user>/disconnect``).
+CLOSE_DISCONNECTED: Final = 4003
 
 #: Refusals (HTTP 503 before the handshake, or on /ws): which connection cap was hit.
 TOO_MANY_CONNECTIONS: Final = "too_many_connections"

@@ -82,7 +82,14 @@ class Ping(msgspec.Struct, tag="ping", tag_field="type", frozen=True):
     pass
 
 
-Command = Hello | Join | Leave | Send | Typing | HistoryRequest | Ping
+class Delete(msgspec.Struct, tag="delete", tag_field="type", frozen=True):
+    """Tombstone a message (admins only)."""
+
+    room: Room
+    id: MessageId
+
+
+Command = Hello | Join | Leave | Send | Typing | HistoryRequest | Ping | Delete
 
 _command_decoder: Final[msgspec.json.Decoder[Command]] = msgspec.json.Decoder(Command)
 
@@ -94,6 +101,7 @@ _FIELD_CODES: Final = {
     "$.name": "bad_name",
     "$.since": "bad_id",
     "$.before": "bad_id",
+    "$.id": "bad_id",
     "$.limit": "bad_limit",
     "$.cid": "bad_cid",
 }
@@ -143,6 +151,68 @@ def history_request_untrusted(room: str, before: str | None, limit: str) -> Hist
         raise _refusal(exc) from None
 
 
+def check_text(text: str, max_text: int) -> None:
+    """Refuse a message's text as the protocol does, wherever it was sent from.
+
+    Raises:
+      ProtocolError: ``empty_text`` (blank) or ``text_too_long`` (over ``max_text``).
+    """
+    if not text.strip():
+        raise ProtocolError("empty_text", "the message is empty")
+    if len(text) > max_text:
+        raise ProtocolError("text_too_long", f"messages are limited to {max_text} characters")
+
+
+class _Publish(msgspec.Struct, frozen=True):
+    """The body of ``POST /api/rooms/<room>/messages`` (the server API)."""
+
+    text: str
+    sender: Name | None = msgspec.field(name="from", default=None)
+    cid: Cid | None = None
+
+
+#: The ``from`` of a message the server API publishes without one.
+API_SENDER: Final = "server"
+
+
+def publish_request_untrusted(room: str, body: bytes, max_text: int) -> tuple[Send, str]:
+    """Validate a message published over the server API, by the socket's own rules.
+
+    Returns:
+      The message as a `Send`, and its sender's name (`API_SENDER` if none was given).
+
+    Raises:
+      ProtocolError: ``bad_json``, ``bad_room``, ``bad_name``, ``bad_cid``,
+        ``bad_field``, ``empty_text`` or ``text_too_long``.
+    """
+    try:
+        fields = msgspec.json.decode(body, type=_Publish)
+        send = msgspec.convert({"room": room, "text": fields.text, "cid": fields.cid}, Send)
+    except msgspec.ValidationError as exc:
+        raise _refusal(exc) from None
+    except (msgspec.DecodeError, RecursionError):
+        raise ProtocolError("bad_json", "the body is not a JSON object") from None
+    check_text(send.text, max_text)
+    if fields.sender is None:
+        return send, API_SENDER
+    name = normalize_name_untrusted(fields.sender)
+    if name is None:
+        raise ProtocolError("bad_name", BAD_NAME)
+    return send, name
+
+
+def delete_request_untrusted(room: str, message_id: str) -> Delete:
+    """Validate a delete asked for over HTTP.
+
+    Raises:
+      ProtocolError: ``bad_room`` or ``bad_id``.
+    """
+    try:
+        return msgspec.convert({"room": room, "id": message_id}, Delete)
+    except msgspec.ValidationError as exc:
+        raise _refusal(exc) from None
+
+
 def _refusal(exc: msgspec.ValidationError) -> ProtocolError:
     detail = str(exc)
     path = detail.rpartition(" - at `")[2].rstrip("`") if " - at `" in detail else ""
@@ -176,14 +246,24 @@ class Left(msgspec.Struct, tag="left", tag_field="type", frozen=True):
 
 
 class MessageEvent(
-    msgspec.Struct, tag="message", tag_field="type", frozen=True, omit_defaults=True
+    msgspec.Struct, tag="message", tag_field="type", frozen=True, omit_defaults=True, kw_only=True
 ):
     room: str
     id: str
     sender: str = msgspec.field(name="from")
-    text: str
+    #: Empty, and so left out, for a deleted message: a sent text is never empty.
+    text: str = ""
     ts: float
     cid: str | None = None
+    #: The message was deleted (a tombstone): it keeps its place, not its text.
+    deleted: bool = False
+
+
+class Deleted(msgspec.Struct, tag="deleted", tag_field="type", frozen=True):
+    """A message of ``room`` was deleted: clients drop its text."""
+
+    room: str
+    id: str
 
 
 class Ack(msgspec.Struct, tag="ack", tag_field="type", frozen=True, omit_defaults=True):
@@ -235,6 +315,7 @@ Event = (
     | Joined
     | Left
     | MessageEvent
+    | Deleted
     | Ack
     | Presence
     | TypingEvent

@@ -22,6 +22,11 @@ class Member(Protocol):
 
     name: str
 
+    @property
+    def user(self) -> str:
+        """Who the client is, for ``POST /api/users/<user>/disconnect``: its name in
+        open mode."""
+
     def deliver_nowait(self, out: Outgoing) -> None:
         """Queue a broadcast for the client. Must not block or raise."""
 
@@ -123,6 +128,14 @@ class ChatService(Protocol):
 
         Raises:
           ProtocolError: ``before`` is not a message of ``room``.
+          StoreError: the store failed.
+        """
+
+    async def delete(self, room: str, message_id: str) -> bool:
+        """Tombstone a message, cluster-wide; False if it already was.
+
+        Raises:
+          ProtocolError: ``room`` has no message ``message_id`` (``unknown_id``).
           StoreError: the store failed.
         """
 

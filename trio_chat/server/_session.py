@@ -26,6 +26,7 @@ from ..protocol._codes import CLOSE_POLICY, CLOSE_SLOW
 from ..protocol._names import normalize_name_untrusted
 from ..protocol._wire import (
     BAD_NAME,
+    Delete,
     ErrorEvent,
     Event,
     Hello,
@@ -43,6 +44,7 @@ from ..protocol._wire import (
     Typing,
     TypingEvent,
     Welcome,
+    check_text,
     decode_command_untrusted,
     encode_event,
     is_valid_client_id,
@@ -180,6 +182,14 @@ class Session:
         #: `_without_replayed`).
         self._replayed: dict[str, set[str]] = {}
         self.closed = False
+        #: Whether the client may delete messages. Nobody is in open mode; a token's
+        #: ``admin`` claim sets it in jwt mode.
+        self.is_admin = False
+
+    @property
+    def user(self) -> str:
+        """Who the client is (server API disconnects): in open mode, its name."""
+        return self.name
 
     # -- hub subscriber -----------------------------------------------------------------
 
@@ -339,6 +349,10 @@ class Session:
                 await self._history(command)
             case Ping():
                 self.send(Pong())
+            case Delete(room=room, id=message_id):
+                if not self.is_admin:
+                    raise ProtocolError("forbidden", "only an admin may delete messages")
+                await self.node.delete(room, message_id)
             case Hello(name=name):
                 if self.node.rooms_of(self):
                     raise ProtocolError("hello_too_late", "say hello before joining rooms")
@@ -351,12 +365,7 @@ class Session:
 
     async def _send(self, command: Send) -> None:
         self._require_joined(command.room)
-        if not command.text.strip():
-            raise ProtocolError("empty_text", "the message is empty")
-        if len(command.text) > self._settings.max_text:
-            raise ProtocolError(
-                "text_too_long", f"messages are limited to {self._settings.max_text} characters"
-            )
+        check_text(command.text, self._settings.max_text)
         if self.node.submit_would_wait():
             # The store is behind: the client may give up and close meanwhile.
             async with self.transport.cancel_on_close():

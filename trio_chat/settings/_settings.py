@@ -252,6 +252,15 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             unset="set by `trio-chat serve` from `--bind`",
         ),
     ] = None
+    api_key: Annotated[
+        Annotated[bytes, Meta(min_length=16)] | None,
+        _doc(
+            "the server API's key (`Authorization: Bearer <key>`, docs/auth.md), for the"
+            " app's backend only. As a flag it shows in `ps`: prefer the variable",
+            kind=SECRET,
+            unset="the server API is off (404)",
+        ),
+    ] = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
