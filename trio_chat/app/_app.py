@@ -37,6 +37,7 @@ from ..protocol._wire import (
     history_request_untrusted,
 )
 from ..server._asgi_transport import AsgiTransport
+from ..server._auth import Identity, room_allowed, unauthorized
 from ..server._limits import RETRY_AFTER, raise_nofile_limit, refusal_body
 from ..server._session import Session, origin_allowed
 from ..settings._settings import Settings
@@ -306,20 +307,56 @@ def _make_quart(chat: ChatApp) -> QuartTrio:
             node=n.node_id,
             max_text=n.settings.max_text,
             room_pattern=ROOM_PATTERN,
+            auth=n.settings.auth,
+            token_url=n.settings.token_url,
         )
 
+    def caller(n: Node, *, required: bool) -> Identity | None:
+        """jwt mode: who sent ``Authorization: Bearer <token>`` (None: no header and
+        not ``required``; always None in open mode).
+
+        Raises:
+          ProtocolError: ``unauthorized``: a bad token, or none when ``required``.
+        """
+        if n.tokens is None:
+            return None
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            if not required and not scheme:
+                return None
+            raise unauthorized("send Authorization: Bearer <token>")
+        return n.tokens.check_untrusted(token.strip())
+
     @quart.get("/api/rooms")
-    async def rooms() -> Response:
+    async def rooms() -> Response | tuple[Response, int]:
         n = node()
-        return jsonify(rooms=[{"room": r, "members": n.members(r)} for r in n.hub.room_names()])
+        try:
+            identity = caller(n, required=False)
+        except ProtocolError as exc:
+            return jsonify(code=exc.code, message=exc.message), 401
+        public = n.settings.public_room_patterns
+        return jsonify(
+            rooms=[
+                {"room": r, "members": n.members(r)}
+                for r in n.hub.room_names()
+                if room_allowed(identity, r, public)
+            ]
+        )
 
     @quart.get("/api/rooms/<room>/messages")
     async def messages(room: str) -> Response | tuple[Response, int]:
+        n = node()
+        try:
+            identity = caller(n, required=True)
+        except ProtocolError as exc:
+            return jsonify(code=exc.code, message=exc.message), 401
+        if not room_allowed(identity, room, n.settings.public_room_patterns):
+            return jsonify(code="forbidden", message=f"you may not see {room!r}"), 403
         try:
             page_request = history_request_untrusted(
                 room, request.args.get("before") or None, request.args.get("limit", "50")
             )
-            page, more = await node().page(room, page_request.before, page_request.limit)
+            page, more = await n.page(room, page_request.before, page_request.limit)
         except ProtocolError as exc:
             status = 404 if exc.code == "unknown_id" else 400
             return jsonify(code=exc.code, message=exc.message), status
@@ -408,8 +445,9 @@ async def _serve_fallback(node: Node) -> None:
         )
         try:
             try:
+                args = websocket.args
                 session = Session(
-                    node, transport, websocket.args.get("name"), websocket.args.get("client_id")
+                    node, transport, args.get("name"), args.get("client_id"), args.get("token")
                 )
                 node.register(session)
                 await session.run(receive)

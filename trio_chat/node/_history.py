@@ -148,6 +148,7 @@ class History:
             id=self._ids.next_id(time.time_ns() // 1_000_000),
             room=command.room,
             sender=member.name,
+            uid=member.uid,
             text=command.text,
             ts=time.time(),
             cid=command.cid,

@@ -22,6 +22,7 @@ import trio
 
 from ..protocol._codes import CLOSE_GOING_AWAY
 from ..protocol._ids import IdClock
+from ..server._auth import Tokens
 from ..server._boundary import FailureBoundary
 from ..server._chat_socket import handle_chat_socket
 from ..server._hub import Hub
@@ -69,6 +70,8 @@ class Node:
         self, settings: Settings, node_id: str, store: Store, bus: Bus | None = None
     ) -> None:
         self.settings = settings
+        #: jwt mode's token checker (reads the public key file: a ConfigError if bad).
+        self.tokens = Tokens(settings) if settings.auth == "jwt" else None
         self.node_id = node_id
         self.store = store
         self.hub = Hub()

@@ -40,6 +40,8 @@ class Message(msgspec.Struct, frozen=True, array_like=True):
     cid: str | None = None
     #: ``<requested name>\\0<cid>``: finds a retried send, whichever connection it came on.
     dedupe: str | None = None
+    #: jwt mode: the sender's ``sub``. Last, so peers of an older version still decode.
+    uid: str | None = None
 
     @property
     def origin(self) -> str:
@@ -48,7 +50,13 @@ class Message(msgspec.Struct, frozen=True, array_like=True):
 
     def event(self) -> MessageEvent:
         return MessageEvent(
-            room=self.room, id=self.id, sender=self.sender, text=self.text, ts=self.ts, cid=self.cid
+            room=self.room,
+            id=self.id,
+            sender=self.sender,
+            text=self.text,
+            ts=self.ts,
+            cid=self.cid,
+            uid=self.uid,
         )
 
 
@@ -101,17 +109,26 @@ CREATE TABLE IF NOT EXISTS messages (
     ts REAL NOT NULL,
     cid TEXT,
     dedupe TEXT,
-    origin TEXT NOT NULL
+    origin TEXT NOT NULL,
+    uid TEXT
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS messages_room ON messages (room, id);
 CREATE INDEX IF NOT EXISTS messages_origin ON messages (origin, id);
 CREATE UNIQUE INDEX IF NOT EXISTS messages_dedupe_key ON messages (dedupe) WHERE dedupe IS NOT NULL;
 """
-_COLUMNS: Final = "id, room, sender, text, ts, cid, dedupe"
+_COLUMNS: Final = "id, room, sender, text, ts, cid, dedupe, uid"
 
 
 def _row(m: Message) -> tuple[object, ...]:
-    return (m.id, m.room, m.sender, m.text, m.ts, m.cid, m.dedupe, m.origin)
+    return (m.id, m.room, m.sender, m.text, m.ts, m.cid, m.dedupe, m.origin, m.uid)
+
+
+def _migrate(db: sqlite3.Connection) -> None:
+    """Bring a file made by an older version to the current schema."""
+    columns = {row[1] for row in db.execute("PRAGMA table_info(messages)")}
+    if "uid" not in columns:
+        # Files from before jwt mode: their messages have no uid (NULL).
+        db.execute("ALTER TABLE messages ADD COLUMN uid TEXT")
 
 
 @contextlib.contextmanager
@@ -149,6 +166,7 @@ class SqliteStore:
             fcntl.flock(lock, fcntl.LOCK_EX)
             self._writer = self._connect()
             self._writer.executescript(_SCHEMA)
+            _migrate(self._writer)
         self._reader = self._connect()
         self._read_lock = threading.Lock()
         self._write_lock = threading.Lock()
@@ -167,7 +185,7 @@ class SqliteStore:
         return conn
 
     def write(self, messages: list[Message]) -> dict[str, str]:
-        insert = "INSERT OR IGNORE INTO messages VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+        insert = "INSERT OR IGNORE INTO messages VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
         duplicates: dict[str, str] = {}
         with self._write_lock, _engine_errors():
             db = self._writer

@@ -50,7 +50,16 @@ Limit = Annotated[int, msgspec.Meta(ge=1, le=MAX_HISTORY_LIMIT)]
 
 
 class Hello(msgspec.Struct, tag="hello", tag_field="type", frozen=True):
-    name: Name
+    #: Open mode: the nickname wanted. Ignored in jwt mode (names come from tokens).
+    name: Name | None = None
+    #: jwt mode: the client's token (docs/auth.md).
+    token: str | None = None
+
+
+class Refresh(msgspec.Struct, tag="refresh", tag_field="type", frozen=True):
+    """jwt mode: a later token of the same user, before the current one expires."""
+
+    token: str
 
 
 class Join(msgspec.Struct, tag="join", tag_field="type", frozen=True):
@@ -82,7 +91,7 @@ class Ping(msgspec.Struct, tag="ping", tag_field="type", frozen=True):
     pass
 
 
-Command = Hello | Join | Leave | Send | Typing | HistoryRequest | Ping
+Command = Hello | Refresh | Join | Leave | Send | Typing | HistoryRequest | Ping
 
 _command_decoder: Final[msgspec.json.Decoder[Command]] = msgspec.json.Decoder(Command)
 
@@ -122,11 +131,11 @@ def decode_command_untrusted(data: bytes | str) -> Command:
         # RecursionError: msgspec gives up on a frame nested ~1000 deep (2 KB of
         # brackets). The frame is garbage like any other, not a failure of ours.
         raise ProtocolError("bad_json", "the frame is not a JSON object") from None
-    if isinstance(command, Hello):
+    if isinstance(command, Hello) and command.name is not None:
         name = normalize_name_untrusted(command.name)
         if name is None:
             raise ProtocolError("bad_name", BAD_NAME)
-        return Hello(name=name)
+        return Hello(name=name, token=command.token)
     return command
 
 
@@ -159,9 +168,16 @@ def is_valid_client_id(client_id: str) -> bool:
 # --- server to client -------------------------------------------------------------------
 
 
-class Welcome(msgspec.Struct, tag="welcome", tag_field="type", frozen=True):
+class Welcome(msgspec.Struct, tag="welcome", tag_field="type", frozen=True, omit_defaults=True):
     name: str
     node: str
+    #: jwt mode: the token's ``sub``.
+    user: str | None = None
+
+
+class Refreshed(msgspec.Struct, tag="refreshed", tag_field="type", frozen=True):
+    #: Unix time the new token expires.
+    exp: float
 
 
 class Joined(msgspec.Struct, tag="joined", tag_field="type", frozen=True):
@@ -184,6 +200,8 @@ class MessageEvent(
     text: str
     ts: float
     cid: str | None = None
+    #: jwt mode: the sender's ``sub`` (``from`` is its display name).
+    uid: str | None = None
 
 
 class Ack(msgspec.Struct, tag="ack", tag_field="type", frozen=True, omit_defaults=True):
@@ -232,6 +250,7 @@ def store_unavailable(room: str | None, cid: str | None) -> ErrorEvent:
 
 Event = (
     Welcome
+    | Refreshed
     | Joined
     | Left
     | MessageEvent

@@ -14,6 +14,7 @@ if TYPE_CHECKING:
 
     from ..protocol._wire import MessageEvent, Send, TypingEvent
     from ..settings._settings import Settings
+    from ._auth import Tokens
     from ._hub import Outgoing
 
 
@@ -21,6 +22,8 @@ class Member(Protocol):
     """A session as the node sees it: a hub subscriber with a name and a retry secret."""
 
     name: str
+    #: jwt mode: the user's ``sub`` (None in open mode).
+    uid: str | None
 
     def deliver_nowait(self, out: Outgoing) -> None:
         """Queue a broadcast for the client. Must not block or raise."""
@@ -66,6 +69,10 @@ class ChatService(Protocol):
 
     @property
     def settings(self) -> Settings: ...
+
+    #: jwt mode: the token checker; None in open mode.
+    @property
+    def tokens(self) -> Tokens | None: ...
 
     # -- names --------------------------------------------------------------------------
 

@@ -118,4 +118,9 @@ ORIGINS: Final = Kind(_parse_origins, _render_names, "comma-separated http(s)://
 HOSTS: Final = Kind(
     lambda raw: sorted(parse_allowed_hosts(raw)), _render_names, "comma-separated host names"
 )
+GLOBS: Final = Kind(
+    lambda raw: sorted({g.strip() for g in raw.split(",") if g.strip()}),
+    _render_names,
+    "comma-separated room globs (`*`, `?`, `[...]`)",
+)
 GROUP: Final = Kind(_parse_group, str, "an IPv4 multicast address (224.0.0.0-239.255.255.255)")

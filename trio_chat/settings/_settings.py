@@ -40,6 +40,7 @@ from ._host_checks import INTERFACE
 from ._kinds import (
     BIND,
     CHOICE,
+    GLOBS,
     GROUP,
     HOSTS,
     KIB,
@@ -60,6 +61,7 @@ SECONDS: Final = 1.0
 
 ClusterMode = Literal["off", "host", "lan"]
 StoreKind = Literal["sqlite", "memory"]
+AuthMode = Literal["open", "jwt"]
 
 
 def _doc(text: str, *, kind: Kind = PLAIN, unit: str = "", unset: str = "") -> Meta:
@@ -217,6 +219,54 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         ),
     ] = None
 
+    auth: Annotated[
+        AuthMode,
+        _doc(
+            "`open`: clients pick nicknames, every room is public; `jwt`: clients present"
+            " a token signed by the app's backend (docs/auth.md)",
+            kind=CHOICE,
+        ),
+    ] = "open"
+    jwt_key: Annotated[
+        Annotated[bytes, Meta(min_length=32)] | None,
+        _doc(
+            "the HS256 secret tokens are signed with (jwt mode needs it or a public key)",
+            kind=SECRET,
+            unset="none",
+        ),
+    ] = None
+    jwt_public_key: Annotated[
+        Path | None,
+        _doc(
+            "a PEM public key file: RS256 (RSA), ES256/ES384 (EC) or EdDSA (Ed25519) tokens",
+            kind=PATH,
+            unset="none",
+        ),
+    ] = None
+    jwt_audience: Annotated[
+        str | None, _doc("the `aud` tokens must carry", unset="not checked")
+    ] = None
+    jwt_issuer: Annotated[str | None, _doc("the `iss` tokens must carry", unset="not checked")] = (
+        None
+    )
+    public_rooms: Annotated[
+        frozenset[str] | None,
+        _doc(
+            "rooms anyone connected may join; others need a pattern of the token's `rooms`",
+            kind=GLOBS,
+            unset="`*` in open mode, none in jwt mode",
+        ),
+    ] = None
+    token_url: Annotated[
+        str | None,
+        _doc(
+            'the app\'s endpoint that returns `{"token": ...}` for its logged-in user; the'
+            " page fetches it with credentials (jwt mode)",
+            kind=url("http", "https"),
+            unset="the page reads `#token=` from its URL",
+        ),
+    ] = None
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         """Read the ``TRIO_CHAT_*`` variables; unset or empty ones keep their default.
@@ -255,8 +305,20 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
                 "TRIO_CHAT_CLUSTER=lan needs TRIO_CHAT_CLUSTER_INTERFACE: the address of"
                 " this host on the LAN (multicast leaves through that interface)"
             )
+        if self.auth == "jwt" and self.jwt_key is None and self.jwt_public_key is None:
+            raise ConfigError(
+                "TRIO_CHAT_AUTH=jwt needs TRIO_CHAT_JWT_KEY or TRIO_CHAT_JWT_PUBLIC_KEY:"
+                " without a key no token can be checked"
+            )
         if self.rate_limit > 0 and self.rate_burst < 1:
             raise ConfigError("TRIO_CHAT_RATE_BURST must be at least 1 when rate limiting is on")
+
+    @property
+    def public_room_patterns(self) -> frozenset[str]:
+        """The globs of rooms anyone connected may join (see `public_rooms`)."""
+        if self.public_rooms is not None:
+            return self.public_rooms
+        return frozenset({"*"}) if self.auth == "open" else frozenset()
 
     def chat_socket_url(self, page_host: str, port: int | None) -> str | None:
         """The chat socket URL for a page served from ``page_host`` (host[:port]).
