@@ -217,3 +217,22 @@ def test_unreadable_or_short_key_files_are_refused(tmp_path: Path) -> None:
     short.write_text("tiny")
     with pytest.raises(ConfigError, match="shorter than 16"):
         cluster_secret(Settings(cluster_key_file=short))
+
+
+def test_jwt_mode_needs_a_key_and_public_rooms_follow_the_mode(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as refused:
+        Settings.from_env({"TRIO_CHAT_AUTH": "jwt"})
+    assert "TRIO_CHAT_JWT_KEY" in str(refused.value)
+    assert "TRIO_CHAT_JWT_PUBLIC_KEY" in str(refused.value)
+    assert Settings.from_env({}).public_room_patterns == {"*"}
+    key = "k" * 32
+    jwt_mode = Settings.from_env({"TRIO_CHAT_AUTH": "jwt", "TRIO_CHAT_JWT_KEY": key})
+    assert jwt_mode.public_room_patterns == frozenset()
+    listed = Settings.from_env(
+        {
+            "TRIO_CHAT_AUTH": "jwt",
+            "TRIO_CHAT_JWT_KEY": key,
+            "TRIO_CHAT_PUBLIC_ROOMS": "lobby, help-*",
+        }
+    )
+    assert listed.public_room_patterns == {"lobby", "help-*"}
