@@ -18,6 +18,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from trio_websocket import ConnectionClosed, open_websocket_url
 
+from trio_chat import Settings
+from trio_chat.app._cli import main
+from trio_chat.server._auth import Tokens
 from trio_chat.server._session import HELLO_TIMEOUT
 
 from conftest import Client, _close, make_settings, start_server
@@ -258,3 +261,23 @@ async def test_http_history_and_room_list_follow_the_same_rule(jwt_server: Serve
             everything = await http.get("/api/rooms", headers=bearer(token()))
             assert listed(everything) == {"lobby", "team-1"}
             assert (await http.get("/api/rooms", headers=bearer("garbage"))).status_code == 401
+
+
+def test_the_token_command_signs_what_the_server_accepts(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("TRIO_CHAT_JWT_KEY", KEY.decode())
+    argv = ["token", "--sub", "alice", "--name", "Alice", "--rooms", "team-*, dm-*", "--admin"]
+    assert main([*argv, "--ttl", "2h"]) == 0
+    settings = Settings.from_env({"TRIO_CHAT_AUTH": "jwt", "TRIO_CHAT_JWT_KEY": KEY.decode()})
+    identity = Tokens(settings).check_untrusted(capsys.readouterr().out.strip())
+    assert (identity.sub, identity.name, identity.rooms, identity.admin) == (
+        "alice",
+        "Alice",
+        ("team-*", "dm-*"),
+        True,
+    )
+    assert 2 * 3600 - 5 <= identity.exp - time.time() <= 2 * 3600
+    monkeypatch.delenv("TRIO_CHAT_JWT_KEY")
+    assert main(["token", "--sub", "alice"]) == 2
+    assert "TRIO_CHAT_JWT_KEY" in capsys.readouterr().err
