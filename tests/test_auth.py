@@ -78,6 +78,7 @@ async def jwt_server(nursery: trio.Nursery, tmp_path: Path) -> Server:
         jwt_audience="chat",
         jwt_issuer="app",
         public_rooms=frozenset({"lobby"}),
+        token_url="https://app.example/chat-token",
         # Big enough for the 100 KB token to reach the token check.
         max_frame=256 * 1024,
     )
@@ -281,3 +282,14 @@ def test_the_token_command_signs_what_the_server_accepts(
     monkeypatch.delenv("TRIO_CHAT_JWT_KEY")
     assert main(["token", "--sub", "alice"]) == 2
     assert "TRIO_CHAT_JWT_KEY" in capsys.readouterr().err
+
+
+async def test_the_page_config_names_the_mode(jwt_server: Server, server: Server) -> None:
+    async with httpx.AsyncClient() as http:
+        jwt_config = (await http.get(jwt_server.http_url + "/api/config")).json()
+        open_config = (await http.get(server.http_url + "/api/config")).json()
+    assert (jwt_config["auth"], jwt_config["token_url"]) == (
+        "jwt",
+        "https://app.example/chat-token",
+    )
+    assert (open_config["auth"], open_config["token_url"]) == ("open", None)
