@@ -27,6 +27,7 @@ from trio_chat.node._multicast import MulticastBus
 from trio_chat.node._node import Node
 from trio_chat.node._store import MemoryStore, Message
 from trio_chat.protocol._wire import Deleted, Joined, MessageEvent, Presence
+from trio_chat.server._auth import Identity
 
 from conftest import eventually, make_settings
 
@@ -297,7 +298,9 @@ async def test_a_tombstone_and_a_disconnect_reach_every_node(
                 await eventually(lambda r=recorder: texts(r) == ["oops"])
             (message,) = nodes[0].node.store.latest(ROOM, 5)
             admin, _, admin_send = clients[1]
-            admin.is_admin = True
+            # An admin token's claims, as jwt mode's hello would give them (tests/test_auth.py
+            # covers the token itself); the room rule of open mode lets it see every room.
+            admin.identity = Identity(sub="user1", name="user1", rooms=(), admin=True, exp=0.0)
             await admin_send.send(json.dumps({"type": "delete", "room": ROOM, "id": message.id}))
             deleted = Deleted(room=ROOM, id=message.id)
             for _, recorder, _ in clients:

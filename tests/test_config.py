@@ -264,3 +264,22 @@ def test_the_api_key_is_a_secret_of_16_or_more_characters() -> None:
         Settings.from_env({"TRIO_CHAT_API_KEY": "short-key"})
     assert "short-key" not in str(info.value)
     assert str(info.value).startswith("TRIO_CHAT_API_KEY=(9 characters, not shown)")
+
+
+def test_jwt_mode_needs_a_key_and_public_rooms_follow_the_mode(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as refused:
+        Settings.from_env({"TRIO_CHAT_AUTH": "jwt"})
+    assert "TRIO_CHAT_JWT_KEY" in str(refused.value)
+    assert "TRIO_CHAT_JWT_PUBLIC_KEY" in str(refused.value)
+    assert Settings.from_env({}).public_room_patterns == {"*"}
+    key = "k" * 32
+    jwt_mode = Settings.from_env({"TRIO_CHAT_AUTH": "jwt", "TRIO_CHAT_JWT_KEY": key})
+    assert jwt_mode.public_room_patterns == frozenset()
+    listed = Settings.from_env(
+        {
+            "TRIO_CHAT_AUTH": "jwt",
+            "TRIO_CHAT_JWT_KEY": key,
+            "TRIO_CHAT_PUBLIC_ROOMS": "lobby, help-*",
+        }
+    )
+    assert listed.public_room_patterns == {"lobby", "help-*"}

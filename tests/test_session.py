@@ -14,7 +14,8 @@ from trio_chat.node._node import Node
 from trio_chat.node._store import MemoryStore, Message
 from trio_chat.protocol._codes import CLOSE_POLICY
 from trio_chat.protocol._wire import ErrorEvent, Pong, Presence, decode_events
-from trio_chat.server._session import Session, _TokenBucket
+from trio_chat.server._limits import TokenBucket
+from trio_chat.server._session import Session
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -181,7 +182,7 @@ async def test_broadcasts_held_past_the_backlog_close_the_client_as_slow(
 def test_token_bucket_counts_exactly() -> None:
     now = [100.0]
     # binary fractions of a second, so the float arithmetic is exact
-    bucket = _TokenBucket(8, 20, lambda: now[0])
+    bucket = TokenBucket(8, 20, lambda: now[0])
     assert [bucket.take() for _ in range(21)] == [True] * 20 + [False]
     now[0] += 0.4375  # 3.5 tokens
     assert [bucket.take() for _ in range(4)] == [True] * 3 + [False]
@@ -190,7 +191,7 @@ def test_token_bucket_counts_exactly() -> None:
     assert not bucket.take()
     now[0] += 1000  # refills to the burst, no further
     assert sum(bucket.take() for _ in range(30)) == 20
-    unlimited = _TokenBucket(0, 1, lambda: now[0])
+    unlimited = TokenBucket(0, 1, lambda: now[0])
     assert all(unlimited.take() for _ in range(1000))
 
 

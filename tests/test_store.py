@@ -7,7 +7,9 @@ in-process on 127.0.0.1 (``start_server`` from conftest) with trio-websocket cli
 
 from __future__ import annotations
 
+import contextlib
 import random
+import sqlite3
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
@@ -165,6 +167,30 @@ def test_sqlite_file_survives_reopen(tmp_path: Path) -> None:
         assert again.latest(ROOM, 100) == msgs
     finally:
         again.close()
+
+
+def test_a_file_from_before_uid_is_migrated(tmp_path: Path) -> None:
+    path = tmp_path / "history.sqlite3"
+    with contextlib.closing(sqlite3.connect(path)) as old:
+        old.executescript(
+            "CREATE TABLE messages (id TEXT PRIMARY KEY, room TEXT NOT NULL,"
+            " sender TEXT NOT NULL, text TEXT NOT NULL, ts REAL NOT NULL, cid TEXT,"
+            " dedupe TEXT, origin TEXT NOT NULL) WITHOUT ROWID;"
+            "INSERT INTO messages VALUES ('0000000000000001-n1', 'r', 'ann', 'old', 1.0,"
+            " NULL, NULL, 'n1');"
+        )
+    store = SqliteStore(path)
+    try:
+        new = Message(id="0000000000000002-n1", room="r", sender="Bo", text="new", ts=2.0, uid="b")
+        store.write([new])
+        assert [(m.text, m.uid) for m in store.latest("r", 10)] == [("old", None), ("new", "b")]
+    finally:
+        store.close()
+    reopened = SqliteStore(path)  # a migrated file opens as it is
+    try:
+        assert reopened.latest("r", 10)[1] == new
+    finally:
+        reopened.close()
 
 
 def test_two_sqlite_stores_share_one_file(tmp_path: Path) -> None:

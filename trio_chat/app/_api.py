@@ -15,6 +15,7 @@ from quart import Response, jsonify, request
 
 from .._errors import ProtocolError, StoreError
 from ..protocol._wire import (
+    MAX_USER,
     STORE_UNAVAILABLE,
     Ack,
     delete_request_untrusted,
@@ -29,9 +30,6 @@ if TYPE_CHECKING:
     from ..node._node import Node
 
 log = logging.getLogger("trio_chat.api")
-
-#: The longest user id ``POST /api/users/<user>/disconnect`` takes (a JWT ``sub``).
-MAX_USER: Final = 256
 
 _Answer = (
     Response
@@ -69,8 +67,8 @@ def add_server_api(quart: QuartTrio, node: Callable[[], Node]) -> None:
             too_big = jsonify(code="too_big", message="the body is over TRIO_CHAT_MAX_FRAME")
             return too_big, 413, _CLOSE
         try:
-            command, sender = publish_request_untrusted(room, body, n.settings.max_text)
-            answer = await n.publish(sender, command)
+            command, sender, uid = publish_request_untrusted(room, body, n.settings.max_text)
+            answer = await n.publish(sender, command, uid)
         except ProtocolError as exc:
             n.count_error(exc.code)
             return jsonify(code=exc.code, message=exc.message), 400

@@ -31,13 +31,7 @@ from ..node._peer_http import cluster_secret
 from ..node._redis import RedisBus
 from ..protocol._codes import CLOSE_INTERNAL_ERROR, CLOSE_TOO_BIG, CLOSE_UNSUPPORTED
 from ..protocol._hosts import bound_to_loopback, host_allowed
-from ..protocol._wire import (
-    ROOM_PATTERN,
-    STORE_UNAVAILABLE,
-    History,
-    encode_event,
-    history_request_untrusted,
-)
+from ..protocol._wire import ROOM_PATTERN
 from ..server._asgi_transport import AsgiTransport
 from ..server._limits import RETRY_AFTER, raise_nofile_limit, refusal_body
 from ..server._session import Session, origin_allowed
@@ -45,6 +39,7 @@ from ..settings._settings import Settings
 from ._api import add_server_api
 from ._hypercorn import install as install_hypercorn_boundary
 from ._metrics import render_metrics
+from ._reads import add_room_reads
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -339,28 +334,9 @@ def _make_quart(chat: ChatApp) -> QuartTrio:
             node=n.node_id,
             max_text=n.settings.max_text,
             room_pattern=ROOM_PATTERN,
+            auth=n.settings.auth,
+            token_url=n.settings.token_url,
         )
-
-    @quart.get("/api/rooms")
-    async def rooms() -> Response:
-        n = node()
-        return jsonify(rooms=[{"room": r, "members": n.members(r)} for r in n.hub.room_names()])
-
-    @quart.get("/api/rooms/<room>/messages")
-    async def messages(room: str) -> Response | tuple[Response, int]:
-        try:
-            page_request = history_request_untrusted(
-                room, request.args.get("before") or None, request.args.get("limit", "50")
-            )
-            page, more = await node().page(room, page_request.before, page_request.limit)
-        except ProtocolError as exc:
-            status = 404 if exc.code == "unknown_id" else 400
-            return jsonify(code=exc.code, message=exc.message), status
-        except StoreError:
-            # Logged and counted by the node; this request alone fails.
-            return jsonify(code="store_unavailable", message=STORE_UNAVAILABLE), 503
-        body = encode_event(History(room=room, messages=[m.event() for m in page], more=more))
-        return Response(body, content_type="application/json")
 
     @quart.get("/api/cluster/messages")
     async def cluster_messages() -> Response | tuple[str, int]:
@@ -411,6 +387,7 @@ def _make_quart(chat: ChatApp) -> QuartTrio:
             n.limits.release(address)
         return None
 
+    add_room_reads(quart, node)
     add_server_api(quart, node)
     return quart
 
@@ -442,8 +419,9 @@ async def _serve_fallback(node: Node) -> None:
         )
         try:
             try:
+                args = websocket.args
                 session = Session(
-                    node, transport, websocket.args.get("name"), websocket.args.get("client_id")
+                    node, transport, args.get("name"), args.get("client_id"), args.get("token")
                 )
                 node.register(session)
                 await session.run(receive)

@@ -1,4 +1,4 @@
-"""The ``trio-chat`` command: ``serve``, ``client``, ``cluster`` and ``settings``."""
+"""The ``trio-chat`` command: ``serve``, ``client``, ``cluster``, ``settings`` and ``token``."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import sys
+from typing import Final
 
 import trio
 from hypercorn.config import Config
@@ -30,6 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "settings":
         print(settings_table(), end="")
         return 0
+    if args.command == "token":
+        return _token(args)
     return _cluster_check(args)
 
 
@@ -78,7 +81,48 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     commands.add_parser("settings", help="print the settings table (Markdown, as in the README)")
+
+    token = commands.add_parser(
+        "token", help="print an HS256 token signed with TRIO_CHAT_JWT_KEY (development)"
+    )
+    token.add_argument("--sub", required=True, help="the user id")
+    token.add_argument("--name", help="the display name (default: the user id)")
+    token.add_argument("--rooms", default="", help="comma-separated room globs, e.g. 'team-*,dm-*'")
+    token.add_argument("--admin", action="store_true", help="an admin token")
+    token.add_argument(
+        "--ttl", type=_ttl, default="1h", help="lifetime: 90s, 30m, 1h, 2d (default 1h)"
+    )
     return parser
+
+
+_TTL_UNITS: Final = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _ttl(raw: str) -> int:
+    number, unit = raw[:-1], raw[-1:].lower()
+    if unit not in _TTL_UNITS or not number.isdigit() or int(number) == 0:
+        raise argparse.ArgumentTypeError(f"{raw!r}: a lifetime like 90s, 30m, 1h or 2d")
+    return int(number) * _TTL_UNITS[unit]
+
+
+def _token(args: argparse.Namespace) -> int:
+    from ..server._auth import issue
+
+    try:
+        settings = Settings.from_env()
+    except ConfigError as exc:
+        print(f"trio-chat: {exc}", file=sys.stderr)
+        return 2
+    if settings.jwt_key is None:
+        print("trio-chat: set TRIO_CHAT_JWT_KEY (the HS256 secret) to sign tokens", file=sys.stderr)
+        return 2
+    rooms = [r.strip() for r in args.rooms.split(",") if r.strip()]
+    print(
+        issue(
+            settings.jwt_key, args.sub, name=args.name, rooms=rooms, admin=args.admin, ttl=args.ttl
+        )
+    )
+    return 0
 
 
 def _serve(args: argparse.Namespace) -> int:

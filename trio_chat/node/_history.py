@@ -94,10 +94,12 @@ class ApiSender:
 
     Args:
       name: the ``from`` of the message.
+      uid: its ``uid`` (the app's id of the user it speaks for), or None.
     """
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, uid: str | None) -> None:
         self.name = name
+        self.uid = uid
         self.answer: Ack | ErrorEvent | None = None
         self.answered = trio.Event()
 
@@ -187,6 +189,7 @@ class History:
             id=self._ids.next_id(time.time_ns() // 1_000_000),
             room=command.room,
             sender=member.name,
+            uid=member.uid,
             text=command.text,
             ts=time.time(),
             cid=command.cid,

@@ -22,6 +22,7 @@ import trio
 
 from ..protocol._codes import CLOSE_DISCONNECTED, CLOSE_GOING_AWAY
 from ..protocol._ids import IdClock
+from ..server._auth import Tokens
 from ..server._boundary import FailureBoundary
 from ..server._chat_socket import handle_chat_socket
 from ..server._hub import Hub
@@ -77,6 +78,8 @@ class Node:
         tls: ssl.SSLContext | None = None,
     ) -> None:
         self.settings = settings
+        #: jwt mode's token checker (reads the public key file: a ConfigError if bad).
+        self.tokens = Tokens(settings) if settings.auth == "jwt" else None
         self.node_id = node_id
         self.store = store
         self.hub = Hub()
@@ -186,13 +189,13 @@ class Node:
 
     # -- the server API (app/_api.py) ----------------------------------------------------
 
-    async def publish(self, sender: str, command: Send) -> Ack | ErrorEvent:
+    async def publish(self, sender: str, command: Send, uid: str | None) -> Ack | ErrorEvent:
         """Store and broadcast a message from the app's backend; the commit's answer.
 
         Raises:
           StoreError: the store is down and its next attempt is not due yet.
         """
-        return await self.history.publish(ApiSender(sender), command)
+        return await self.history.publish(ApiSender(sender, uid), command)
 
     def disconnect(self, user: str) -> int:
         """Close every connection of ``user`` on every node; how many were here."""

@@ -40,8 +40,12 @@ class Message(msgspec.Struct, frozen=True, array_like=True):
     cid: str | None = None
     #: ``<requested name>\\0<cid>``: finds a retried send, whichever connection it came on.
     dedupe: str | None = None
+    # Fields added later go at the end with a default, so peers of an older version
+    # still decode them: ``deleted`` (i11-api) came first, then ``uid`` (i11-auth).
     #: Tombstoned (``DELETE /api/rooms/<room>/messages/<id>``): read back without text.
     deleted: bool = False
+    #: jwt mode: the sender's ``sub``.
+    uid: str | None = None
 
     @property
     def origin(self) -> str:
@@ -51,10 +55,21 @@ class Message(msgspec.Struct, frozen=True, array_like=True):
     def event(self) -> MessageEvent:
         if self.deleted:
             return MessageEvent(
-                room=self.room, id=self.id, sender=self.sender, ts=self.ts, deleted=True
+                room=self.room,
+                id=self.id,
+                sender=self.sender,
+                ts=self.ts,
+                uid=self.uid,
+                deleted=True,
             )
         return MessageEvent(
-            room=self.room, id=self.id, sender=self.sender, text=self.text, ts=self.ts, cid=self.cid
+            room=self.room,
+            id=self.id,
+            sender=self.sender,
+            text=self.text,
+            ts=self.ts,
+            cid=self.cid,
+            uid=self.uid,
         )
 
 
@@ -112,28 +127,37 @@ CREATE TABLE IF NOT EXISTS messages (
     ts REAL NOT NULL,
     cid TEXT,
     dedupe TEXT,
-    origin TEXT NOT NULL
+    origin TEXT NOT NULL,
+    uid TEXT
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS messages_room ON messages (room, id);
 CREATE INDEX IF NOT EXISTS messages_origin ON messages (origin, id);
 CREATE UNIQUE INDEX IF NOT EXISTS messages_dedupe_key ON messages (dedupe) WHERE dedupe IS NOT NULL;
--- Deleted messages. A table of its own, so files from before deletes get it here, and a
--- tombstone can be stored before the message it deletes arrives from its node.
-CREATE TABLE IF NOT EXISTS tombstones (
-    id TEXT PRIMARY KEY,
-    room TEXT NOT NULL
-) WITHOUT ROWID;
 """
 _COLUMNS: Final = (
     "id, room, sender, CASE WHEN EXISTS (SELECT 1 FROM tombstones t WHERE t.id = messages.id)"
     " THEN '' ELSE text END, ts, cid, dedupe,"
-    " EXISTS (SELECT 1 FROM tombstones t WHERE t.id = messages.id)"
+    " EXISTS (SELECT 1 FROM tombstones t WHERE t.id = messages.id), uid"
 )
 _TOMBSTONE: Final = "INSERT OR IGNORE INTO tombstones VALUES (?, ?)"
 
 
 def _row(m: Message) -> tuple[object, ...]:
-    return (m.id, m.room, m.sender, m.text, m.ts, m.cid, m.dedupe, m.origin)
+    return (m.id, m.room, m.sender, m.text, m.ts, m.cid, m.dedupe, m.origin, m.uid)
+
+
+def _migrate(db: sqlite3.Connection) -> None:
+    """Bring a file made by an older version to the current schema."""
+    columns = {row[1] for row in db.execute("PRAGMA table_info(messages)")}
+    if "uid" not in columns:
+        # Files from before jwt mode: their messages have no uid (NULL).
+        db.execute("ALTER TABLE messages ADD COLUMN uid TEXT")
+    # Deleted messages. A table of its own, so files from before deletes get it here, and
+    # a tombstone can be stored before the message it deletes arrives from its node.
+    db.execute(
+        "CREATE TABLE IF NOT EXISTS tombstones (id TEXT PRIMARY KEY, room TEXT NOT NULL)"
+        " WITHOUT ROWID"
+    )
 
 
 @contextlib.contextmanager
@@ -171,6 +195,7 @@ class SqliteStore:
             fcntl.flock(lock, fcntl.LOCK_EX)
             self._writer = self._connect()
             self._writer.executescript(_SCHEMA)
+            _migrate(self._writer)
         self._reader = self._connect()
         self._read_lock = threading.Lock()
         self._write_lock = threading.Lock()
@@ -189,7 +214,7 @@ class SqliteStore:
         return conn
 
     def write(self, messages: list[Message]) -> dict[str, str]:
-        insert = "INSERT OR IGNORE INTO messages VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+        insert = "INSERT OR IGNORE INTO messages VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
         duplicates: dict[str, str] = {}
         with self._write_lock, _engine_errors():
             db = self._writer
@@ -222,8 +247,8 @@ class SqliteStore:
             rows = self._reader.execute(sql, args).fetchall()
         # SQLite answers EXISTS with 0 or 1: peers decode the flag as a bool.
         return [
-            Message(id_, room, sender, text, ts, cid, dedupe, bool(deleted))
-            for id_, room, sender, text, ts, cid, dedupe, deleted in rows
+            Message(id_, room, sender, text, ts, cid, dedupe, bool(deleted), uid)
+            for id_, room, sender, text, ts, cid, dedupe, deleted, uid in rows
         ]
 
     def latest(self, room: str, limit: int) -> list[Message]:

@@ -23,6 +23,10 @@ CLOSE_POLICY: Final = 1008
 CLOSE_TOO_BIG: Final = 1009
 #: A bug on our side closed this client (its failure boundary caught it).
 CLOSE_INTERNAL_ERROR: Final = 1011
+#: jwt mode: no token, a bad one, no hello in time, or a refresh for another user.
+CLOSE_UNAUTHORIZED: Final = 4001
+#: jwt mode: the token expired without a refresh; reconnect with a new one.
+CLOSE_TOKEN_EXPIRED: Final = 4002
 #: The client could not keep up with its rooms; it resumes from history on reconnect.
 CLOSE_SLOW: Final = 4008
 #: The app's backend disconnected this user (``POST /api/users/<user>/disconnect``).

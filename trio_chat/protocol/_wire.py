@@ -23,6 +23,8 @@ ROOM_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
 #: Message ids (see _ids.py): 16 hex digits of hybrid logical time, ``-``, the node id.
 ID_PATTERN: Final = r"^[0-9a-f]{16}-[A-Za-z0-9_.-]{1,40}$"
 MAX_CID_LENGTH: Final = 64
+#: The longest user id the server API takes (a JWT ``sub``, or the app's own id).
+MAX_USER: Final = 256
 #: A client's retry secret (``?client_id=``): 16-64 URL-safe base64 characters, e.g. 16
 #: random bytes as base64url. Only its holder's retries dedupe against its sends.
 CLIENT_ID_PATTERN: Final = r"^[A-Za-z0-9_-]{16,64}$"
@@ -44,13 +46,23 @@ Name = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_NAME_INPUT)]
 MessageId = Annotated[str, msgspec.Meta(pattern=ID_PATTERN)]
 Cid = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_CID_LENGTH)]
 Limit = Annotated[int, msgspec.Meta(ge=1, le=MAX_HISTORY_LIMIT)]
+UserId = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_USER)]
 
 
 # --- client to server -------------------------------------------------------------------
 
 
 class Hello(msgspec.Struct, tag="hello", tag_field="type", frozen=True):
-    name: Name
+    #: Open mode: the nickname wanted. Ignored in jwt mode (names come from tokens).
+    name: Name | None = None
+    #: jwt mode: the client's token (docs/auth.md).
+    token: str | None = None
+
+
+class Refresh(msgspec.Struct, tag="refresh", tag_field="type", frozen=True):
+    """jwt mode: a later token of the same user, before the current one expires."""
+
+    token: str
 
 
 class Join(msgspec.Struct, tag="join", tag_field="type", frozen=True):
@@ -89,7 +101,7 @@ class Delete(msgspec.Struct, tag="delete", tag_field="type", frozen=True):
     id: MessageId
 
 
-Command = Hello | Join | Leave | Send | Typing | HistoryRequest | Ping | Delete
+Command = Hello | Refresh | Join | Leave | Send | Typing | HistoryRequest | Ping | Delete
 
 _command_decoder: Final[msgspec.json.Decoder[Command]] = msgspec.json.Decoder(Command)
 
@@ -130,11 +142,11 @@ def decode_command_untrusted(data: bytes | str) -> Command:
         # RecursionError: msgspec gives up on a frame nested ~1000 deep (2 KB of
         # brackets). The frame is garbage like any other, not a failure of ours.
         raise ProtocolError("bad_json", "the frame is not a JSON object") from None
-    if isinstance(command, Hello):
+    if isinstance(command, Hello) and command.name is not None:
         name = normalize_name_untrusted(command.name)
         if name is None:
             raise ProtocolError("bad_name", BAD_NAME)
-        return Hello(name=name)
+        return Hello(name=name, token=command.token)
     return command
 
 
@@ -169,17 +181,21 @@ class _Publish(msgspec.Struct, frozen=True):
     text: str
     sender: Name | None = msgspec.field(name="from", default=None)
     cid: Cid | None = None
+    uid: UserId | None = None
 
 
 #: The ``from`` of a message the server API publishes without one.
 API_SENDER: Final = "server"
 
 
-def publish_request_untrusted(room: str, body: bytes, max_text: int) -> tuple[Send, str]:
+def publish_request_untrusted(
+    room: str, body: bytes, max_text: int
+) -> tuple[Send, str, str | None]:
     """Validate a message published over the server API, by the socket's own rules.
 
     Returns:
-      The message as a `Send`, and its sender's name (`API_SENDER` if none was given).
+      The message as a `Send`, its sender's name (`API_SENDER` if none was given) and
+      its sender's ``uid`` (None if none was given).
 
     Raises:
       ProtocolError: ``bad_json``, ``bad_room``, ``bad_name``, ``bad_cid``,
@@ -194,11 +210,11 @@ def publish_request_untrusted(room: str, body: bytes, max_text: int) -> tuple[Se
         raise ProtocolError("bad_json", "the body is not a JSON object") from None
     check_text(send.text, max_text)
     if fields.sender is None:
-        return send, API_SENDER
+        return send, API_SENDER, fields.uid
     name = normalize_name_untrusted(fields.sender)
     if name is None:
         raise ProtocolError("bad_name", BAD_NAME)
-    return send, name
+    return send, name, fields.uid
 
 
 def delete_request_untrusted(room: str, message_id: str) -> Delete:
@@ -229,9 +245,16 @@ def is_valid_client_id(client_id: str) -> bool:
 # --- server to client -------------------------------------------------------------------
 
 
-class Welcome(msgspec.Struct, tag="welcome", tag_field="type", frozen=True):
+class Welcome(msgspec.Struct, tag="welcome", tag_field="type", frozen=True, omit_defaults=True):
     name: str
     node: str
+    #: jwt mode: the token's ``sub``.
+    user: str | None = None
+
+
+class Refreshed(msgspec.Struct, tag="refreshed", tag_field="type", frozen=True):
+    #: Unix time the new token expires.
+    exp: float
 
 
 class Joined(msgspec.Struct, tag="joined", tag_field="type", frozen=True):
@@ -255,6 +278,8 @@ class MessageEvent(
     text: str = ""
     ts: float
     cid: str | None = None
+    #: jwt mode: the sender's ``sub`` (``from`` is its display name).
+    uid: str | None = None
     #: The message was deleted (a tombstone): it keeps its place, not its text.
     deleted: bool = False
 
@@ -312,6 +337,7 @@ def store_unavailable(room: str | None, cid: str | None) -> ErrorEvent:
 
 Event = (
     Welcome
+    | Refreshed
     | Joined
     | Left
     | MessageEvent

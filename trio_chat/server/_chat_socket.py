@@ -45,10 +45,14 @@ async def handle_chat_socket(
         conn.reject(403, "this origin may not open the chat socket\n")
         return
     query = urllib.parse.parse_qs(request.query)
-    names, client_ids = query.get("name"), query.get("client_id")
+    names, client_ids, tokens = query.get("name"), query.get("client_id"), query.get("token")
     conn.accept()
     session = Session(
-        node, conn, names[0] if names else None, client_ids[0] if client_ids else None
+        node,
+        conn,
+        names[0] if names else None,
+        client_ids[0] if client_ids else None,
+        tokens[0] if tokens else None,
     )
     node.register(session)
     with contextlib.suppress(ConnectionClosed):

@@ -167,3 +167,33 @@ def refusal_body(code: str) -> str:
     if code == TOO_MANY_CONNECTIONS:
         return "the server is full: try again later\n"
     return "too many connections from your address: try again later\n"
+
+
+class TokenBucket:
+    """``rate`` tokens a second up to ``burst``; a rate of 0 allows everything.
+
+    Args:
+      rate: tokens added per second of ``clock``.
+      burst: the most tokens held (and the count at start).
+      clock: seconds, monotonic (the session passes trio's, so tests can mock it).
+    """
+
+    __slots__ = ("burst", "clock", "rate", "stamp", "tokens")
+
+    def __init__(self, rate: float, burst: int, clock: Callable[[], float]) -> None:
+        self.rate = rate
+        self.burst = float(burst)
+        self.tokens = float(burst)
+        self.clock = clock
+        self.stamp = clock()
+
+    def take(self) -> bool:
+        if self.rate == 0:
+            return True
+        now = self.clock()
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return True
+        return False

@@ -2,7 +2,8 @@
 
 The server layer sits below the node (docs/architecture.md): a `Session` and the chat
 socket's handler talk to a `ChatService`, which the node implements, and never see the
-node's parts (hub, store, cluster). The node sees a session as a `Member`.
+node's parts (hub, store, cluster). The node sees a session as a `Member`. A session
+reaches its client through a `Transport` (the chat socket's or the ``/ws`` fallback's).
 """
 
 from __future__ import annotations
@@ -11,9 +12,11 @@ from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
+    from contextlib import AbstractAsyncContextManager
 
     from ..protocol._wire import MessageEvent, Send, TypingEvent
     from ..settings._settings import Settings
+    from ._auth import Tokens
     from ._hub import Outgoing
 
 
@@ -21,11 +24,13 @@ class Member(Protocol):
     """A session as the node sees it: a hub subscriber with a name and a retry secret."""
 
     name: str
+    #: jwt mode: the user's ``sub`` (None in open mode).
+    uid: str | None
 
     @property
     def user(self) -> str:
-        """Who the client is, for ``POST /api/users/<user>/disconnect``: its name in
-        open mode."""
+        """Who the client is, for ``POST /api/users/<user>/disconnect``: its token's
+        ``sub`` in jwt mode, its name in open mode."""
 
     def deliver_nowait(self, out: Outgoing) -> None:
         """Queue a broadcast for the client. Must not block or raise."""
@@ -71,6 +76,10 @@ class ChatService(Protocol):
 
     @property
     def settings(self) -> Settings: ...
+
+    #: jwt mode: the token checker; None in open mode.
+    @property
+    def tokens(self) -> Tokens | None: ...
 
     # -- names --------------------------------------------------------------------------
 
@@ -146,3 +155,29 @@ class ChatService(Protocol):
 
     def count_slow(self) -> None:
         """Count a client closed as slow outside the chat socket's write path."""
+
+
+class Transport(Protocol):
+    """How a session reaches its client. Every method but `send_reply` is non-blocking."""
+
+    remote: str
+
+    def send_payload_nowait(self, payload: bytes) -> None:
+        """Queue one encoded frame payload for this client only."""
+
+    async def send_reply(self, payload: bytes) -> None:
+        """Queue a payload the client asked for once its backlog has drained enough.
+
+        A reply never counts as lag (it never closes the client as slow). Dropped if
+        the connection's output has ended.
+        """
+
+    def cancel_on_close(self) -> AbstractAsyncContextManager[None]:
+        """Around a command that may wait: the client's close is answered at once and
+        cancels it (raising the transport's connection-closed error)."""
+
+    def deliver_nowait(self, out: Outgoing) -> None:
+        """Queue a broadcast (the transport picks its pre-built frame or text)."""
+
+    def close_nowait(self, code: int, reason: str) -> None:
+        """Queue a close frame; nothing is sent after it."""

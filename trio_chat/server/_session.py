@@ -15,14 +15,16 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import secrets
+import time
 import urllib.parse
-from typing import TYPE_CHECKING, Final, Protocol
+from typing import TYPE_CHECKING, Final
 
 import trio
 
 from .._errors import ProtocolError, StoreError
-from ..protocol._codes import CLOSE_POLICY, CLOSE_SLOW
+from ..protocol._codes import CLOSE_POLICY, CLOSE_SLOW, CLOSE_TOKEN_EXPIRED
 from ..protocol._names import normalize_name_untrusted
 from ..protocol._wire import (
     BAD_NAME,
@@ -39,6 +41,8 @@ from ..protocol._wire import (
     MessageEvent,
     Ping,
     Pong,
+    Refresh,
+    Refreshed,
     Reset,
     Send,
     Typing,
@@ -50,13 +54,15 @@ from ..protocol._wire import (
     is_valid_client_id,
     store_unavailable,
 )
+from ._auth import LEEWAY, Identity, room_allowed, unauthorized
 from ._hub import Outgoing
+from ._limits import TokenBucket
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Iterator
-    from contextlib import AbstractAsyncContextManager
 
-    from ._ports import ChatService
+    from ._auth import Tokens
+    from ._ports import ChatService, Transport
 
 log = logging.getLogger("trio_chat.session")
 
@@ -66,32 +72,8 @@ _REPLAY_FRAME: Final = 32 * 1024
 #: Seconds between two INFO lines about one client's refused frames; the others are
 #: DEBUG (and all are counted in /metrics), so a client cannot fill the disk via our log.
 REFUSAL_LOG_INTERVAL: Final = 60.0
-
-
-class Transport(Protocol):
-    """How a session reaches its client. Every method but `send_reply` is non-blocking."""
-
-    remote: str
-
-    def send_payload_nowait(self, payload: bytes) -> None:
-        """Queue one encoded frame payload for this client only."""
-
-    async def send_reply(self, payload: bytes) -> None:
-        """Queue a payload the client asked for once its backlog has drained enough.
-
-        A reply never counts as lag (it never closes the client as slow). Dropped if
-        the connection's output has ended.
-        """
-
-    def cancel_on_close(self) -> AbstractAsyncContextManager[None]:
-        """Around a command that may wait: the client's close is answered at once and
-        cancels it (raising the transport's connection-closed error)."""
-
-    def deliver_nowait(self, out: Outgoing) -> None:
-        """Queue a broadcast (the transport picks its pre-built frame or text)."""
-
-    def close_nowait(self, code: int, reason: str) -> None:
-        """Queue a close frame; nothing is sent after it."""
+#: jwt mode: seconds a client has to present its token before it is closed with 4001.
+HELLO_TIMEOUT: Final = 10.0
 
 
 def origin_allowed(origin: str | None, host: str, allowed: frozenset[str]) -> bool:
@@ -108,45 +90,17 @@ def origin_allowed(origin: str | None, host: str, allowed: frozenset[str]) -> bo
     return origin_host is not None and origin_host == request_host
 
 
-class _TokenBucket:
-    """``rate`` tokens a second up to ``burst``; a rate of 0 allows everything.
-
-    Args:
-      rate: tokens added per second of ``clock``.
-      burst: the most tokens held (and the count at start).
-      clock: seconds, monotonic (the session passes trio's, so tests can mock it).
-    """
-
-    __slots__ = ("burst", "clock", "rate", "stamp", "tokens")
-
-    def __init__(self, rate: float, burst: int, clock: Callable[[], float]) -> None:
-        self.rate = rate
-        self.burst = float(burst)
-        self.tokens = float(burst)
-        self.clock = clock
-        self.stamp = clock()
-
-    def take(self) -> bool:
-        if self.rate == 0:
-            return True
-        now = self.clock()
-        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = now
-        if self.tokens >= 1:
-            self.tokens -= 1
-            return True
-        return False
-
-
 class Session:
     """A connected client: its name, its rooms, and the commands it sends.
 
     Args:
       node: the node the client is connected to, through its narrow `ChatService` port.
       transport: the client's outbound path.
-      name: the nickname it asked for (``?name=``), or None for a guest name.
+      name: the nickname it asked for (``?name=``), or None for a guest name. Ignored
+        in jwt mode: names come from tokens.
       client_id: the client's retry secret (``?client_id=``), or None: then its cids
-        dedupe only within this connection.
+        dedupe only within this connection. In jwt mode retries dedupe per user.
+      token: jwt mode: the token from ``?token=``, or None: the client sends ``hello``.
     """
 
     def __init__(
@@ -155,12 +109,21 @@ class Session:
         transport: Transport,
         name: str | None,
         client_id: str | None = None,
+        token: str | None = None,
     ) -> None:
         self.node = node
         self.transport = transport
+        self._tokens = node.tokens
+        #: jwt mode: the verified token's claims, once the client presented it.
+        self.identity: Identity | None = None
+        #: jwt mode: the user's ``sub``, stored with each message it sends.
+        self.uid: str | None = None
+        self._url_token = token
+        #: When the token expires, on trio's clock (+inf in open mode).
+        self._expires_at = math.inf
         normalized = None if name is None else normalize_name_untrusted(name)
-        self._bad_name = name is not None and normalized is None
-        self.name = node.claim_name(normalized or "guest")
+        self._bad_name = name is not None and normalized is None and self._tokens is None
+        self.name = node.claim_name(normalized or "guest") if self._tokens is None else ""
         self._bad_client_id = client_id is not None and not is_valid_client_id(client_id)
         #: Whose retries a cid dedupes against: the client's secret, never a name
         #: (anyone can ask for a name). Without one, this connection alone.
@@ -168,7 +131,7 @@ class Session:
             client_id = secrets.token_urlsafe(16)
         self._retry_secret = client_id
         self._settings = node.settings
-        self._bucket = _TokenBucket(
+        self._bucket = TokenBucket(
             self._settings.rate_limit, self._settings.rate_burst, trio.current_time
         )
         self._strikes = 0
@@ -182,14 +145,18 @@ class Session:
         #: `_without_replayed`).
         self._replayed: dict[str, set[str]] = {}
         self.closed = False
-        #: Whether the client may delete messages. Nobody is in open mode; a token's
-        #: ``admin`` claim sets it in jwt mode.
-        self.is_admin = False
 
     @property
     def user(self) -> str:
-        """Who the client is (server API disconnects): in open mode, its name."""
-        return self.name
+        """Who the client is (server API disconnects): its token's ``sub``, or in open
+        mode its name."""
+        return self.name if self.uid is None else self.uid
+
+    @property
+    def is_admin(self) -> bool:
+        """Whether the client may delete messages: its token's ``admin`` claim (nobody
+        in open mode)."""
+        return self.identity is not None and self.identity.admin
 
     # -- hub subscriber -----------------------------------------------------------------
 
@@ -238,7 +205,8 @@ class Session:
 
         A digest, so the client's secret is neither stored nor sent to peers.
         """
-        key = f"{self._retry_secret}\0{cid}".encode()
+        secret = self._retry_secret if self.uid is None else "sub:" + self.uid
+        key = f"{secret}\0{cid}".encode()
         return hashlib.blake2b(key, digest_size=16).hexdigest()
 
     # -- sending ------------------------------------------------------------------------
@@ -260,34 +228,102 @@ class Session:
         (that exception propagates) or a frame breaks the transport's rules
         (`ProtocolError` with a close code: answered and closed here).
 
+        In jwt mode the client must present a token first (`_authenticate`); the
+        session then ends with close 4002 when the token expires without a refresh.
+
         Cancellation: leaves every room in ``finally``, without awaiting.
         """
-        self.send(Welcome(name=self.name, node=self.node.node_id))
+        try:
+            if self._tokens is None or await self._authenticate(self._tokens, receive):
+                await self._serve(receive)
+            else:
+                await trio.lowlevel.checkpoint()  # refused: a checkpoint on every path
+        finally:
+            self.node.release(self)
+
+    async def _authenticate(self, tokens: Tokens, receive: Callable[[], Awaitable[str]]) -> bool:
+        """Verify the ``?token=`` token or the first ``hello``'s. False: refused, closed."""
+        await trio.lowlevel.checkpoint()  # a token from the URL awaits nothing else
+        token = self._url_token
+        try:
+            if token is None:
+                token = await self._read_hello(receive)
+            if self.closed:
+                return False
+            if token is None:
+                raise unauthorized(f"no hello with a token within {HELLO_TIMEOUT:g} s")
+            identity = tokens.check_untrusted(token)
+        except ProtocolError as exc:
+            self._refuse(exc, None)
+            return False
+        self._take_identity(identity)
+        self.name = identity.name
+        return True
+
+    async def _read_hello(self, receive: Callable[[], Awaitable[str]]) -> str | None:
+        """The first ``hello``'s token, answering only ``ping`` before it.
+
+        None: no hello within `HELLO_TIMEOUT`, or the client was refused and closed.
+        """
+        with trio.move_on_after(HELLO_TIMEOUT):
+            while True:
+                frame = await receive()
+                command = None
+                try:
+                    self._take_token()
+                    command = decode_command_untrusted(frame)
+                    match command:
+                        case Ping():
+                            self.send(Pong())
+                        case Hello():
+                            return command.token or ""
+                        case _:
+                            raise unauthorized("send hello with a token first")
+                except ProtocolError as exc:
+                    self._refuse(exc, command)
+                    if self.closed:
+                        return None
+        return None
+
+    def _take_identity(self, identity: Identity) -> None:
+        self.identity, self.uid = identity, identity.sub
+        # The token's expiry, wall clock, on trio's clock (which tests mock).
+        self._expires_at = trio.current_time() + identity.exp + LEEWAY - time.time()
+
+    async def _serve(self, receive: Callable[[], Awaitable[str]]) -> None:
+        self.send(Welcome(name=self.name, node=self.node.node_id, user=self.uid))
         if self._bad_name:
             self._refuse(ProtocolError("bad_name", f"{BAD_NAME}; you are {self.name}"), None)
         if self._bad_client_id:
             reason = "client_id is 16-64 of A-Z a-z 0-9 _ -; retries dedupe per connection"
             self._refuse(ProtocolError("bad_client_id", reason), None)
-        try:
-            await trio.lowlevel.checkpoint()  # a session closed at once reads nothing
-            while not self.closed:
-                command = None
-                try:
+        await trio.lowlevel.checkpoint()  # a session closed at once reads nothing
+        while not self.closed:
+            command = None
+            try:
+                with trio.CancelScope(deadline=self._expires_at) as expiry:
                     frame = await receive()
-                    # Before decoding: a frame that fails to decode costs a token too, so
-                    # garbage is rate-limited (and struck out) like valid commands.
-                    self._take_token()
-                    command = decode_command_untrusted(frame)
-                    await self._handle(command)
-                except ProtocolError as exc:
-                    self._refuse(exc, command)
-                except StoreError:
-                    # Not the client's fault, and the node logged it (rate-limited).
-                    self.node.count_error("store_unavailable")
-                    room, cid = getattr(command, "room", None), getattr(command, "cid", None)
-                    self.send(store_unavailable(room, cid))
-        finally:
-            self.node.release(self)
+                if expiry.cancelled_caught:
+                    self._expire()
+                    return
+                # Before decoding: a frame that fails to decode costs a token too, so
+                # garbage is rate-limited (and struck out) like valid commands.
+                self._take_token()
+                command = decode_command_untrusted(frame)
+                await self._handle(command)
+            except ProtocolError as exc:
+                self._refuse(exc, command)
+            except StoreError:
+                # Not the client's fault, and the node logged it (rate-limited).
+                self.node.count_error("store_unavailable")
+                room, cid = getattr(command, "room", None), getattr(command, "cid", None)
+                self.send(store_unavailable(room, cid))
+
+    def _expire(self) -> None:
+        log.debug("%s (%s): token expired", self.transport.remote, self.name)
+        self.node.count_error("token_expired")
+        self.send(ErrorEvent(code="token_expired", message="the token expired: reconnect"))
+        self.close(CLOSE_TOKEN_EXPIRED, "token expired")
 
     def _refuse(self, exc: ProtocolError, command: object) -> None:
         self.node.count_error(exc.code)
@@ -337,6 +373,7 @@ class Session:
             case Send():
                 await self._send(command)
             case Typing(room=room):
+                self._require_allowed(room)
                 self._require_joined(room)
                 self.node.typing(room, TypingEvent(room=room, sender=self.name), self)
             case Join():
@@ -350,20 +387,42 @@ class Session:
             case Ping():
                 self.send(Pong())
             case Delete(room=room, id=message_id):
+                self._require_allowed(room)
                 if not self.is_admin:
                     raise ProtocolError("forbidden", "only an admin may delete messages")
                 await self.node.delete(room, message_id)
-            case Hello(name=name):
+            case Refresh(token=token):
+                self._refresh(token)
+            case Hello() if self._tokens is not None:
+                raise ProtocolError("bad_hello", "already authenticated: send refresh")
+            case Hello(name=None):
+                raise ProtocolError("bad_name", "hello needs a name")
+            case Hello(name=str() as name):
                 if self.node.rooms_of(self):
                     raise ProtocolError("hello_too_late", "say hello before joining rooms")
                 self.node.rename(self, name)
                 self.send(Welcome(name=self.name, node=self.node.node_id))
+
+    def _refresh(self, token: str) -> None:
+        if self._tokens is None:
+            raise ProtocolError("bad_refresh", "tokens are not used on this server")
+        identity = self._tokens.check_untrusted(token)
+        if identity.sub != self.uid:
+            raise unauthorized("the new token is for another user")
+        self._take_identity(identity)
+        self.send(Refreshed(exp=identity.exp))
+
+    def _require_allowed(self, room: str) -> None:
+        """The room rule (`room_allowed`) for every command that reaches a room."""
+        if not room_allowed(self.identity, room, self._settings.public_room_patterns):
+            raise ProtocolError("forbidden", f"you may not see {room!r}")
 
     def _require_joined(self, room: str) -> None:
         if room not in self.node.rooms_of(self):
             raise ProtocolError("not_joined", f"join {room!r} first")
 
     async def _send(self, command: Send) -> None:
+        self._require_allowed(command.room)
         self._require_joined(command.room)
         check_text(command.text, self._settings.max_text)
         if self.node.submit_would_wait():
@@ -375,6 +434,7 @@ class Session:
 
     async def _join(self, command: Join) -> None:
         room = command.room
+        self._require_allowed(room)
         rooms = self.node.rooms_of(self)
         if room in rooms:
             raise ProtocolError("already_joined", f"already in {room!r}")
@@ -404,6 +464,7 @@ class Session:
             self.deliver_nowait(out)
 
     async def _history(self, command: HistoryRequest) -> None:
+        self._require_allowed(command.room)
         async with self.transport.cancel_on_close():
             messages, more = await self.node.page(command.room, command.before, command.limit)
             page = History(room=command.room, messages=[m.event() for m in messages], more=more)

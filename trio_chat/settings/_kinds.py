@@ -149,4 +149,9 @@ HOSTS: Final = Kind(
 )
 #: Secret: a Redis URL may carry a password, so an error never echoes it.
 REDIS_URL: Final = Kind(_parse_redis_url, str, "a redis:// or rediss:// URL", secret=True)
+GLOBS: Final = Kind(
+    lambda raw: sorted({g.strip() for g in raw.split(",") if g.strip()}),
+    _render_names,
+    "comma-separated room globs (`*`, `?`, `[...]`)",
+)
 GROUP: Final = Kind(_parse_group, str, "an IPv4 multicast address (224.0.0.0-239.255.255.255)")

@@ -8,7 +8,8 @@ default, and a `_doc` Meta with the help text, the unit, what unset means when t
 is worked out at run time, and the `Kind` (`trio_chat.settings._kinds`): how a value is
 written in the environment (a size like ``16K``, ``HOST:PORT`` or ``off``, a comma list,
 a path, a secret...). `SETTINGS` reads those declarations back through
-``msgspec.inspect``, and everything else is derived from it:
+``msgspec.inspect`` (each as a `Setting`, trio_chat.settings._setting), and everything
+else is derived from it:
 
 - `Settings.from_env`: each variable goes through its kind's parser (a string to plain
   data), then ``msgspec.convert`` checks the type and the bounds. Every failure is one
@@ -29,7 +30,6 @@ from __future__ import annotations
 
 import os
 import ssl
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Final, Literal
 
@@ -41,6 +41,7 @@ from ._host_checks import INTERFACE
 from ._kinds import (
     BIND,
     CHOICE,
+    GLOBS,
     GROUP,
     HOSTS,
     KIB,
@@ -54,6 +55,7 @@ from ._kinds import (
     Kind,
     url,
 )
+from ._setting import Setting, rule
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -62,6 +64,7 @@ SECONDS: Final = 1.0
 
 ClusterMode = Literal["off", "host", "lan", "redis"]
 StoreKind = Literal["sqlite", "memory"]
+AuthMode = Literal["open", "jwt"]
 
 
 def _doc(text: str, *, kind: Kind = PLAIN, unit: str = "", unset: str = "") -> Meta:
@@ -262,6 +265,54 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         ),
     ] = None
 
+    auth: Annotated[
+        AuthMode,
+        _doc(
+            "`open`: clients pick nicknames, every room is public; `jwt`: clients present"
+            " a token signed by the app's backend (docs/auth.md)",
+            kind=CHOICE,
+        ),
+    ] = "open"
+    jwt_key: Annotated[
+        Annotated[bytes, Meta(min_length=32)] | None,
+        _doc(
+            "the HS256 secret tokens are signed with (jwt mode needs it or a public key)",
+            kind=SECRET,
+            unset="none",
+        ),
+    ] = None
+    jwt_public_key: Annotated[
+        Path | None,
+        _doc(
+            "a PEM public key file: RS256 (RSA), ES256/ES384 (EC) or EdDSA (Ed25519) tokens",
+            kind=PATH,
+            unset="none",
+        ),
+    ] = None
+    jwt_audience: Annotated[
+        str | None, _doc("the `aud` tokens must carry", unset="not checked")
+    ] = None
+    jwt_issuer: Annotated[str | None, _doc("the `iss` tokens must carry", unset="not checked")] = (
+        None
+    )
+    public_rooms: Annotated[
+        frozenset[str] | None,
+        _doc(
+            "rooms anyone connected may join; others need a pattern of the token's `rooms`",
+            kind=GLOBS,
+            unset="`*` in open mode, none in jwt mode",
+        ),
+    ] = None
+    token_url: Annotated[
+        str | None,
+        _doc(
+            'the app\'s endpoint that returns `{"token": ...}` for its logged-in user; the'
+            " page fetches it with credentials (jwt mode)",
+            kind=url("http", "https"),
+            unset="the page reads `#token=` from its URL",
+        ),
+    ] = None
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         """Read the ``TRIO_CHAT_*`` variables; unset or empty ones keep their default.
@@ -314,8 +365,20 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
                 " TRIO_CHAT_CLUSTER_KEY_FILE: peers on other hosts sign their history"
                 " requests with it"
             )
+        if self.auth == "jwt" and self.jwt_key is None and self.jwt_public_key is None:
+            raise ConfigError(
+                "TRIO_CHAT_AUTH=jwt needs TRIO_CHAT_JWT_KEY or TRIO_CHAT_JWT_PUBLIC_KEY:"
+                " without a key no token can be checked"
+            )
         if self.rate_limit > 0 and self.rate_burst < 1:
             raise ConfigError("TRIO_CHAT_RATE_BURST must be at least 1 when rate limiting is on")
+
+    @property
+    def public_room_patterns(self) -> frozenset[str]:
+        """The globs of rooms anyone connected may join (see `public_rooms`)."""
+        if self.public_rooms is not None:
+            return self.public_rooms
+        return frozenset({"*"}) if self.auth == "open" else frozenset()
 
     def chat_socket_url(self, page_host: str, port: int | None) -> str | None:
         """The chat socket URL for a page served from ``page_host`` (host[:port]).
@@ -361,92 +424,6 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         return context
 
 
-@dataclass(frozen=True, slots=True)
-class Setting:
-    """One declared setting, as `SETTINGS` reads it from `Settings`."""
-
-    name: str
-    #: The annotated type ``msgspec.convert`` checks a parsed value against.
-    type: Any
-    default: object
-    help: str
-    kind: Kind
-    unit: str
-    unset: str
-    #: What values are taken, from the kind and the type's bounds ("must be " + rule).
-    rule: str
-
-    @property
-    def var(self) -> str:
-        return "TRIO_CHAT_" + self.name.upper()
-
-    @property
-    def flag(self) -> str:
-        return "--" + self.name.replace("_", "-")
-
-    def parse(self, raw: str) -> object:
-        """The value of this setting written as ``raw``.
-
-        Raises:
-          ConfigError: ``raw`` breaks the rule; the message names the variable and value.
-        """
-        try:
-            data = self.kind.parse(raw)
-        except ValueError as exc:
-            raise self._refusal(raw, str(exc)) from None
-        try:
-            return msgspec.convert(data, self.type, strict=False, dec_hook=_dec_hook)
-        except msgspec.ValidationError:
-            raise self._refusal(raw, "") from None
-
-    def render(self, value: object) -> str:
-        """``value`` as written in the environment ("" for None: unset)."""
-        return "" if value is None else self.kind.render(value)
-
-    def default_text(self) -> str:
-        """The default as the docs show it, Markdown: the value and its unit, or ``unset``."""
-        rendered = "" if self.kind.secret else self.render(self.default)
-        if not rendered:
-            return self.unset
-        return f"`{rendered}` {self.unit}".rstrip()
-
-    def _refusal(self, raw: str, reason: str) -> ConfigError:
-        shown = f"({len(raw)} characters, not shown)" if self.kind.secret else repr(raw)
-        return ConfigError(f"{self.var}={shown}: {reason or 'must be ' + self.rule}")
-
-
-def _dec_hook(type_: type, obj: object) -> object:
-    if type_ is Path and isinstance(obj, str):
-        return Path(obj)
-    raise NotImplementedError
-
-
-def _rule(kind: Kind, info: msgspec.inspect.Type) -> str:
-    """What values a setting takes, from its kind and its type's bounds."""
-    if isinstance(info, msgspec.inspect.Metadata):
-        info = info.type
-    if isinstance(info, msgspec.inspect.UnionType):
-        (info,) = (t for t in info.types if not isinstance(t, msgspec.inspect.NoneType))
-    if isinstance(info, msgspec.inspect.LiteralType):
-        return "one of " + ", ".join(map(str, info.values))
-    if isinstance(info, msgspec.inspect.IntType | msgspec.inspect.FloatType):
-        whole = isinstance(info, msgspec.inspect.IntType)
-        what = kind.what or ("a whole number" if whole else "a number")
-        show = kind.render
-        if info.ge is not None and info.le is not None:
-            return f"{what} from {show(info.ge)} to {show(info.le)}"
-        if info.gt is not None or (whole and info.ge == 1):
-            return f"{what} above {show(info.gt or 0)}"
-        if info.ge == 0:
-            return f"{what}, 0 or above"
-        if info.ge is not None:
-            return f"{what}, at least {show(info.ge)}"
-        return what
-    if isinstance(info, msgspec.inspect.BytesType) and info.min_length:
-        return f"text of at least {info.min_length} characters"
-    return kind.what or "text"
-
-
 def _declared() -> tuple[Setting, ...]:
     settings = []
     for field in msgspec.structs.fields(Settings):
@@ -463,7 +440,7 @@ def _declared() -> tuple[Setting, ...]:
                 kind=kind,
                 unit=info.extra["unit"],
                 unset=info.extra["unset"],
-                rule=_rule(kind, info),
+                rule=rule(kind, info),
             )
         )
     return tuple(settings)
