@@ -32,6 +32,8 @@ if TYPE_CHECKING:
     from conftest import Server
 
 KEY = b"test-secret-of-at-least-32-bytes!"
+API_KEY = "api-key-of-the-backend-0123"
+API_AUTH = {"Authorization": f"Bearer {API_KEY}"}
 RSA_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
 RSA_PUBLIC_PEM = RSA_KEY.public_key().public_bytes(
     serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
@@ -79,6 +81,7 @@ async def jwt_server(nursery: trio.Nursery, tmp_path: Path) -> Server:
         jwt_issuer="app",
         public_rooms=frozenset({"lobby"}),
         token_url="https://app.example/chat-token",
+        api_key=API_KEY.encode(),
         # Big enough for the 100 KB token to reach the token check.
         max_frame=256 * 1024,
     )
@@ -169,6 +172,42 @@ async def test_valid_tokens_name_the_user_and_every_message_carries_uid(
         assert [(m["uid"], m["text"]) for m in replay] == [("alice", "hi")]
         # Retries dedupe per user, across connections.
         assert (await again.chat("team-1", "hi", cid="c1"))["duplicate"] is True
+
+
+async def test_the_admin_claim_deletes_and_the_api_disconnects_by_sub(
+    jwt_server: Server, transport: str
+) -> None:
+    url = jwt_server.url(transport)
+    async with httpx.AsyncClient(base_url=jwt_server.http_url) as http:
+        path = "/api/rooms/team-1/messages"
+        too_long = {"text": "x", "uid": "u" * 257}
+        refused = await http.post(path, json=too_long, headers=API_AUTH)
+        assert (refused.status_code, refused.json()["code"]) == (400, "bad_field")
+        body = {"text": "spam", "from": "bot", "uid": "bot-7"}
+        message_id = (await http.post(path, json=body, headers=API_AUTH)).json()["id"]
+    async with (
+        signed_in(url, token(name="Alice A.")) as member,
+        signed_in(url, token(sub="mod", admin=True)) as mod,
+    ):
+        replay, _ = await member.join("team-1")
+        assert [(m["from"], m["uid"]) for m in replay] == [("bot", "bot-7")]
+        await member.send(type="delete", room="team-1", id=message_id)
+        assert (await member.next_of("error"))["code"] == "forbidden"
+        await mod.join("team-1")
+        await mod.send(type="delete", room="team-1", id="0000000000000001-nobody")
+        assert (await mod.next_of("error"))["code"] == "unknown_id"
+        await mod.send(type="delete", room="team-1", id=message_id)
+        assert (await member.next_of("deleted"))["id"] == message_id
+        async with httpx.AsyncClient(base_url=jwt_server.http_url) as http:
+            # The user is the token's sub, not its display name.
+            answer = await http.post("/api/users/alice/disconnect", headers=API_AUTH)
+        assert (answer.status_code, answer.json()) == (200, {"closed": 1})
+        assert await closed_with(member) == 4003
+        await mod.send(type="ping")  # another user's connection stays open
+        assert (await mod.next_of("pong"))["type"] == "pong"
+    async with signed_in(url, token()) as again:
+        replay, _ = await again.join("team-1")
+        assert [(m["uid"], m.get("text"), m["deleted"]) for m in replay] == [("bot-7", None, True)]
 
 
 async def test_only_ping_is_answered_before_hello(jwt_server: Server, transport: str) -> None:

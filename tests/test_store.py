@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 import httpx
+import msgspec
 import pytest
 import trio
 from hypothesis import given
@@ -184,13 +185,53 @@ def test_a_file_from_before_uid_is_migrated(tmp_path: Path) -> None:
         new = Message(id="0000000000000002-n1", room="r", sender="Bo", text="new", ts=2.0, uid="b")
         store.write([new])
         assert [(m.text, m.uid) for m in store.latest("r", 10)] == [("old", None), ("new", "b")]
+        # The same step gave the file its tombstones table.
+        assert store.tombstone("r", "0000000000000001-n1")
     finally:
         store.close()
     reopened = SqliteStore(path)  # a migrated file opens as it is
     try:
         assert reopened.latest("r", 10)[1] == new
+        assert [m.deleted for m in reopened.latest("r", 10)] == [True, False]
     finally:
         reopened.close()
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "memory"])
+def test_a_deleted_message_keeps_its_uid(kind: str, tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "h.sqlite3") if kind == "sqlite" else MemoryStore()
+    message = Message(id="0000000000000001-n", room=ROOM, sender="a", text="t", ts=0.0, uid="u")
+    try:
+        store.write([message])
+        assert store.tombstone(ROOM, message.id)
+        (read,) = store.latest(ROOM, 5)
+        assert (read.deleted, read.text, read.uid) == (True, "", "u")
+        assert msgspec.json.decode(msgspec.json.encode(read.event())) == {
+            "type": "message",
+            "room": ROOM,
+            "id": message.id,
+            "from": "a",
+            "ts": 0.0,
+            "uid": "u",
+            "deleted": True,
+        }
+    finally:
+        store.close()
+
+
+def test_peers_of_older_versions_decode_a_message_and_are_decoded() -> None:
+    # Peers get a Message as an array: fields added later are last, with defaults.
+    full = Message(
+        id="0000000000000001-n", room=ROOM, sender="a", text="t", ts=0.0, deleted=True, uid="u"
+    )
+    as_list = msgspec.json.decode(msgspec.json.encode(full))
+    assert as_list[-2:] == [True, "u"]
+    before_uid = msgspec.json.encode(as_list[:-1])
+    assert msgspec.json.decode(before_uid, type=Message) == msgspec.structs.replace(full, uid=None)
+    before_both = msgspec.json.encode(as_list[:-2])
+    assert msgspec.json.decode(before_both, type=Message) == msgspec.structs.replace(
+        full, uid=None, deleted=False
+    )
 
 
 def test_two_sqlite_stores_share_one_file(tmp_path: Path) -> None:
