@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import pytest
 import trio
+from test_client_cli import server
 from trio_websocket import WebSocketConnection, open_websocket_url
 
 from _server_process import BIN, ServerProcess
@@ -23,6 +24,9 @@ from _server_process import BIN, ServerProcess
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
     from pathlib import Path
+
+# `server` (a started ServerProcess, the rate limit on) is test_client_cli's fixture.
+__all__ = ["server"]
 
 pytestmark = [
     pytest.mark.slow,
@@ -34,23 +38,14 @@ POLL: Final = 0.05
 PROMPT: Final = "#general> "
 
 
-@pytest.fixture
-async def server(tmp_path: Path) -> AsyncIterator[ServerProcess]:
-    srv = ServerProcess(tmp_path / "data", tmp_path / "server.log", limit_rate=True)
-    await srv.start()
-    try:
-        yield srv
-    finally:
-        await srv.stop()
-
-
 class Pane:
     """One tmux pane running a command; the pane stays after the command exits."""
 
     def __init__(self, tmp_path: Path) -> None:
         self.socket = tmp_path / "tmux.sock"
         self.conf = tmp_path / "tmux.conf"
-        # remain-on-exit: the exit status and the last screen can be read after the exit.
+        self.status = tmp_path / "exit-status"
+        # remain-on-exit: the last screen can be read after the exit.
         self.conf.write_text("set -g remain-on-exit on\nset -g status off\n")
 
     async def tmux(self, *args: str) -> str:
@@ -60,7 +55,10 @@ class Pane:
         return result.stdout.decode()
 
     async def start(self, command: list[str]) -> None:
-        await self.tmux("new-session", "-d", "-x", "100", "-y", "24", shlex.join(command))
+        # The shell writes the exit status where the test reads it: tmux's own
+        # #{pane_dead_status} is sometimes empty although the pane is dead.
+        wrapped = ["sh", "-c", f'"$@"; echo $? > {shlex.quote(str(self.status))}', "sh"]
+        await self.tmux("new-session", "-d", "-x", "100", "-y", "24", shlex.join(wrapped + command))
 
     async def keys(self, *keys: str, literal: bool = False) -> None:
         await self.tmux("send-keys", *(("-l",) if literal else ()), *keys)
@@ -81,11 +79,8 @@ class Pane:
         """Wait for the command to exit; return its exit status."""
         with trio.move_on_after(SCREEN_TIMEOUT):
             while True:
-                dead, _, status = (
-                    await self.tmux("display", "-p", "#{pane_dead} #{pane_dead_status}")
-                ).partition(" ")
-                # tmux can report the pane dead a moment before it has the status.
-                if dead == "1" and status.strip().isdigit():
+                status = self.status.read_text() if self.status.exists() else ""
+                if status.endswith("\n"):  # written whole by the shell's echo
                     return int(status)
                 await trio.sleep(POLL)  # poll interval, bounded by SCREEN_TIMEOUT
         pytest.fail(f"still running:\n{await self.screen()}")

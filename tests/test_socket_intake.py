@@ -194,8 +194,12 @@ async def echo(conn: WebSocketConnection, request: HandshakeRequest) -> None:
 
 
 async def start_bare(
-    nursery: trio.Nursery, failures: FailureBoundary, errors: list[str]
+    nursery: trio.Nursery,
+    failures: FailureBoundary,
+    errors: list[str],
+    tls: ssl.SSLContext | None = None,
 ) -> tuple[WebSocketServer, int]:
+    """A bare chat-socket server (no node) whose handler echoes: `echo`."""
     bare = WebSocketServer(
         echo,
         failures=failures,
@@ -204,6 +208,7 @@ async def start_bare(
         max_message=16 * 1024,
         backlog_limit=1024 * 1024,
         keepalive_interval=3600,
+        tls=tls,
     )
     port = await nursery.start(bare.serve, "127.0.0.1", 0)
     return bare, port

@@ -29,7 +29,7 @@ from cryptography.x509.oid import NameOID
 from hypercorn.config import Config
 from hypercorn.trio import serve
 from test_backpressure import RawClient, messages
-from test_socket_intake import client_hello, echo, open_raw, read_to_eof, upgrade
+from test_socket_intake import client_hello, open_raw, read_to_eof, start_bare, upgrade
 from trio_websocket import open_websocket_url
 from wsproto.events import AcceptConnection, Request
 
@@ -37,8 +37,7 @@ from trio_chat import ChatApp, Settings
 from trio_chat._errors import ConfigError
 from trio_chat.node._multicast import peer_tls
 from trio_chat.server._boundary import FailureBoundary
-from trio_chat.server._limits import ConnectionLimits
-from trio_chat.server._listener import HANDSHAKE_TIMEOUT, WebSocketServer
+from trio_chat.server._listener import HANDSHAKE_TIMEOUT
 
 from _server_process import free_port, wait_healthy
 from conftest import Server, eventually, make_settings
@@ -200,17 +199,7 @@ async def test_stalled_tls_handshake_is_cut_at_the_timeout(
     failures = FailureBoundary()
     errors: list[str] = []
     settings = Settings(ws_certfile=cert.certfile, ws_keyfile=cert.keyfile)
-    bare = WebSocketServer(
-        echo,
-        failures=failures,
-        limits=ConnectionLimits(100, 100),
-        count_error=errors.append,
-        max_message=16 * 1024,
-        backlog_limit=1024 * 1024,
-        keepalive_interval=3600,
-        tls=settings.chat_socket_tls(),
-    )
-    port = await nursery.start(bare.serve, "127.0.0.1", 0)
+    bare, port = await start_bare(nursery, failures, errors, settings.chat_socket_tls())
     context = cert.client_context()
     async with open_websocket_url(f"wss://127.0.0.1:{port}/ok", ssl_context=context) as other:
         stalled = [await open_raw(port) for _ in range(2)]
