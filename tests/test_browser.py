@@ -1003,7 +1003,11 @@ def test_close_codes_are_explained(server: ServerProcess, pages: Pages, transpor
         assert len(connections) == i + 1
         if code == 1008:
             shot(page, "closed-1008", transport)
-        page.clock.run_for(10_000)
+        # Step the clock in slices shorter than the page's shortest reconnect delay
+        # (250 ms), so exactly one reconnect happens before the next sentence is read.
+        deadline = time.monotonic() + STEP_TIMEOUT_MS / 1000
+        while len(connections) == i + 1 and time.monotonic() < deadline:
+            page.clock.run_for(100)
     wait_online(page, transport)
     expect(page.locator("#why")).to_have_text("")
 
