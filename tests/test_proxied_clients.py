@@ -14,12 +14,13 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 from test_socket_intake import open_raw, read_response, upgrade
-from trio_websocket import open_websocket_url
+from trio_websocket import ConnectionClosed, open_websocket_url
 
 from conftest import eventually, make_settings, start_server
 
 if TYPE_CHECKING:
     import trio
+    from trio_websocket import WebSocketConnection
 
     from conftest import Server
 
@@ -48,6 +49,11 @@ async def status_of(server: Server, transport: str, headers: str, source: str = 
     status, stream = await handshake(server, transport, headers, source)
     await stream.aclose()
     return status
+
+
+async def read_until_closed(ws: WebSocketConnection) -> None:
+    while True:
+        await ws.get_message()
 
 
 def opened(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
@@ -90,6 +96,20 @@ async def test_forwarded_client_is_logged_on_open_and_close(
     assert message.startswith(f"connection closed client=203.0.113.7 transport={name} code=1000 ")
     assert close_line.code == 1000  # type: ignore[attr-defined]
     assert 0 <= close_line.duration < 10  # type: ignore[attr-defined]
+
+
+async def test_a_close_by_the_server_logs_its_code(
+    proxied: Server, transport: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger=CONNECTIONS)
+    async with open_websocket_url(proxied.url(transport)) as ws:
+        await ws.get_message()
+        await ws.send_message(b"binary")  # not part of the protocol: close 1003
+        with pytest.raises(ConnectionClosed):
+            await read_until_closed(ws)
+    await eventually(lambda: bool(closed(caplog)))
+    assert closed(caplog)[0].code == 1003  # type: ignore[attr-defined]
+    assert closed(caplog)[0].client == "127.0.0.1"  # type: ignore[attr-defined]
 
 
 async def test_untrusted_peer_is_logged_as_itself(

@@ -15,7 +15,8 @@ left may be forged. If every address is a trusted proxy, the left-most is taken.
 scheme the client used is the ``proto`` of that same hop (``X-Forwarded-Proto`` one value
 per hop, or a single value set by the one proxy that terminates TLS).
 
-``X-Forwarded-For`` is read when present; ``Forwarded`` only when it is absent. A proxy
+``X-Forwarded-For`` is read when present; ``Forwarded`` only when it is absent; an
+``X-Forwarded-Proto`` alone gives the scheme, and the proxy itself stays the client. A proxy
 passes on the headers it does not maintain as the client sent them, so the one it does
 maintain must win: nginx and HAProxy's ``option forwardfor`` write ``X-Forwarded-For``
 (a proxy that writes only ``Forwarded`` must drop a client's ``X-Forwarded-For``;
