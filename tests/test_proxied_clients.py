@@ -207,6 +207,8 @@ async def test_forwarded_header_names_the_client(
         ("Origin: http://127.0.0.1:8000\r\nX-Forwarded-Proto: http\r\n", "127.0.0.1", 101),
         # Not a trusted proxy: its X-Forwarded-Proto is ignored.
         ("Origin: http://127.0.0.1:8000\r\nX-Forwarded-Proto: https\r\n", "127.0.0.2", 101),
+        # An origin urllib cannot split (it raised, and the connection failed as a bug).
+        ("Origin: http://[::1\r\n", "127.0.0.2", 403),
     ],
 )
 async def test_origin_check_takes_the_scheme_from_a_trusted_proxy(
@@ -214,6 +216,7 @@ async def test_origin_check_takes_the_scheme_from_a_trusted_proxy(
 ) -> None:
     assert await status_of(proxied, transport, headers, source) == status
     assert proxied.node.statistics().errors.get("origin_refused", 0) == (status == 403)
+    assert not proxied.node.failures.statistics().contained
 
 
 HOSTILE = [
