@@ -13,13 +13,13 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 import pytest
+import trio
 from test_socket_intake import open_raw, read_response, upgrade
 from trio_websocket import ConnectionClosed, open_websocket_url
 
 from conftest import eventually, make_settings, start_server
 
 if TYPE_CHECKING:
-    import trio
     from trio_websocket import WebSocketConnection
 
     from conftest import Server
@@ -281,3 +281,22 @@ async def test_http_requests_see_the_forwarded_client(
         status, _, _ = await read_response(stream)
     assert status == 400
     assert f"refused a request from {logged}: bad_host" in caplog.text
+
+
+async def test_an_ipv6_proxy_on_the_chat_socket(
+    nursery: trio.Nursery, tmp_path: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = await start_server(
+        nursery,
+        make_settings(tmp_path, ws_bind=("::1", 0), trusted_proxies=frozenset({"::1/128"})),
+    )
+    caplog.set_level(logging.INFO, logger=CONNECTIONS)
+    port = server.node.chat_socket_port
+    stream = await trio.open_tcp_stream("::1", port)
+    async with stream:
+        await stream.send_all(upgrade(f"[::1]:{port}", extra="X-Forwarded-For: 2001:DB8::5\r\n"))
+        status, _, _ = await read_response(stream)
+        assert status == 101
+        await eventually(lambda: bool(opened(caplog)))
+    record = opened(caplog)[0]
+    assert (record.client, record.peer.rsplit(":", 1)[0]) == ("2001:db8::5", "::1")  # type: ignore[attr-defined]
