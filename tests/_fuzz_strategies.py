@@ -79,6 +79,24 @@ _extra_headers = st.one_of(
     st.tuples(st.just(b"Transfer-Encoding"), st.sampled_from([b"chunked", b"gzip, chunked", b"x"])),
     st.tuples(st.sampled_from([b"X Bad", b"", b":", b"X-\x00", b"\xff\xfe", b" Host"]), _tokens),
     st.tuples(st.just(b"X-Pad"), st.sampled_from([1_000, 17_000, 70_000]).map(lambda n: b"p" * n)),
+    # The fuzz server trusts 127.0.0.1 as a proxy: these reach protocol/_proxies.py.
+    st.tuples(
+        st.sampled_from([b"X-Forwarded-For", b"X-Forwarded-Proto", b"Forwarded"]),
+        st.one_of(
+            st.sampled_from(
+                [
+                    b"203.0.113.7",
+                    b"unknown, _hidden",
+                    b"[::1]:80",
+                    b'for="[::1',
+                    b"for=203.0.113.7;proto=https",
+                    b"https",
+                    b"1.1.1.1," * 500,
+                ]
+            ),
+            _tokens,
+        ),
+    ),
 )
 _targets = st.one_of(
     st.sampled_from(

@@ -208,9 +208,16 @@ async def _run_one(
 
 def _fuzz_settings(data_dir: Path) -> Any:
     # Tight limits, so that a few generated frames reach the rate limiter's strikes and
-    # the size limit's close.
+    # the size limit's close. The fuzzer connects from 127.0.0.1: as a trusted proxy, its
+    # forwarding headers are parsed.
     return make_settings(
-        data_dir, store="memory", rate_limit=10, rate_burst=5, rate_strikes=5, max_frame=4096
+        data_dir,
+        store="memory",
+        rate_limit=10,
+        rate_burst=5,
+        rate_strikes=5,
+        max_frame=4096,
+        trusted_proxies=frozenset({"127.0.0.1/32"}),
     )
 
 

@@ -21,6 +21,7 @@ from trio_websocket import open_websocket_url
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, BytesMessage, CloseConnection, Request, TextMessage
 
+from trio_chat.protocol._proxies import TrustedProxies
 from trio_chat.server._boundary import FailureBoundary
 from trio_chat.server._limits import ConnectionLimits, default_max_connections
 from trio_chat.server._listener import HANDSHAKE_TIMEOUT, WebSocketServer
@@ -208,6 +209,8 @@ async def start_bare(
         max_message=16 * 1024,
         backlog_limit=1024 * 1024,
         keepalive_interval=3600,
+        proxies=TrustedProxies(),
+        node_id="bare",
         tls=tls,
     )
     port = await nursery.start(bare.serve, "127.0.0.1", 0)

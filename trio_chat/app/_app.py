@@ -37,6 +37,7 @@ from ..server._limits import RETRY_AFTER, raise_nofile_limit, refusal_body
 from ..server._session import Session, origin_allowed
 from ..settings._settings import Settings
 from ._api import add_server_api
+from ._clients import resolve_scope, serve_logged_websocket
 from ._hypercorn import install as install_hypercorn_boundary
 from ._metrics import render_metrics
 from ._reads import add_room_reads
@@ -118,8 +119,14 @@ class ChatApp:
     ) -> None:
         if scope["type"] == "lifespan":
             await self._lifespan(receive, send)
-        elif (refusal := self._refusal(scope)) is not None:
+            return
+        node = self.node
+        if node is not None:
+            resolve_scope(scope, node.proxies)
+        if (refusal := self._refusal(scope)) is not None:
             await _send_refusal(scope, send, *refusal)
+        elif node is not None and scope["type"] == "websocket":
+            await serve_logged_websocket(self.quart, scope, receive, send, node.node_id)
         else:
             await self.quart(scope, receive, send)  # type: ignore[arg-type]
 
@@ -376,7 +383,10 @@ def _make_quart(chat: ChatApp) -> QuartTrio:
             return refusal_body(refused), 503, {"Retry-After": str(RETRY_AFTER)}
         try:
             if not origin_allowed(
-                websocket.headers.get("Origin"), websocket.host, n.settings.allowed_origins
+                websocket.headers.get("Origin"),
+                websocket.host,
+                n.settings.allowed_origins,
+                secure=websocket.scheme == "wss",
             ):
                 log.debug("refused /ws from origin %s", websocket.headers.get("Origin"))
                 n.count_error("origin_refused")

@@ -16,6 +16,10 @@ bugs of hypercorn 0.18 found by the fuzzer (tests/test_fuzz_sockets.py) do that,
   `_TCPServer.protocol_send` treats it as what it means: hypercorn is closing this
   connection (as it treats ``BrokenResourceError``). ``_close`` must stay lock-free: its
   ``aclose`` is what ends a send stuck on a client that stopped reading.
+- A client's clean close reaches the app as ``websocket.disconnect`` with code 1006, as
+  if the connection had been lost. `_WSStream` keeps the code of the first close frame
+  it sends (the app's, hypercorn's own, or the answer echoing the client's) and passes
+  that on instead, for the connection's log line (app/_clients.py).
 
 `_TCPServer.run` is the boundary for anything else: an exception of one connection
 closes that connection, is counted in ``/metrics`` as ``where="http_connection"``, and
@@ -37,9 +41,10 @@ import hypercorn.protocol.h11
 import hypercorn.trio.run
 import trio
 from hypercorn.events import Closed, RawData
-from hypercorn.protocol.events import Data
+from hypercorn.protocol.events import Data, StreamClosed
 from hypercorn.protocol.ws_stream import ASGIWebsocketState, Handshake, WSStream
 from hypercorn.trio.tcp_server import TCPServer
+from wsproto.events import CloseConnection
 
 from ..node._node import Node
 from ..server._boundary import FailureBoundary
@@ -48,6 +53,7 @@ if TYPE_CHECKING:
     from hypercorn.events import Event
     from hypercorn.protocol.events import Event as StreamEvent
     from hypercorn.typing import ASGISendEvent
+    from wsproto.events import Event as WsEvent
 
 WHERE: Final = "http_connection"
 # Counts and logs (rate-limited) failures of connections served while no node runs.
@@ -63,8 +69,15 @@ class _WSStream(WSStream):
         super().__init__(*args, **kwargs)
         #: Set once the app has accepted or refused the handshake.
         self._answered = trio.Event()
+        #: The code of the first close frame sent: the closing handshake's.
+        self._close_code: int | None = None
 
     async def handle(self, event: StreamEvent) -> None:
+        if isinstance(event, StreamClosed) and self._close_code is not None and self.app_put:
+            # What hypercorn does, with the close's code rather than 1006.
+            self.closed = True
+            await self.app_put({"type": "websocket.disconnect", "code": self._close_code})
+            return
         if isinstance(event, Data) and not self.closed:
             # The reader waits here, as it waits on a full app queue: the client's
             # bytes push back on it, none are lost, and none are answered with a 400.
@@ -81,6 +94,11 @@ class _WSStream(WSStream):
         finally:
             if message is None or self.state is not ASGIWebsocketState.HANDSHAKE:
                 self._answered.set()
+
+    async def _send_wsproto_event(self, event: WsEvent) -> None:
+        if isinstance(event, CloseConnection) and self._close_code is None:
+            self._close_code = event.code
+        await super()._send_wsproto_event(event)
 
 
 class _TCPServer(TCPServer):
@@ -133,7 +151,7 @@ def install() -> None:
             (hypercorn.trio.run, ("TCPServer",)),
             (hypercorn.protocol.h11, ("WSStream",)),
             (TCPServer, ("run", "protocol_send", "_close")),
-            (WSStream, ("handle", "app_send", "_accept")),
+            (WSStream, ("handle", "app_send", "_accept", "_send_wsproto_event")),
         )
         for name in names
         if not hasattr(owner, name)
@@ -141,7 +159,7 @@ def install() -> None:
         f"{owner.__name__}.{name}"
         for owner, names in (
             (TCPServer, ("stream", "app", "protocol")),
-            (WSStream, ("closed", "handshake", "state")),
+            (WSStream, ("closed", "handshake", "state", "app_put")),
             (Handshake, ("accepted",)),
         )
         for name in names

@@ -22,6 +22,7 @@ import trio
 
 from ..protocol._codes import CLOSE_DISCONNECTED, CLOSE_GOING_AWAY
 from ..protocol._ids import IdClock
+from ..protocol._proxies import TrustedProxies
 from ..server._auth import Tokens
 from ..server._boundary import FailureBoundary
 from ..server._chat_socket import handle_chat_socket
@@ -90,6 +91,8 @@ class Node:
             settings.max_connections or default_max_connections(),
             settings.max_connections_per_ip,
         )
+        #: Peers whose forwarding headers name the client, on both sockets.
+        self.proxies = TrustedProxies(settings.trusted_proxies)
         self.ids = IdClock(node_id)
         self.errors: collections.Counter[str] = collections.Counter()
         peers = None if bus is None else Broadcaster(bus)
@@ -109,6 +112,8 @@ class Node:
             max_message=settings.max_frame,
             backlog_limit=settings.backlog,
             keepalive_interval=settings.keepalive_interval,
+            proxies=self.proxies,
+            node_id=node_id,
             tls=tls,
         )
         self.chat_socket_port: int | None = None

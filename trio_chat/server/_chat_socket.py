@@ -11,6 +11,7 @@ import trio
 
 from ..protocol._hosts import host_allowed
 from ._connection import ConnectionClosed
+from ._connection_log import log_open
 from ._session import Session, origin_allowed
 
 if TYPE_CHECKING:
@@ -38,7 +39,9 @@ async def handle_chat_socket(
     if request.path != "/ws":
         conn.reject(404, "the chat socket is at /ws\n")
         return
-    if not origin_allowed(request.origin, request.host, node.settings.allowed_origins):
+    if not origin_allowed(
+        request.origin, request.host, node.settings.allowed_origins, secure=request.secure
+    ):
         # Counted in /metrics; a page hammering us must not fill the log.
         log.debug("refused %s: origin %s is not allowed", conn.remote, request.origin)
         node.count_error("origin_refused")
@@ -47,6 +50,7 @@ async def handle_chat_socket(
     query = urllib.parse.parse_qs(request.query)
     names, client_ids, tokens = query.get("name"), query.get("client_id"), query.get("token")
     conn.accept()
+    log_open(request.client, "chat", conn.peer, node.node_id)
     session = Session(
         node,
         conn,

@@ -39,6 +39,7 @@ from ..protocol._codes import (
     CLOSE_UNSUPPORTED,
 )
 from ..protocol._frames import http_response
+from ..protocol._proxies import FORWARDING_HEADERS
 
 # SLOW_CLOSE_GRACE and SocketCounters are also the listener's (from here, as before the split).
 from ._outbound import SLOW_CLOSE_GRACE as SLOW_CLOSE_GRACE
@@ -77,6 +78,12 @@ class HandshakeRequest:
     query: str
     host: str
     origin: str | None
+    #: The request's forwarding headers (protocol/_proxies.py FORWARDING_HEADERS).
+    forwarded: list[tuple[bytes, bytes]] = dataclasses.field(default_factory=list)
+    #: The client's address: the TCP peer's, or a trusted proxy's word for it.
+    client: str = "?"
+    #: Whether the client reached us over TLS: ours, or a trusted proxy's.
+    secure: bool = False
 
 
 class WebSocketConnection(OutboundPath):
@@ -101,8 +108,12 @@ class WebSocketConnection(OutboundPath):
         self._stash: collections.deque[Event] = collections.deque()
         self._stash_size = 0
         self.accepted = False
+        #: When it was accepted (`trio.current_time`), for the close's log line.
+        self.accepted_at = 0.0
         #: The handshake was answered with an HTTP error.
         self.rejected = False
+        #: The TCP peer (``remote`` names the client instead once a trusted proxy has).
+        self.peer = self.remote
 
     # -- inbound ------------------------------------------------------------------------
 
@@ -205,6 +216,7 @@ class WebSocketConnection(OutboundPath):
     def accept(self) -> None:
         """Accept the handshake (no extensions, no subprotocol)."""
         self.accepted = True
+        self.accepted_at = trio.current_time()
         self.send_nowait(self._ws.send(AcceptConnection()))
         # From here on only the frame protocol is needed: dropping the handshake's HTTP
         # state (an h11 connection and its buffers) makes every idle connection smaller.
@@ -236,6 +248,7 @@ class WebSocketConnection(OutboundPath):
                 data = self._ws.send(
                     CloseConnection(code=CLOSE_INTERNAL_ERROR, reason="internal error")
                 )
+                self._close_code = CLOSE_INTERNAL_ERROR
             else:
                 data = http_response(400, "the server could not serve this request\n")
             self._sock.send(data)
@@ -386,6 +399,8 @@ class WebSocketConnection(OutboundPath):
         wait out its close timeout and report 1006.
         """
         self._close_received = True
+        if self._close_code is None:
+            self._close_code = event.code
         if not self._output_closed:
             try:
                 data = self._ws.send(event.response())
@@ -400,6 +415,12 @@ class WebSocketConnection(OutboundPath):
         else:
             self._finish()
 
+    @property
+    def close_code(self) -> int:
+        """The code of the closing handshake: our close frame's, else the client's;
+        1006 if neither came (the connection was lost or cut)."""
+        return CLOSE_ABNORMAL if self._close_code is None else self._close_code
+
     def ping_nowait(self) -> None:
         """Send a ping; the keepalive checks that something came back."""
         self.received_since_ping = False
@@ -408,8 +429,14 @@ class WebSocketConnection(OutboundPath):
 
 def _parse_request(event: Request) -> HandshakeRequest:
     origin = None
+    forwarded = []
     for name, value in event.extra_headers:
-        if name.lower() == b"origin":
+        lowered = name.lower()
+        if lowered == b"origin":
             origin = value.decode("latin-1")
+        elif lowered in FORWARDING_HEADERS:
+            forwarded.append((lowered, value))
     path, _, query = event.target.partition("?")
-    return HandshakeRequest(path=path, query=query, host=event.host, origin=origin)
+    return HandshakeRequest(
+        path=path, query=query, host=event.host, origin=origin, forwarded=forwarded
+    )

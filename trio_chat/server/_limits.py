@@ -6,9 +6,11 @@ closed. Past either cap a new client is refused at once with HTTP 503, before an
 is done for it, so existing clients keep chatting and the HTTP side keeps its
 descriptors.
 
-The address is the TCP peer's. Behind a reverse proxy every client shares the proxy's
-address; trusted-proxy support (reading ``X-Forwarded-For`` from listed proxies) is not
-built yet.
+The address is the client's: the TCP peer's, or behind a proxy in
+``TRIO_CHAT_TRUSTED_PROXIES`` the one its headers name (protocol/_proxies.py). A chat
+socket connection from a trusted proxy names its client only in its handshake, so it is
+admitted without an address (the global cap only) and `assign`-ed one once the handshake
+is read: a reconnect storm through one proxy is not refused as if it were one client.
 """
 
 from __future__ import annotations
@@ -109,8 +111,11 @@ class ConnectionLimits:
         self._last_logged: float | None = None
         self._unlogged = 0
 
-    def admit(self, address: str) -> str | None:
+    def admit(self, address: str | None) -> str | None:
         """Take a slot for a client from ``address``.
+
+        ``address`` None: not known yet (a trusted proxy's connection before its
+        handshake); only the global cap applies until `assign`.
 
         Returns:
           None when admitted (call `release` when its socket is closed), or the code
@@ -118,18 +123,34 @@ class ConnectionLimits:
         """
         if self._total >= self.max_connections:
             refused = TOO_MANY_CONNECTIONS
-        elif self._per_address[address] >= self.max_per_address:
+        elif address is not None and self._per_address[address] >= self.max_per_address:
             refused = TOO_MANY_FROM_ADDRESS
         else:
             self._total += 1
-            self._per_address[address] += 1
+            if address is not None:
+                self._per_address[address] += 1
             return None
-        self._log_refusal(refused, address)
+        self._log_refusal(refused, address or "?")
         return refused
 
-    def release(self, address: str) -> None:
-        """Free the slot a client from ``address`` held."""
+    def assign(self, address: str) -> str | None:
+        """Count a client admitted without an address as one from ``address``.
+
+        Returns:
+          None when counted (release it with ``address``), or `TOO_MANY_FROM_ADDRESS`:
+          it still holds its global slot (release it with None).
+        """
+        if self._per_address[address] >= self.max_per_address:
+            self._log_refusal(TOO_MANY_FROM_ADDRESS, address)
+            return TOO_MANY_FROM_ADDRESS
+        self._per_address[address] += 1
+        return None
+
+    def release(self, address: str | None) -> None:
+        """Free the slot a client from ``address`` (None: not assigned one) held."""
         self._total -= 1
+        if address is None:
+            return
         self._per_address[address] -= 1
         if not self._per_address[address]:
             del self._per_address[address]

@@ -21,6 +21,7 @@ import trio
 
 from .._errors import ProtocolError
 from ..protocol._frames import http_response
+from ..protocol._proxies import resolve_client_untrusted
 from ._connection import (
     RECV_SIZE,
     SLOW_CLOSE_GRACE,
@@ -28,12 +29,14 @@ from ._connection import (
     SocketCounters,
     WebSocketConnection,
 )
+from ._connection_log import log_closed
 from ._limits import RETRY_AFTER, refusal_body
 
 if TYPE_CHECKING:
     import ssl
     from collections.abc import Awaitable, Callable, Iterator
 
+    from ..protocol._proxies import TrustedProxies
     from ._boundary import FailureBoundary
     from ._connection import HandshakeRequest
     from ._limits import ConnectionLimits
@@ -84,6 +87,17 @@ _SNDBUF: Final = 128 * 1024
 _PING_GROUP: Final = 50
 
 
+@dataclasses.dataclass
+class _Slot:
+    """A client's place in the connection caps, from accept to close."""
+
+    #: The TCP peer's address.
+    peer: str
+    #: The address whose per-address slot the client holds; None: none yet (a trusted
+    #: proxy's connection until its handshake names the client).
+    address: str | None
+
+
 @dataclasses.dataclass(frozen=True)
 class ChatSocketStatistics:
     connections: int
@@ -109,6 +123,8 @@ class WebSocketServer:
       max_message: largest message a client may send, in bytes.
       backlog_limit: bytes a client may leave unread before it is closed as slow.
       keepalive_interval: seconds between two pings of each connection.
+      proxies: peers whose forwarding headers name the client (caps, logs, origin).
+      node_id: this node's id, for the connection log lines.
       tls: serve ``wss://`` with this context (None: plain ``ws://``). The TLS handshake
         counts in the handshake timeout.
     """
@@ -123,6 +139,8 @@ class WebSocketServer:
         max_message: int,
         backlog_limit: int,
         keepalive_interval: float,
+        proxies: TrustedProxies,
+        node_id: str,
         tls: ssl.SSLContext | None = None,
     ) -> None:
         self._handler = handler
@@ -132,6 +150,8 @@ class WebSocketServer:
         self._max_message = max_message
         self._backlog_limit = backlog_limit
         self._keepalive_interval = keepalive_interval
+        self._proxies = proxies
+        self._node_id = node_id
         self._tls = tls
         self._accepting = trio.CancelScope()
         self._counters = SocketCounters()
@@ -199,7 +219,9 @@ class WebSocketServer:
                 self._admit(sock, str(address[0]), nursery)
 
     def _admit(self, sock: socket.socket, host: str, nursery: trio.Nursery) -> None:
-        refused = self._limits.admit(host)
+        # A trusted proxy's client is known only from its handshake (`_place`).
+        slot = _Slot(host, None if self._proxies.trusts(host) else host)
+        refused = self._limits.admit(slot.address)
         if refused is not None:
             self._count_error(refused)
             if self._refusing >= _MAX_REFUSING:
@@ -208,7 +230,7 @@ class WebSocketServer:
                 sock.close()
                 return
             self._refusing += 1
-        nursery.start_soon(self._run_connection, sock, host, refused)
+        nursery.start_soon(self._run_connection, sock, slot, refused)
 
     async def _keepalive(self) -> NoReturn:
         # One sweep for all connections instead of a task each: an idle connection
@@ -252,7 +274,7 @@ class WebSocketServer:
 
     # A task of its own (`_admit`): no caller awaits it for a checkpoint.
     async def _run_connection(  # noqa: ASYNC910
-        self, sock: socket.socket, host: str, refused: str | None
+        self, sock: socket.socket, slot: _Slot, refused: str | None
     ) -> None:
         """Serve one client, from accept to close: its failure boundary.
 
@@ -289,7 +311,7 @@ class WebSocketServer:
                 )
                 self.connections.add(conn)
                 try:
-                    await self._serve(conn)
+                    await self._serve(conn, slot)
                 except ConnectionClosed:
                     pass
                 finally:
@@ -299,26 +321,63 @@ class WebSocketServer:
                 await _linger(sock)
         except* Exception as group:  # the failure boundary: this client only
             for exc in _leaves(group):
-                self._failures.record("chat_socket", exc, conn.remote if conn is not None else host)
+                self._failures.record(
+                    "chat_socket", exc, conn.remote if conn is not None else slot.peer
+                )
             if conn is not None:
                 conn.fail()
         finally:
+            if conn is not None and conn.accepted:
+                log_closed(
+                    slot.address or slot.peer,
+                    "chat",
+                    conn.close_code,
+                    trio.current_time() - conn.accepted_at,
+                    self._node_id,
+                )
             if refused is None:
-                self._limits.release(host)
+                self._limits.release(slot.address)
             else:
                 self._refusing -= 1
             trio.lowlevel.notify_closing(sock)
             sock.close()
 
-    async def _serve(self, conn: WebSocketConnection) -> None:
+    async def _serve(self, conn: WebSocketConnection, slot: _Slot) -> None:
         request = await self._handshake(conn)
-        if request is not None:
+        if request is not None and self._place(conn, slot, request):
             await self._handler(conn, request)
         with trio.move_on_after(SLOW_CLOSE_GRACE):
             if conn.accepted:
                 await conn.wait_closed_untrusted()
             else:
                 await conn.wait_done()
+
+    def _place(self, conn: WebSocketConnection, slot: _Slot, request: HandshakeRequest) -> bool:
+        """Say who the client is (a trusted proxy's headers, else the peer), and count
+        it against its address's cap if that waited for the handshake.
+
+        Returns False if it was refused (503: its address is at its cap).
+        """
+        client = resolve_client_untrusted(slot.peer, request.forwarded, self._proxies)
+        if client.problem is not None:
+            # The proxy's doing, or a client's through it: not worth more than DEBUG.
+            log.debug("%s: forwarding headers not used: %s", conn.remote, client.problem)
+        request.client = client.address
+        request.secure = client.scheme == "https" if client.scheme else self._tls is not None
+        if client.address != slot.peer:
+            conn.remote = f"{client.address} (via {conn.peer})"
+        if slot.address is None:
+            refused = self._limits.assign(client.address)
+            if refused is not None:
+                self._count_error(refused)
+                conn.reject(
+                    503,
+                    refusal_body(refused),
+                    [(b"Retry-After", str(RETRY_AFTER).encode())],
+                )
+                return False
+            slot.address = client.address
+        return True
 
     async def _handshake(self, conn: WebSocketConnection) -> HandshakeRequest | None:
         """The client's upgrade request, or None if it was refused or too slow.

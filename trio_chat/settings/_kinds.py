@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
 from ..protocol._hosts import parse_allowed_hosts
+from ..protocol._proxies import parse_networks
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -149,6 +150,9 @@ HOSTS: Final = Kind(
 )
 #: Secret: a Redis URL may carry a password, so an error never echoes it.
 REDIS_URL: Final = Kind(_parse_redis_url, str, "a redis:// or rediss:// URL", secret=True)
+NETWORKS: Final = Kind(
+    parse_networks, _render_names, "comma-separated IPv4/IPv6 networks (CIDR), never `/0`"
+)
 GLOBS: Final = Kind(
     lambda raw: sorted({g.strip() for g in raw.split(",") if g.strip()}),
     _render_names,

@@ -46,6 +46,7 @@ from ._kinds import (
     HOSTS,
     KIB,
     MIB,
+    NETWORKS,
     ORIGINS,
     PATH,
     PLAIN,
@@ -154,10 +155,19 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         int,
         Meta(ge=1),
         _doc(
-            "clients at once from one peer address; more get HTTP 503 (behind a proxy that"
-            " is the proxy's address: trusted-proxy support is not built yet)"
+            "clients at once from one client address (behind a proxy: as"
+            " `TRIO_CHAT_TRUSTED_PROXIES` says); more get HTTP 503"
         ),
     ] = 256
+    trusted_proxies: Annotated[
+        frozenset[str],
+        _doc(
+            "proxies whose `X-Forwarded-For`/`-Proto` and `Forwarded` headers give the"
+            " client's address and scheme on both sockets (docs/security.md)",
+            kind=NETWORKS,
+            unset="none: the TCP peer is the client",
+        ),
+    ] = frozenset()
     backlog: Annotated[
         int,
         Meta(ge=KIB),
