@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import subprocess
 from pathlib import Path
@@ -22,9 +23,12 @@ from typing import TYPE_CHECKING, Any, Final
 import httpx
 import pytest
 import trio
+from hypercorn.config import Config
 from test_cluster_processes import members_on_distinct_nodes
 
+from trio_chat import Settings
 from trio_chat.app._logs import _Formatter
+from trio_chat.app._supervisor import _STOP_WAIT
 from trio_chat.link._packet import derived_port
 
 from _netns import WAIT, http_get, metric
@@ -324,3 +328,57 @@ def test_read_only_commands_create_nothing(tmp_path: Path) -> None:
             assert f"no cluster key in {tmp_path / 'data' / 'cluster.key'}" in result.stderr
         else:
             assert result.returncode == 0, result.stderr
+
+
+# -- the systemd unit ---------------------------------------------------------------------
+
+UNIT: Final = Path(__file__).parent.parent / "deploy" / "trio-chat.service"
+SYSTEMD_ANALYZE: Final = shutil.which("systemd-analyze")
+
+
+def unit_values() -> dict[str, list[str]]:
+    """The unit's settings: key -> values in order (comments and sections left out)."""
+    values: dict[str, list[str]] = {}
+    for line in UNIT.read_text().splitlines():
+        if "=" in line and not line.startswith(("#", "[")):
+            key, _, value = line.partition("=")
+            values.setdefault(key, []).append(value)
+    return values
+
+
+@pytest.mark.skipif(
+    SYSTEMD_ANALYZE is None,
+    reason="no systemd-analyze here (CI installs Debian's systemd package, which has it)",
+)
+def test_the_systemd_unit_verifies(tmp_path: Path) -> None:
+    # verify checks that ExecStart's program exists: this checkout's, in place of /opt's.
+    unit = tmp_path / "trio-chat.service"
+    unit.write_text(
+        UNIT.read_text().replace("/opt/trio-chat/bin/trio-chat", str(BIN / "trio-chat"))
+    )
+    assert SYSTEMD_ANALYZE is not None
+    result = subprocess.run(
+        [SYSTEMD_ANALYZE, "verify", str(unit)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    # verify exits 0 even for an unknown key or a bad value: what it says is the verdict.
+    assert (result.returncode, result.stdout + result.stderr) == (0, "")
+
+
+def test_the_systemd_unit_waits_out_the_shutdown_and_writes_only_its_data() -> None:
+    values = unit_values()
+    graceful = Config().graceful_timeout
+    # A worker's stop fits in the supervisor's wait, and that in systemd's.
+    assert Settings().shutdown_grace + graceful < _STOP_WAIT < float(values["TimeoutStopSec"][0])
+    assert values["KillMode"] == ["mixed"]
+    data_dir = "/var/lib/trio-chat"
+    assert f"TRIO_CHAT_DATA_DIR={data_dir}" in values["Environment"]
+    assert values["ReadWritePaths"] == [data_dir]
+    assert values["StateDirectory"] == [Path(data_dir).name]
+    assert values["ProtectSystem"] == ["strict"]
+    assert values["CapabilityBoundingSet"] == [""]
+    assert set(values["RestrictAddressFamilies"][0].split()) >= {"AF_INET", "AF_INET6", "AF_UNIX"}
+    assert "--workers" in values["ExecStart"][0]
