@@ -115,17 +115,23 @@ async def test_each_workers_metrics_carry_its_node_id(tmp_path: Path) -> None:
 # -- logs ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("cli", [True, False], ids=["trio-chat-serve", "hypercorn"])
-async def test_every_line_names_its_node_and_hypercorns_are_printed_once(
-    tmp_path: Path, cli: bool
-) -> None:
-    server = ServerProcess(tmp_path / "data", tmp_path / "server.log", workers=2, cli=cli)
+async def two_workers_run(tmp_path: Path, *, cli: bool, **env: str) -> ServerProcess:
+    """Start two workers, wait for both to be ready, stop them: the log is then complete."""
+    server = ServerProcess(tmp_path / "data", tmp_path / "server.log", workers=2, cli=cli, env=env)
     try:
         await server.start()
         await wait_log(server, "two ready workers", lambda text: text.count(" ready; ") == 2)
         await server.stop()
     finally:
         await server.kill()
+    return server
+
+
+@pytest.mark.parametrize("cli", [True, False], ids=["trio-chat-serve", "hypercorn"])
+async def test_every_line_names_its_node_and_hypercorns_are_printed_once(
+    tmp_path: Path, cli: bool
+) -> None:
+    server = await two_workers_run(tmp_path, cli=cli)
     nodes = {f"{host_id(server.data_dir)}-{slot}" for slot in (0, 1)}
     lines = log_lines(server)
     running: dict[str, int] = {}
@@ -145,19 +151,7 @@ async def test_every_line_names_its_node_and_hypercorns_are_printed_once(
 
 
 async def test_json_lines_parse_and_carry_the_node(tmp_path: Path) -> None:
-    server = ServerProcess(
-        tmp_path / "data",
-        tmp_path / "server.log",
-        workers=2,
-        cli=True,
-        env={"TRIO_CHAT_LOG_FORMAT": "json"},
-    )
-    try:
-        await server.start()
-        await wait_log(server, "two ready workers", lambda text: text.count(" ready; ") == 2)
-        await server.stop()
-    finally:
-        await server.kill()
+    server = await two_workers_run(tmp_path, cli=True, TRIO_CHAT_LOG_FORMAT="json")
     nodes = {f"{host_id(server.data_dir)}-{slot}" for slot in (0, 1)}
     objects = [json.loads(line) for line in log_lines(server)]
     assert objects
