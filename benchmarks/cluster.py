@@ -54,7 +54,7 @@ def link_metrics(server: Server, scrapes: int = 12) -> dict[str, float]:
     """The ``trio_chat_cluster_*`` counters of /metrics, highest value seen per counter.
 
     Each scrape reaches whichever worker the kernel picks on the shared HTTP port, so this
-    is the worst worker seen (the metrics carry no node label).
+    is the worst worker seen (its ``worker`` label is set aside).
     """
     worst: dict[str, float] = {}
     for _ in range(scrapes):
@@ -68,7 +68,7 @@ def link_metrics(server: Server, scrapes: int = 12) -> dict[str, float]:
         for line in text.splitlines():
             if line.startswith("trio_chat_cluster_"):
                 name, _, value = line.rpartition(" ")
-                key = name.removeprefix("trio_chat_cluster_")
+                key = name.partition("{")[0].removeprefix("trio_chat_cluster_")
                 worst[key] = max(worst.get(key, 0.0), float(value))
     return worst
 

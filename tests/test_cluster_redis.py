@@ -14,7 +14,6 @@ import dataclasses
 import io
 import json
 import logging
-import re
 import shutil
 import socket
 import subprocess
@@ -32,6 +31,7 @@ from trio_chat.node._redis_diag import run_redis_check
 from trio_chat.node._store import MemoryStore, Message
 from trio_chat.protocol._wire import Ack, Joined, MessageEvent, Presence
 
+from _netns import metric
 from _server_process import free_port
 from conftest import Server, eventually, make_settings, start_server
 
@@ -363,7 +363,9 @@ async def test_a_node_behind_the_trimmed_tail_heals_from_its_peers(
 async def redis_metric(server: Server, name: str) -> float:
     async with httpx.AsyncClient() as client:
         text = (await client.get(server.http_url + "/metrics")).text
-    return float(re.search(rf"^trio_chat_redis_{name} (\S+)$", text, re.M)[1])  # type: ignore[index]
+    value = metric(text, f"trio_chat_redis_{name}")
+    assert value is not None, text
+    return value
 
 
 async def test_a_server_serves_while_redis_is_unreachable_and_connects_when_it_comes(

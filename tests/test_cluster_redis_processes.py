@@ -17,7 +17,7 @@ import pytest
 import trio
 from test_cluster_redis import RedisServer, redis_aof
 
-from _netns import Member, connect_member
+from _netns import Member, connect_member, metric
 from _server_process import ServerProcess
 
 if TYPE_CHECKING:
@@ -52,9 +52,9 @@ async def within(limit: float, predicate: Callable[[], bool]) -> None:
 
 
 def redis_peers(server: ServerProcess) -> float:
-    text = httpx.get(server.http_url + "/metrics").text
-    line = next(x for x in text.splitlines() if x.startswith("trio_chat_cluster_peers "))
-    return float(line.split()[1])
+    value = metric(httpx.get(server.http_url + "/metrics").text, "trio_chat_cluster_peers")
+    assert value is not None
+    return value
 
 
 @pytest.mark.timeout(120)

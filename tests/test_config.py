@@ -7,6 +7,7 @@ it, rather than repeating the default values.
 
 from __future__ import annotations
 
+import os
 import socket
 from pathlib import Path
 from typing import Final
@@ -15,10 +16,14 @@ import pytest
 
 from trio_chat import ConfigError, Settings
 from trio_chat.app._cli import build_parser
+from trio_chat.link._packet import DERIVED_PORTS, derived_port
 from trio_chat.link._socket import LinkConfig
+from trio_chat.node._multicast import link_config
 from trio_chat.node._peer_http import cluster_secret
 from trio_chat.settings._kinds import redact_url
 from trio_chat.settings._settings import SETTINGS, settings_table
+
+from conftest import make_settings
 
 README: Final = Path(__file__).parent.parent / "README.md"
 
@@ -184,12 +189,29 @@ def test_a_refusal_names_variable_value_and_rule_but_never_shows_a_secret() -> N
 def test_the_link_defaults_are_the_settings_defaults() -> None:
     link = LinkConfig(secret=b"k" * 32, cluster_id="c", node_id="n", incarnation=1, http_url="")
     defaults = Settings()
-    assert (link.group, link.port, link.interface, link.ttl) == (
+    assert (link.group, link.interface, link.ttl) == (
         defaults.cluster_group,
-        defaults.cluster_port,
         defaults.cluster_interface,
         defaults.cluster_ttl,
     )
+    # Unset, the port is the secret's own, the same for every node with that secret.
+    assert defaults.cluster_port is None
+    assert link.port == derived_port(b"k" * 32) in DERIVED_PORTS
+
+
+def test_each_secret_has_its_own_derived_port_and_a_set_port_wins(tmp_path: Path) -> None:
+    ports = {derived_port(os.urandom(32)) for _ in range(200)}
+    # 200 random keys over 12768 ports: a few may share one, most do not.
+    assert len(ports) > 190
+    assert ports <= set(DERIVED_PORTS)
+    secret = os.urandom(32)
+    derived = link_config(make_settings(tmp_path), "n-0", 1, secret=secret, http_url="")
+    assert derived.port == derived_port(secret)
+    assert derived.cluster_id.endswith(f":{derived.port}")
+    chosen = link_config(
+        make_settings(tmp_path, cluster_port=40001), "n-0", 1, secret=secret, http_url=""
+    )
+    assert (chosen.port, chosen.cluster_id.endswith(":40001")) == (40001, True)
 
 
 def test_chat_socket_url_follows_the_page_host() -> None:

@@ -26,6 +26,7 @@ from trio_chat.node._cluster import (
 from trio_chat.protocol._hosts import host_allowed
 from trio_chat.server._session import Session
 
+from _netns import without_worker
 from _server_process import free_udp_port
 from conftest import make_settings, start_server
 
@@ -82,7 +83,8 @@ async def read_until_closed(client: Any) -> None:
 
 
 def samples(metrics: str) -> dict[str, str]:
-    return dict(line.rsplit(" ", 1) for line in metrics.splitlines() if not line.startswith("#"))
+    lines = without_worker(metrics).splitlines()
+    return dict(line.rsplit(" ", 1) for line in lines if not line.startswith("#"))
 
 
 def warnings_and_worse(caplog: pytest.LogCaptureFixture) -> list[str]:

@@ -26,6 +26,7 @@ from trio_chat.server._boundary import FailureBoundary
 from trio_chat.server._limits import ConnectionLimits, default_max_connections
 from trio_chat.server._listener import HANDSHAKE_TIMEOUT, WebSocketServer
 
+from _netns import without_worker
 from conftest import eventually, make_settings, start_server
 
 if TYPE_CHECKING:
@@ -369,7 +370,7 @@ async def test_out_of_descriptors_the_accept_loop_backs_off_and_recovers(
         assert status == 101
     await canary(server.chat_socket_url, connect)
     async with httpx.AsyncClient() as http:
-        metrics = (await http.get(server.http_url + "/metrics")).text
+        metrics = without_worker((await http.get(server.http_url + "/metrics")).text)
     assert f"trio_chat_accept_failures_total {stats().accept_failures}" in metrics
 
 
@@ -440,5 +441,5 @@ async def test_global_cap_is_shared_by_both_transports(
         await canary(chat, connect)
     assert server.node.statistics().errors["too_many_connections"] == 2
     async with httpx.AsyncClient() as http:
-        metrics = (await http.get(server.http_url + "/metrics")).text
+        metrics = without_worker((await http.get(server.http_url + "/metrics")).text)
     assert 'trio_chat_errors_total{code="too_many_connections"} 2' in metrics

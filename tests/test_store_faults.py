@@ -47,6 +47,7 @@ from trio_chat.protocol._wire import (
 )
 from trio_chat.server._session import Session
 
+from _netns import without_worker
 from conftest import TIMEOUT, Client, Server, fill, make_settings, start_server
 
 if TYPE_CHECKING:
@@ -111,7 +112,7 @@ async def health(server: Server) -> tuple[int, str]:
 async def metric_lines(server: Server) -> set[str]:
     async with httpx.AsyncClient(base_url=server.http_url) as http:
         response = await http.get("/metrics")
-    return set(response.text.splitlines())
+    return set(without_worker(response.text).splitlines())
 
 
 async def history_texts(server: Server, room: str = ROOM) -> list[str]:

@@ -39,6 +39,9 @@ from ..settings._settings import Settings
 from ._api import add_server_api
 from ._clients import resolve_scope, serve_logged_websocket
 from ._hypercorn import install as install_hypercorn_boundary
+from ._logs import configure_from as configure_logging_from
+from ._logs import install as install_log_adoption
+from ._logs import set_node as set_log_node
 from ._metrics import render_metrics
 from ._reads import add_room_reads
 
@@ -81,9 +84,11 @@ _MAX_FILE_NAME: Final = 255
 # chat socket).
 _CLOSE_DRAIN: Final = 2.0
 
-# Hypercorn's connection handler, behind our failure boundary (app/_hypercorn.py):
-# before any worker serves, whoever imports the app (trio-chat serve, plain hypercorn).
+# Hypercorn's connection handler, behind our failure boundary (app/_hypercorn.py), and
+# its loggers in our format (app/_logs.py): before any worker serves, whoever imports
+# the app (trio-chat serve, plain hypercorn).
 install_hypercorn_boundary()
+install_log_adoption()
 
 
 class ChatApp:
@@ -158,10 +163,8 @@ class ChatApp:
     ) -> None:
         await receive()  # lifespan.startup
         if not logging.getLogger().handlers:
-            # Under plain hypercorn nothing configures logging: show ours on stderr.
-            logging.basicConfig(
-                level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-            )
+            # Under plain hypercorn nothing has configured logging (trio-chat serve has).
+            configure_logging_from(self._settings)
         identity: NodeIdentity | None = None
         store: Store | None = None
         try:
@@ -169,6 +172,7 @@ class ChatApp:
             tls = settings.chat_socket_tls()
             raise_nofile_limit()
             identity = claim_identity(settings.data_dir)
+            set_log_node(identity.node_id)
             store = self._store if self._store is not None else open_store(settings)
             bus: Bus | None = None
             if settings.cluster == "redis" and settings.redis_url is not None:
@@ -185,7 +189,13 @@ class ChatApp:
                     stream_max=settings.redis_stream_max,
                 )
             elif settings.cluster != "off":
-                link = link_config(settings, identity, http_url=settings.http_url or "")
+                link = link_config(
+                    settings,
+                    identity.node_id,
+                    identity.incarnation,
+                    secret=cluster_secret(settings),
+                    http_url=settings.http_url or "",
+                )
                 bus = MulticastBus.from_config(link, peer_tls(settings))
         except Exception as exc:
             # Anything at all: an exception escaping the lifespan would make hypercorn
@@ -209,9 +219,10 @@ class ChatApp:
                     nursery.start_soon(_close_on_sigterm, node)
                 self.node = node
                 log.info(
-                    "node %s ready; chat socket %s",
+                    "node %s ready; chat socket %s; data in %s",
                     node.node_id,
                     f"on port {node.chat_socket_port}" if node.chat_socket_port else "off",
+                    settings.data_dir.resolve(),
                 )
                 if settings.allowed_hosts is None and not bound_to_loopback(settings):
                     log.info(

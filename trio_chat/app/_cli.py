@@ -126,6 +126,7 @@ def _token(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from ._logs import configure_logging
     from ._supervisor import Supervisor, run_node
 
     if args.workers < 1:
@@ -157,6 +158,8 @@ def _serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"trio-chat: {exc}", file=sys.stderr)
         return 2
+    # Here, before the workers start: they inherit it (app/_logs.py).
+    configure_logging(settings.log_level, settings.log_format)
     config = Config()
     config.bind = [args.bind]
     config.certfile = args.certfile
@@ -192,9 +195,11 @@ def first_lines(bind: str, settings: Settings, scheme: str = "http") -> list[str
 
 
 def _cluster_check(args: argparse.Namespace) -> int:
+    """``trio-chat cluster``: it only reads, so it creates no data directory or key."""
     from ..link._diag import run_cluster_check
-    from ..node._identity import claim_identity
+    from ..link._socket import new_incarnation
     from ..node._multicast import link_config
+    from ..node._peer_http import cluster_secret
 
     try:
         settings = Settings.from_env()
@@ -208,9 +213,16 @@ def _cluster_check(args: argparse.Namespace) -> int:
         from ..node._redis_diag import run_redis_check
 
         return trio.run(run_redis_check, settings.redis_url, sys.stdout)
-    identity = claim_identity(settings.data_dir)
     try:
-        config = link_config(settings, identity, http_url=settings.http_url or "")
-        return trio.run(run_cluster_check, config, args.seconds, sys.stdout)
-    finally:
-        identity.release()
+        secret = cluster_secret(settings, create=False)
+        # The check joins as an observer with a node id of its own (run_cluster_check).
+        config = link_config(settings, "check", new_incarnation(), secret=secret, http_url="")
+    except ConfigError as exc:
+        print(f"trio-chat: {exc}", file=sys.stderr)
+        return 2
+    # Host mode: the data directory's nodes are "<host id>-<slot>" (a LAN's hosts each
+    # have a host id of their own).
+    host_file = settings.data_dir / "node" / "host-id"
+    own_host = settings.cluster == "host" and host_file.is_file()
+    host_id = host_file.read_text().strip() if own_host else None
+    return trio.run(run_cluster_check, config, args.seconds, sys.stdout, host_id)

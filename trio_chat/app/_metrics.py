@@ -1,4 +1,11 @@
-"""``/metrics``: the node's statistics in the Prometheus text format."""
+"""``/metrics``: the node's statistics in the Prometheus text format.
+
+Every sample carries a ``worker`` label, the node id (``<host id>-<slot>``): with
+``--workers N`` each scrape reaches one worker at random, and without the label its
+counters would replace the previous worker's, so that a counter seemed to jump up and
+down. Labelled, every worker's series stays its own; ``sum without (worker) (...)`` in
+PromQL gives the deployment's totals (docs/deploy.md, "Operations").
+"""
 
 from __future__ import annotations
 
@@ -13,11 +20,12 @@ def render_metrics(node: Node) -> str:
     stats = node.statistics()
     hub = node.hub.statistics()
     lines: list[str] = []
+    worker = f'worker="{_label_value(node.node_id)}"'
 
     def metric(name: str, kind: str, help_text: str, samples: list[tuple[str, float]]) -> None:
         lines.append(f"# HELP trio_chat_{name} {help_text}")
         lines.append(f"# TYPE trio_chat_{name} {kind}")
-        lines.extend(f"trio_chat_{name}{labels} {value:g}" for labels, value in samples)
+        lines.extend(f"trio_chat_{name}{{{worker}{labels}}} {value:g}" for labels, value in samples)
 
     metric("connections", "gauge", "Connected clients.", [("", stats.connections)])
     metric("rooms", "gauge", "Rooms with local members.", [("", hub.rooms)])
@@ -47,7 +55,7 @@ def render_metrics(node: Node) -> str:
         "store_failures_total",
         "counter",
         "Store operations that failed (disk full, I/O error, locked, corrupt), by operation.",
-        [(f'{{op="{op}"}}', stats.store_failures.get(op, 0)) for op in ("read", "write")],
+        [(f',op="{op}"', stats.store_failures.get(op, 0)) for op in ("read", "write")],
     )
     metric(
         "slow_disconnects_total",
@@ -65,14 +73,14 @@ def render_metrics(node: Node) -> str:
         "errors_total",
         "counter",
         "Error frames and refusals, by code.",
-        [(f'{{code="{code}"}}', n) for code, n in sorted(stats.errors.items())],
+        [(f',code="{code}"', n) for code, n in sorted(stats.errors.items())],
     )
     metric(
         "client_failures_total",
         "counter",
         "Unexpected exceptions that closed one client (and nothing else), by place and type.",
         [
-            (f'{{where="{where}",type="{kind}"}}', n)
+            (f',where="{where}",type="{kind}"', n)
             for (where, kind), n in sorted(node.failures.statistics().contained.items())
         ],
     )
@@ -87,6 +95,11 @@ def render_metrics(node: Node) -> str:
                 [("", value)],
             )
     return "\n".join(lines) + "\n"
+
+
+def _label_value(text: str) -> str:
+    """``text`` escaped for a label value (a served node id is ``<hex>-<n>``; tests use any)."""
+    return text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
 _CLUSTER_GAUGES = {

@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING, Final
 
 import trio
 
+from ._logs import set_node as set_log_node
+
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
     from multiprocessing.process import BaseProcess
@@ -146,6 +148,7 @@ def _worker_main(config: Config, sockets: Sockets, wakeup: tuple[int, int]) -> N
     # A terminal's Ctrl-C reaches the supervisor and every worker: the supervisor alone
     # decides, and forwards SIGTERM.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    set_log_node("-")  # until the node has its id
     sys.exit(run_node(config, sockets, (signal.SIGTERM,)))
 
 
@@ -190,6 +193,7 @@ class Supervisor:
 
     def run(self) -> int:
         """Serve until SIGTERM/SIGINT or a crash loop; return the exit status."""
+        set_log_node("supervisor")
         try:
             sockets = self._config.create_sockets()
         except OSError as exc:

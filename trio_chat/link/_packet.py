@@ -182,6 +182,22 @@ def cluster_tag(cluster_id: str) -> bytes:
     return hashlib.sha256(b"trio-chat cluster:" + cluster_id.encode()).digest()[:8]
 
 
+#: Where `derived_port` puts a cluster: below Linux's ephemeral ports (32768-60999), which
+#: any program's UDP socket may hold and so keep our group's port from being bound.
+DERIVED_PORTS: Final = range(20000, 32768)
+
+
+def derived_port(secret: bytes) -> int:
+    """The cluster's UDP port when none is set: one per secret, the same on every node.
+
+    Two deployments on one host, each with its own key, then multicast on different
+    ports and never hear each other. The port tells no more of the secret than the key
+    id every packet carries in clear (`key_fingerprint`).
+    """
+    digest = hashlib.sha256(b"trio-chat cluster port:" + secret).digest()
+    return DERIVED_PORTS[int.from_bytes(digest[:4], "big") % len(DERIVED_PORTS)]
+
+
 def _hkdf(secret: bytes, info: bytes, length: int) -> bytes:
     return HKDF(algorithm=hashes.SHA256(), length=length, salt=_SALT, info=info).derive(secret)
 

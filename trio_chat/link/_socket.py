@@ -19,7 +19,7 @@ import trio
 from .._errors import ChatError, ConfigError
 from ..settings._settings import Settings
 from ._events import Delivered, Gap, LinkEvent, LinkSettings, LinkStatistics
-from ._packet import MAX_PACKET_SIZE, PacketCodec
+from ._packet import MAX_PACKET_SIZE, PacketCodec, derived_port
 from ._state import LinkState
 
 if TYPE_CHECKING:
@@ -58,6 +58,7 @@ class LinkConfig:
 
     ``incarnation`` is this process's start time in ms (``new_incarnation()``); a node id
     is stable per worker slot on a host, so a restarted worker is a newer incarnation.
+    ``port`` 0 (the default) means the secret's own port, `derived_port`.
     """
 
     secret: bytes
@@ -65,7 +66,7 @@ class LinkConfig:
     node_id: str
     incarnation: int
     http_url: str
-    port: int = _DEFAULTS.cluster_port
+    port: int = 0
     group: str = _DEFAULTS.cluster_group
     interface: str = _DEFAULTS.cluster_interface
     #: 0 keeps datagrams on this host; 1 reaches the LAN segment.
@@ -81,6 +82,9 @@ class LinkConfig:
     max_peers: int = 256
 
     def __post_init__(self) -> None:
+        if self.port == 0:
+            # Frozen: the derived port is set once, here, as if it had been given.
+            object.__setattr__(self, "port", derived_port(self.secret))
         try:
             group = ipaddress.IPv4Address(self.group)
             ipaddress.IPv4Address(self.interface)

@@ -19,25 +19,31 @@ from ..link._events import Delivered, PeerStatus
 from ..link._events import Gap as LinkGap
 from ..link._events import PeerDown as LinkPeerDown
 from ..link._events import PeerUp as LinkPeerUp
+from ..link._packet import derived_port
 from ..link._socket import ClusterLink, LinkConfig
 from ._bus import BusEvent, Gap, Payload, PeerDown, PeerUp
-from ._peer_http import cluster_secret, fetch_from_peers
+from ._peer_http import fetch_from_peers
 
 if TYPE_CHECKING:
     from ..settings._settings import Settings
-    from ._identity import NodeIdentity
     from ._store import Message
 
 
-def link_config(settings: Settings, identity: NodeIdentity, *, http_url: str) -> LinkConfig:
-    """The link's configuration for this node."""
+def link_config(
+    settings: Settings, node_id: str, incarnation: int, *, secret: bytes, http_url: str
+) -> LinkConfig:
+    """The link's configuration for the node ``node_id``, with the cluster ``secret``.
+
+    Unless ``TRIO_CHAT_CLUSTER_PORT`` is set, the port is the secret's own (`derived_port`).
+    """
+    port = settings.cluster_port or derived_port(secret)
     return LinkConfig(
-        secret=cluster_secret(settings),
-        cluster_id=f"trio-chat/{settings.cluster_group}:{settings.cluster_port}",
-        node_id=identity.node_id,
-        incarnation=identity.incarnation,
+        secret=secret,
+        cluster_id=f"trio-chat/{settings.cluster_group}:{port}",
+        node_id=node_id,
+        incarnation=incarnation,
         http_url=http_url,
-        port=settings.cluster_port,
+        port=port,
         group=settings.cluster_group,
         interface=settings.cluster_interface,
         ttl=settings.cluster_ttl,

@@ -35,8 +35,13 @@ _HEAL_TIMEOUT: Final = 10.0
 _messages_decoder: Final = msgspec.json.Decoder(list[Message])
 
 
-def cluster_secret(settings: Settings) -> bytes:
+def cluster_secret(settings: Settings, *, create: bool = True) -> bytes:
     """The cluster secret: set, read from the key file, or (host mode) made once.
+
+    Args:
+      settings: the node's settings.
+      create: make the data directory's key if there is none; False for commands that
+        only read (``trio-chat cluster``), which must not leave a data directory behind.
 
     Raises:
       ConfigError: the key file cannot be read, or holds too short a secret.
@@ -46,8 +51,15 @@ def cluster_secret(settings: Settings) -> bytes:
     path = settings.cluster_key_file
     if path is None:
         path = settings.data_dir / "cluster.key"
-        # Readable by the owner only: whoever reads it can join the cluster.
-        create_once(path, secrets.token_urlsafe(32), 0o600)
+        if not create and not path.exists():
+            raise ConfigError(
+                f"no cluster key in {path.resolve()}: no server has run with this data"
+                " directory. Run this where the servers run, or set TRIO_CHAT_DATA_DIR"
+                " (or TRIO_CHAT_CLUSTER_SECRET / TRIO_CHAT_CLUSTER_KEY_FILE) as they do"
+            )
+        if create:
+            # Readable by the owner only: whoever reads it can join the cluster.
+            create_once(path, secrets.token_urlsafe(32), 0o600)
     try:
         secret = path.read_bytes().strip()
     except OSError as exc:

@@ -66,6 +66,8 @@ SECONDS: Final = 1.0
 ClusterMode = Literal["off", "host", "lan", "redis"]
 StoreKind = Literal["sqlite", "memory"]
 AuthMode = Literal["open", "jwt"]
+LogLevel = Literal["debug", "info", "warning", "error"]
+LogFormat = Literal["text", "json"]
 
 
 def _doc(text: str, *, kind: Kind = PLAIN, unit: str = "", unset: str = "") -> Meta:
@@ -215,8 +217,14 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         "239.255.77.77"
     )
     cluster_port: Annotated[
-        int, Meta(ge=1, le=65535), _doc("UDP port of the cluster's multicast group")
-    ] = 47477
+        Annotated[int, Meta(ge=1, le=65535)] | None,
+        _doc(
+            "UDP port of the cluster's multicast group. Unset: one of 20000-32767 derived"
+            " from the cluster key, so deployments with their own keys (data directories)"
+            " never share one; `trio-chat cluster` shows it",
+            unset="from the cluster key",
+        ),
+    ] = None
     cluster_interface: Annotated[
         str,
         _doc(
@@ -322,6 +330,19 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             unset="the page reads `#token=` from its URL",
         ),
     ] = None
+
+    log_level: Annotated[
+        LogLevel,
+        _doc("the least severe log lines written (hypercorn's too)", kind=CHOICE),
+    ] = "info"
+    log_format: Annotated[
+        LogFormat,
+        _doc(
+            "`text`, or `json`: one object a line (`time`, `level`, `logger`, `node`,"
+            " `message` and the line's own fields)",
+            kind=CHOICE,
+        ),
+    ] = "text"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
