@@ -200,6 +200,12 @@ def open_as(
     return page
 
 
+def pause_clock(page: Page) -> None:
+    """Stop the page's installed clock (a second ahead of now: its time runs on while
+    we ask), so that its timers fire only when the test steps it."""
+    page.clock.pause_at(page.evaluate("Date.now()") / 1000 + 1)  # seconds, not ms
+
+
 def sent_frames(page: Page) -> tuple[list[WebSocket], list[dict[str, Any]]]:
     """The page's WebSockets, and every JSON object it sends on them, from its first
     frame on (the handlers are attached when a socket is created)."""
@@ -280,6 +286,8 @@ def test_the_page_refreshes_its_token_before_it_expires(
     page.clock.install()
     page.goto(f"{jwt_server.http_url}/{_q(transport)}#general")
     wait_online(page, transport)
+    # From here the page's timers wait for the test: each step is exact.
+    pause_clock(page)
     assert token_app.tokens_for("alice") == 1
     page.clock.run_for(20_000)  # not yet: 80% of 30 s is 24 s
     assert token_app.tokens_for("alice") == 1
@@ -292,6 +300,7 @@ def test_the_page_refreshes_its_token_before_it_expires(
         assert jwt.decode(refreshes[-1]["token"], KEY, algorithms=["HS256"])["sub"] == "alice"
     hellos = [f["token"] for f in sent if f["type"] == "hello"]
     assert len(hellos) == 1  # one connection all along
+    page.clock.resume()
     say(page, "still here")
     expect(message_with(page, "still here")).not_to_have_class(re.compile(r"\bpending\b"))
     expect(page.locator("#status")).to_have_attribute("data-state", "online")
@@ -324,7 +333,7 @@ def test_after_4002_the_page_signs_in_again_and_resumes(
     say(bob, "before")
     expect(message_with(page, "before")).to_have_count(1)
     # From here the page's timers wait for the test: the reconnect comes after bob spoke.
-    page.clock.pause_at(page.evaluate("Date.now()") / 1000 + 0.001)  # seconds here
+    pause_clock(page)
 
     routes[0].close(code=4002, reason="token expired")
     servers[0].close(code=1000, reason="")
