@@ -7,6 +7,7 @@ import contextlib
 import hashlib
 import hmac
 import json
+import os
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -15,7 +16,7 @@ import jwt
 import pytest
 import trio
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from trio_websocket import ConnectionClosed, open_websocket_url
 
 from trio_chat import Settings
@@ -23,9 +24,11 @@ from trio_chat.app._cli import main
 from trio_chat.server._auth import Tokens
 from trio_chat.server._session import HELLO_TIMEOUT
 
+from _server_process import BIN, ServerProcess, free_port
 from conftest import Client, _close, make_settings, start_server
 
 if TYPE_CHECKING:
+    import subprocess
     from collections.abc import AsyncIterator
     from pathlib import Path
 
@@ -332,3 +335,78 @@ async def test_the_page_config_names_the_mode(jwt_server: Server, server: Server
         "https://app.example/chat-token",
     )
     assert (open_config["auth"], open_config["token_url"]) == ("open", None)
+
+
+def _bad_public_keys(tmp_path: Path) -> dict[str, Path]:
+    """One file per way a public key file can be wrong, by what is wrong."""
+    private = RSA_KEY.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    # P-521: a curve PyJWT signs with (ES512) but trio-chat does not accept.
+    p521 = (
+        ec.generate_private_key(ec.SECP521R1())
+        .public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+    files = {"not a PEM": b"hello\n", "a private key": private, "an unsupported key": p521}
+    paths = {"missing": tmp_path / "missing.pem"}
+    for what, content in files.items():
+        paths[what] = tmp_path / f"{what.replace(' ', '-')}.pem"
+        paths[what].write_bytes(content)
+    return paths
+
+
+async def test_serve_refuses_a_bad_public_key_before_it_starts(tmp_path: Path) -> None:
+    """Status 2 and one line naming TRIO_CHAT_JWT_PUBLIC_KEY, before anything is bound
+    (nothing on stdout: ``serve`` prints where to connect only once it starts). The
+    processes run side by side: each is a Python start-up, the slow part."""
+    results: dict[str, subprocess.CompletedProcess[bytes]] = {}
+
+    async def serve(what: str, path: Path) -> None:
+        env = {
+            **os.environ,
+            "TRIO_CHAT_DATA_DIR": str(tmp_path / "data"),
+            "TRIO_CHAT_AUTH": "jwt",
+            "TRIO_CHAT_JWT_PUBLIC_KEY": str(path),
+        }
+        args = [str(BIN / "trio-chat"), "serve", "--bind", f"127.0.0.1:{free_port()}"]
+        args += ["--ws-bind", f"127.0.0.1:{free_port()}"]
+        results[what] = await trio.run_process(
+            args, env=env, capture_stdout=True, capture_stderr=True, check=False
+        )
+
+    # Generous: four Python start-ups at once on a busy machine.
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            for what, path in _bad_public_keys(tmp_path).items():
+                nursery.start_soon(serve, what, path)
+    for what, result in results.items():
+        stderr = result.stderr.decode()
+        assert result.returncode == 2, (what, stderr)
+        assert stderr.startswith("trio-chat: TRIO_CHAT_JWT_PUBLIC_KEY"), (what, stderr)
+        assert stderr.count("\n") == 1, (what, stderr)
+        assert not result.stdout, (what, "nothing may look like a start")
+    assert "RSA, EC (P-256, P-384) or Ed25519" in results["an unsupported key"].stderr.decode()
+    assert "No such file" in results["missing"].stderr.decode()
+
+
+async def test_hypercorn_refuses_a_bad_public_key_in_one_line(tmp_path: Path) -> None:
+    """Under plain hypercorn the worker's lifespan fails with one log line naming the
+    variable (not a traceback from inside the node: hypercorn's own follows), and
+    nothing serves."""
+    path = _bad_public_keys(tmp_path)["a private key"]
+    env = {"TRIO_CHAT_AUTH": "jwt", "TRIO_CHAT_JWT_PUBLIC_KEY": str(path)}
+    server = ServerProcess(tmp_path / "data", tmp_path / "server.log", env=env)
+    try:
+        await server.spawn()
+        await server.wait_exit(60)
+    finally:
+        await server.kill()
+    log = server.log()
+    assert f"ERROR trio_chat.app: cannot start: TRIO_CHAT_JWT_PUBLIC_KEY={path}: " in log, log
+    assert "the chat node failed" not in log, log
+    async with httpx.AsyncClient() as http:
+        with pytest.raises(httpx.ConnectError):
+            await http.get(server.http_url + "/healthz")

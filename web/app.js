@@ -2,6 +2,7 @@
 // page and turns the user's actions into sends; the others each do one job:
 //
 //   config.js      what /api/config says: the socket URLs, the room rule, the text limit
+//   auth.js        jwt mode: the token (from token_url or #token=) and its refresh
 //   connection.js  the socket: /ws fallback, reconnect with backoff, keepalive
 //   chat.js        joining and resuming rooms, and what each server frame changes
 //   outbox.js      unacked sends (cids), sent again after a reconnect or a refusal
@@ -20,7 +21,16 @@ import {
   showRoom,
   trim,
 } from "./chat.js";
-import { loadConfig, roomAllowed, textLength, textLimit, textTooLong } from "./config.js";
+import * as auth from "./auth.js";
+import {
+  authMode,
+  configLoaded,
+  loadConfig,
+  roomAllowed,
+  textLength,
+  textLimit,
+  textTooLong,
+} from "./config.js";
 import { reconnect, retryNow, send, startConnection } from "./connection.js";
 import * as outbox from "./outbox.js";
 import * as view from "./render.js";
@@ -99,7 +109,8 @@ el.browse.addEventListener("click", async () => {
   el.roomsDialog.showModal();
   let list;
   try {
-    const resp = await fetch("/api/rooms", { cache: "no-store" });
+    // In jwt mode the token shows the server which private rooms we may see.
+    const resp = await fetch("/api/rooms", { cache: "no-store", headers: auth.bearer() });
     if (!resp.ok) throw new Error("HTTP " + resp.status);
     list = (await resp.json()).rooms;
   } catch (e) {
@@ -119,6 +130,7 @@ el.browse.addEventListener("click", async () => {
 });
 
 window.addEventListener("hashchange", () => {
+  if (auth.takeFragmentToken() && started && authMode() === "jwt") reconnect(); // a new identity
   const name = hashRoom();
   if (name && name !== ui.current) openRoom(name);
 });
@@ -178,13 +190,21 @@ function hashRoom() {
   }
 }
 
-async function start() {
+/** jwt mode: sign in with a token before each connect; the app's admins may delete. */
+async function signIn() {
+  const token = await auth.getToken();
+  view.offerDelete(auth.isAdmin() ? (room, id) => send({ type: "delete", room, id }) : null);
+  return { type: "hello", token };
+}
+
+/** Connect: as `me.wanted`, or in jwt mode (`signed`) as the token says. */
+async function start(signed = false) {
   started = true;
   me.name = me.wanted;
   view.setMe(me.wanted);
   // The room rule comes from the server. Unreachable now: the server judges the rooms
   // when it is back (a bad one gets `bad_room`, and the page leaves it).
-  await loadConfig();
+  if (!configLoaded()) await loadConfig();
   const saved = savedRooms().filter(roomAllowed);
   const fromHash = hashRoom();
   for (const name of saved) roomNamed(name);
@@ -199,9 +219,16 @@ async function start() {
   }
   renderRooms();
   startConnection({
-    query: () => ({ name: me.wanted, client_id: clientId }),
-    frame: handleFrame,
-    down: connectionDown,
+    query: () => (signed ? { client_id: clientId } : { name: me.wanted, client_id: clientId }),
+    hello: signed ? signIn : null,
+    frame: (f) => {
+      if (signed && f.type === "welcome") auth.scheduleRefresh();
+      handleFrame(f);
+    },
+    down: () => {
+      auth.stopRefresh();
+      connectionDown();
+    },
     status: view.setStatus,
     transport: view.setTransport,
   });
@@ -226,17 +253,34 @@ function rememberName(n) {
   browserStore.set("name", n);
 }
 
-const fromUrl = new URLSearchParams(location.search).get("name");
-const tabName = tabStore.get("name", "");
-if (fromUrl) {
-  me.wanted = fromUrl;
-  rememberName(fromUrl);
-  start();
-} else if (typeof tabName === "string" && tabName) {
-  me.wanted = tabName;
-  start();
-} else {
-  const last = browserStore.get("name", "");
-  me.wanted = typeof last === "string" ? last : "";
-  askName(); // prefilled with the last name used: Enter keeps it
+/** Open mode: the name from ?name=, this tab, or asked for; then connect. */
+function startOpen() {
+  const fromUrl = new URLSearchParams(location.search).get("name");
+  const tabName = tabStore.get("name", "");
+  if (fromUrl) {
+    me.wanted = fromUrl;
+    rememberName(fromUrl);
+    start();
+  } else if (typeof tabName === "string" && tabName) {
+    me.wanted = tabName;
+    start();
+  } else {
+    const last = browserStore.get("name", "");
+    me.wanted = typeof last === "string" ? last : "";
+    askName(); // prefilled with the last name used: Enter keeps it
+  }
 }
+
+// Before anything reads the fragment (the room): it may carry a token, which must leave
+// the URL bar at once.
+auth.takeFragmentToken();
+// The server says whether names come from tokens. Unreachable: the open page (the server
+// judges when it is back).
+loadConfig().then(() => {
+  if (authMode() !== "jwt") {
+    startOpen();
+    return;
+  }
+  el.rename.hidden = true; // the token names us
+  start(true);
+});

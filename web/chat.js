@@ -8,7 +8,7 @@ import { roomAllowed } from "./config.js";
 import { isOnline, send } from "./connection.js";
 import * as outbox from "./outbox.js";
 import * as view from "./render.js";
-import { forgetRoom, me, roomNamed, rooms, view as ui } from "./state.js";
+import { forgetRoom, isMine, me, roomNamed, rooms, view as ui } from "./state.js";
 
 const el = view.el;
 const TYPING_SHOW_MS = 4000;
@@ -134,9 +134,10 @@ function addMessage(m, { countUnread = true } = {}) {
   const at = r.add(m.id);
   if (at >= 0) {
     const nextId = at + 1 < r.ids.length ? r.ids[at + 1] : null;
-    view.showMessage(m, nextId, { mine: m.from === me.name, current: ui.current });
+    const mine = isMine(m);
+    view.showMessage(m, nextId, { mine, current: ui.current });
     stopTyping(r, m.from);
-    if (countUnread && r.loaded && m.room !== ui.current && m.from !== me.name) {
+    if (countUnread && r.loaded && m.room !== ui.current && !mine) {
       r.unread += 1;
       renderRooms();
     }
@@ -188,6 +189,8 @@ function refused(f) {
 
 const handlers = {
   welcome(f) {
+    me.user = typeof f.user === "string" ? f.user : null;
+    if (me.user !== null) me.wanted = f.name; // the token names us: nothing was refused
     me.name = f.name;
     view.setMe(me.name);
     view.renderNameNote(me.wanted, me.name);

@@ -6,6 +6,10 @@ let config = null;
 let roomRule = null;
 /** The longest text in characters (Unicode code points, as the server counts); null: unknown. */
 let maxText = null;
+/** "open" or "jwt" (docs/auth.md); an old server that does not say is open. */
+let auth = "open";
+/** jwt mode: the app's endpoint that hands out tokens, or null (then the #token= fragment). */
+let tokenEndpoint = null;
 
 /** Ask the server. Returns false if it is unreachable. */
 export async function loadConfig() {
@@ -24,6 +28,8 @@ export async function loadConfig() {
     }
   }
   if (Number.isInteger(config.max_text) && config.max_text > 0) maxText = config.max_text;
+  if (config.auth === "jwt" || config.auth === "open") auth = config.auth;
+  if (typeof config.token_url === "string" && config.token_url) tokenEndpoint = config.token_url;
   return true;
 }
 
@@ -63,6 +69,14 @@ export function socketUrls(forceFallback) {
   const fallback = wsUrl((config && config.fallback_ws_url) || "/ws") || wsUrl("/ws");
   list.push({ url: fallback, kind: "fallback" });
   return list;
+}
+
+export function authMode() {
+  return auth;
+}
+
+export function tokenUrl() {
+  return tokenEndpoint;
 }
 
 export function roomAllowed(name) {

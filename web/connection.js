@@ -2,6 +2,7 @@
 // /ws fallback on this page's origin; ?transport=fallback forces /ws), reconnecting with
 // backoff, and the keepalive. It knows sockets and frames, not rooms: every frame goes to
 // `hooks.frame`, a lost socket to `hooks.down`; the page resumes its rooms on `welcome`.
+// In jwt mode `hooks.hello` gives the first frame, with a fresh token, before each connect.
 
 import { configLoaded, forgetConfig, loadConfig, socketUrls } from "./config.js";
 
@@ -12,26 +13,34 @@ const BACKOFF_BASE_MS = 500;
 const BACKOFF_MAX_MS = 8000;
 const CLOSE_GOING_AWAY = 1001;
 const CLOSE_SLOW = 4008;
+// The server turned us away (a refused token, the app disconnected us): trying again at
+// once would only be turned away again, so the page waits for "retry now".
+const CLOSE_STOP = new Set([4001, 4003]);
 /** A sentence for each close code that means something to the user. */
 const CLOSE_REASONS = new Map([
   [1001, "The server is restarting."],
   [1008, "The server closed the connection: too many messages too fast (rate limit)."],
   [1011, "The server hit an internal error; it is not your fault."],
-  [4001, "The server asks you to sign in."],
-  [4002, "Your sign-in is not valid any more."],
-  [4003, "You are not allowed in."],
+  [4001, "The server did not accept your sign-in token (missing, expired or not valid)."],
+  [4002, "Your sign-in expired; signing in again."],
+  [4003, "The server disconnected you."],
   [CLOSE_SLOW, "The connection was too slow to keep up; nothing is lost."],
 ]);
 
 const forceFallback = new URLSearchParams(location.search).get("transport") === "fallback";
 
-/** {query() -> {name: value}, frame(obj), down(), status(state, text), transport(kind)} */
+/**
+ * {query() -> {name: value}, hello: null or async () -> the first frame (throws an Error
+ * saying why there is none), frame(obj), down(), status(state, text), transport(kind)}
+ */
 let hooks = null;
 let ws = null;
 let kind = null; // "chat" or "fallback": what the open socket is
 let online = false; // `welcome` received on the current socket
 let attempt = 0; // consecutive failed connects, for the backoff
 let reconnectTimer = null;
+let stopped = false; // turned away (CLOSE_STOP): only "retry now" connects again
+let connects = 0; // counts connect() calls: an older one still awaiting gives up
 let countdownTimer = null;
 let pingTimer = null;
 let lastFrameAt = 0;
@@ -55,7 +64,10 @@ export function isOnline() {
 
 /** Connect again at once, as someone else (the query changed). */
 export function reconnect() {
-  if (!ws) return; // between sockets: the next connect reads the new query anyway
+  if (!ws) {
+    if (stopped) connect(); // turned away: the new identity may be let in
+    return; // between sockets: the next connect reads the new query anyway
+  }
   ws.close(1000, "renaming");
   attempt = 0;
 }
@@ -64,22 +76,36 @@ async function connect() {
   clearTimeout(reconnectTimer);
   clearInterval(countdownTimer);
   reconnectTimer = null;
+  stopped = false;
+  const mine = ++connects;
   // Server unreachable: back off. (Trying /ws now would work only if the server came
   // back within the last moment, and would pin this page to the slower fallback.)
   if (!configLoaded() && !(await loadConfig())) {
-    disconnected(1006, "");
+    if (mine === connects) disconnected(1006, "");
     return;
   }
+  if (mine !== connects) return;
   if (attempt === 0) hooks.status("connecting", "connecting…");
   else hooks.status("reconnecting", "reconnecting…", lastWhy);
+  let hello = null;
+  if (hooks.hello) {
+    try {
+      hello = await hooks.hello();
+    } catch (e) {
+      if (mine === connects) disconnected(1006, "", e.message + ".");
+      return;
+    }
+    if (mine !== connects) return;
+  }
   const list = socketUrls(forceFallback);
   for (const c of list) {
     for (const [key, value] of Object.entries(hooks.query())) c.url.searchParams.set(key, value);
   }
-  tryUrl(list, 0);
+  tryUrl(list, 0, hello);
 }
 
-function tryUrl(list, i) {
+/** Open `list[i]` (or the next), and send `hello` (or nothing) as its first frame. */
+function tryUrl(list, i, hello) {
   let opened = false;
   let sock;
   try {
@@ -87,7 +113,7 @@ function tryUrl(list, i) {
   } catch (_) {
     // A SecurityError (mixed content, a blocked port) or a SyntaxError: this URL cannot
     // be opened at all, so go on to the next (the /ws fallback) at once.
-    if (i + 1 < list.length) tryUrl(list, i + 1);
+    if (i + 1 < list.length) tryUrl(list, i + 1, hello);
     else disconnected(1006, "");
     return;
   }
@@ -97,6 +123,7 @@ function tryUrl(list, i) {
     kind = list[i].kind;
     hooks.transport(kind);
     lastFrameAt = Date.now();
+    if (hello) sock.send(JSON.stringify(hello));
   });
   sock.addEventListener("message", (ev) => {
     if (sock !== ws) return;
@@ -119,7 +146,7 @@ function tryUrl(list, i) {
   sock.addEventListener("close", (ev) => {
     if (sock !== ws) return;
     if (!opened && i + 1 < list.length) {
-      tryUrl(list, i + 1); // chat socket unreachable: try the /ws fallback right away
+      tryUrl(list, i + 1, hello); // chat socket unreachable: try the /ws fallback right away
       return;
     }
     disconnected(ev.code, ev.reason);
@@ -135,14 +162,21 @@ function welcomed() {
   pingTimer = setInterval(keepalive, PING_EVERY_MS);
 }
 
-function disconnected(code, reason) {
+/** The socket is gone (or never came): say why (`why`, else by `code`) and reconnect. */
+function disconnected(code, reason, why = "") {
   ws = null;
   online = false;
   clearInterval(pingTimer);
   hooks.down();
   // A failed reconnect says nothing new: the reason the socket closed still holds.
-  const why = CLOSE_REASONS.get(code) || (reason ? "Closed: " + reason + "." : lastWhy);
+  why = why || CLOSE_REASONS.get(code) || (reason ? "Closed: " + reason + "." : lastWhy);
   lastWhy = why;
+  if (CLOSE_STOP.has(code)) {
+    stopped = true;
+    attempt = 0;
+    hooks.status("stopped", "disconnected", why, true);
+    return;
+  }
   let delay;
   if (code === CLOSE_SLOW) {
     // We fell behind; nothing is lost, the rejoin with `since` catches up.
@@ -172,7 +206,7 @@ function countDown(at, why) {
 
 /** Stop waiting out the backoff: connect now. */
 export function retryNow() {
-  if (reconnectTimer === null) return;
+  if (reconnectTimer === null && !stopped) return;
   connect();
 }
 

@@ -48,6 +48,8 @@ const logs = new Map();
 /** cid -> the <li> shown for a send not yet seen back from the server. */
 const pendingEls = new Map();
 let flashTimer = null;
+/** (room, id) => void: what a message's "delete" does, or null when we may not delete. */
+let onDelete = null;
 
 function logOf(room) {
   let x = logs.get(room);
@@ -200,6 +202,15 @@ function messageNode(m, pending, mine) {
   if (m.deleted) showDeleted(li, text);
   else text.append(...linkified(m.text));
   li.append(time, " ", from, " ", text);
+  if (onDelete && m.id && m.room && !m.deleted) {
+    const del = document.createElement("button");
+    del.type = "button";
+    del.className = "delete";
+    del.textContent = "delete";
+    del.setAttribute("aria-label", "Delete this message from " + m.from);
+    del.addEventListener("click", () => onDelete(m.room, m.id));
+    li.append(" ", del);
+  }
   return li;
 }
 
@@ -207,6 +218,12 @@ function messageNode(m, pending, mine) {
 function showDeleted(li, text) {
   li.classList.add("deleted");
   text.replaceChildren("message deleted");
+  li.querySelector(".delete")?.remove();
+}
+
+/** Offer "delete" on the messages shown from now on, doing `fn(room, id)`; null: do not. */
+export function offerDelete(fn) {
+  onDelete = fn;
 }
 
 /** Message `id` of `room` was deleted: drop its text if it is shown. */

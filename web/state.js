@@ -50,7 +50,14 @@ export const me = {
   wanted: "",
   /** The name the server gave us: `wanted`, or with a suffix if that was taken. */
   name: "",
+  /** jwt mode: our token's `sub` (welcome's `user`), which messages carry as `uid`; else null. */
+  user: null,
 };
+
+/** Whether message `m` is ours: by `uid` in jwt mode (names need not be unique there). */
+export function isMine(m) {
+  return me.user !== null ? m.uid === me.user : m.from === me.name;
+}
 
 export const view = {
   /** The room shown, or null. */

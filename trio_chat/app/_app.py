@@ -33,6 +33,7 @@ from ..protocol._codes import CLOSE_INTERNAL_ERROR, CLOSE_TOO_BIG, CLOSE_UNSUPPO
 from ..protocol._hosts import bound_to_loopback, host_allowed
 from ..protocol._wire import ROOM_PATTERN
 from ..server._asgi_transport import AsgiTransport
+from ..server._auth import Tokens
 from ..server._limits import RETRY_AFTER, raise_nofile_limit, refusal_body
 from ..server._session import Session, origin_allowed
 from ..settings._settings import Settings
@@ -170,6 +171,10 @@ class ChatApp:
         try:
             settings = self._settings = self._settings or Settings.from_env()
             tls = settings.chat_socket_tls()
+            if settings.auth == "jwt":
+                # The node reads the key file again; a bad one is one line here, not a
+                # traceback from inside the node.
+                Tokens(settings)
             raise_nofile_limit()
             identity = claim_identity(settings.data_dir)
             set_log_node(identity.node_id)

@@ -126,6 +126,7 @@ def _token(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from ..server._auth import Tokens
     from ._logs import configure_logging
     from ._supervisor import Supervisor, run_node
 
@@ -153,8 +154,11 @@ def _serve(args: argparse.Namespace) -> int:
     os.environ.setdefault("TRIO_CHAT_HTTP_URL", f"{scheme}://{args.bind}")
     try:
         settings = Settings.from_env()
-        # Read the certificate now: a bad one stops the command, not each worker.
+        # Read the certificate and the token key now: a bad one stops the command, not
+        # each worker.
         settings.chat_socket_tls()
+        if settings.auth == "jwt":
+            Tokens(settings)
     except ConfigError as exc:
         print(f"trio-chat: {exc}", file=sys.stderr)
         return 2
