@@ -11,14 +11,13 @@ a missing capability is a failure.
 
 from __future__ import annotations
 
-import os
 import secrets
 from typing import TYPE_CHECKING
 
 import pytest
 import trio
 
-from _netns import Lan, Member, connect_member, metric, netns_unavailable
+from _netns import Lan, Member, connect_member, made_lan, metric
 from _server_process import ServerProcess, free_udp_port
 
 if TYPE_CHECKING:
@@ -37,17 +36,8 @@ DETECT_LIMIT = 10.0
 
 @pytest.fixture
 def lan() -> Iterator[Lan]:
-    reason = netns_unavailable()
-    if reason is not None:
-        if os.environ.get("CI"):
-            pytest.fail(f"CI must run the network namespace test: {reason}")
-        pytest.skip(reason)
-    lan = Lan(3)
-    try:
-        lan.create()
+    with made_lan(3) as lan:
         yield lan
-    finally:
-        lan.destroy()
 
 
 async def say_all(members: list[Member], tag: str) -> set[str]:
