@@ -57,28 +57,30 @@ def _replace(text: str, old: str, new: str) -> str:
 
 def _servers(
     text: str,
-    line: re.Pattern[str],
+    line: Callable[[str], re.Pattern[str]],
     render: Callable[[int, Upstream, bool], str],
     upstreams: list[Upstream],
 ) -> str:
-    """Replace each upstream's example server lines by one line per upstream.
+    """Replace each upstream block's example server lines by one line per upstream.
 
-    ``line`` matches a server line of the first example host, with groups ``head``,
-    ``port`` and ``tail``; the second example host's lines are dropped.
+    ``line(host)`` matches a server line of an example host, with groups ``head``,
+    ``port`` and ``tail``: the first host's lines become ours, the second's go.
     """
+    first, second = (line(re.escape(host)) for host in _EXAMPLE_HOSTS)
     out: list[str] = []
-    found = 0
+    found = dropped = 0
     for text_line in text.splitlines():
-        match = line.fullmatch(text_line)
-        if match:
+        if match := first.fullmatch(text_line):
             found += 1
             ws = int(match["port"]) == _EXAMPLE_WS_PORT
             out += [
                 match["head"] + render(i, u, ws) + match["tail"] for i, u in enumerate(upstreams)
             ]
-        elif _EXAMPLE_HOSTS[1] not in text_line:
+        elif second.fullmatch(text_line):
+            dropped += 1
+        else:
             out.append(text_line)
-    assert found == 2, f"expected a server line per upstream block, found {found}"
+    assert found == dropped == 2, f"expected 2 upstream blocks of 2 hosts: {found}, {dropped}"
     return "\n".join(out) + "\n"
 
 
@@ -108,10 +110,12 @@ def render_nginx(
     text = _replace(text, "/var/log/nginx/trio-chat.access.log", str(directory / "access.log"))
     text = _replace(text, "listen 443 ssl;", f"listen {https} ssl;")
     text = _replace(text, "listen 80;", f"listen {http};")
-    line = re.compile(
-        rf"(?P<head>\s*server ){re.escape(_EXAMPLE_HOSTS[0])}:(?P<port>\d+)(?P<tail> .*)"
+    text = _servers(
+        text,
+        lambda host: re.compile(rf"(?P<head>\s*server ){host}:(?P<port>\d+)(?P<tail> .*)"),
+        lambda _, u, ws: f"{u.address}:{_port(u, ws)}",
+        upstreams,
     )
-    text = _servers(text, line, lambda _, u, ws: f"{u.address}:{_port(u, ws)}", upstreams)
     (directory / "trio-chat.conf").write_text(_finish(text))
     # Workers write temporary files here, which only this user may enter.
     user = "user root;\n" if os.geteuid() == 0 else ""
@@ -144,24 +148,27 @@ def render_haproxy(
     text = _replace(text, "bind :443 ", f"bind {https} ")
     text = _replace(text, "bind :80\n", f"bind {http}\n")
     text = _replace(text, f"check port {_EXAMPLE_HTTP_PORT} ", f"check port {http_port} ")
-    line = re.compile(
-        rf"(?P<head>\s*server )host1 {re.escape(_EXAMPLE_HOSTS[0])}:(?P<port>\d+)(?P<tail>)"
-    )
     text = _servers(
-        text, line, lambda i, u, ws: f"host{i + 1} {u.address}:{_port(u, ws)}", upstreams
+        text,
+        lambda host: re.compile(rf"(?P<head>\s*server )host\d {host}:(?P<port>\d+)(?P<tail>)"),
+        lambda i, u, ws: f"host{i + 1} {u.address}:{_port(u, ws)}",
+        upstreams,
     )
     path = directory / "haproxy.cfg"
     path.write_text(_finish(text))
     return path
 
 
-def proxy_unavailable(kind: str) -> None:
-    """Skip (fail under CI) when Debian's ``kind`` (nginx or haproxy) is not installed."""
-    if shutil.which(kind, path="/usr/sbin:/usr/bin") is None:
+def proxy_unavailable(kind: str) -> str:
+    """The path of Debian's ``kind`` (nginx or haproxy); skips the test (fails it under
+    CI) when it is not installed."""
+    found = shutil.which(kind, path="/usr/sbin:/usr/bin")
+    if found is None:
         why = f"{kind} is not installed (apt-get install {kind}; .ci/run does)"
         if os.environ.get("CI"):
             pytest.fail(why)
         pytest.skip(why)
+    return found
 
 
 class Proxy:
@@ -187,7 +194,7 @@ class Proxy:
         http_port: int = 80,
         netns: str | None = None,
     ) -> None:
-        proxy_unavailable(kind)
+        program = proxy_unavailable(kind)
         directory.mkdir(parents=True, exist_ok=True)
         self.kind = kind
         self.directory = directory
@@ -199,11 +206,11 @@ class Proxy:
         https, http = f"{address}:{https_port}", f"{address}:{http_port}"
         if kind == "nginx":
             main = render_nginx(directory, upstreams, cert, https, http)
-            self.args = ["nginx", "-e", str(directory / "error.log"), "-c", str(main)]
+            self.args = [program, "-e", str(directory / "error.log"), "-c", str(main)]
             self.args += ["-g", "daemon off;"]
         else:
             self.args = [
-                "haproxy",
+                program,
                 "-f",
                 str(render_haproxy(directory, upstreams, cert, https, http)),
                 "-db",
