@@ -23,8 +23,10 @@ import trio
 from test_browser import STEP_TIMEOUT_MS, message_with, messages, say, wait_online
 from test_tls import chromium_browser, make_cert
 
+from trio_chat import Settings
+
 from _netns import made_lan
-from _proxies import NAME, Proxy, Upstream, proxy_unavailable
+from _proxies import DEPLOY, NAME, Proxy, Upstream, proxy_unavailable
 from _server_process import ServerProcess, free_port, free_udp_port
 
 if TYPE_CHECKING:
@@ -43,6 +45,7 @@ ROOM = "general"
 FIRST_RETRY_MS = 500
 #: Failure detection between hosts: dead after ~6.5 s of silence (docs/cluster.md).
 DETECT_LIMIT_MS = 12_000
+WEB = DEPLOY.parent / "web"
 
 
 @pytest.fixture(scope="module")
@@ -271,3 +274,24 @@ def test_a_page_whose_host_dies_moves_to_the_other_host_and_misses_nothing(
         trio.run(proxy.kill)
         for server in servers:
             trio.run(server.kill)
+
+
+def test_upgraded_sockets_outlast_two_missed_pings_in_both_proxies() -> None:
+    """The proxies cut a socket idle for their tunnel timeout; the server and the page
+    ping every 20 s. A live socket must survive two lost pings in a row."""
+    found = re.search(r"PING_EVERY_MS = (\d+);", (WEB / "connection.js").read_text())
+    assert found is not None
+    page_ping = float(found[1])
+    pings = max(page_ping / 1000, Settings().keepalive_interval)
+    nginx = (DEPLOY / "nginx.conf").read_text()
+    ws_block = nginx[nginx.index("location = /ws {") :]
+    ws_block = ws_block[: ws_block.index("}")]
+    haproxy = (DEPLOY / "haproxy.cfg").read_text()
+    timeouts = {
+        "nginx read": re.search(r"proxy_read_timeout (\d+)s;", ws_block),
+        "nginx send": re.search(r"proxy_send_timeout (\d+)s;", ws_block),
+        "haproxy tunnel": re.search(r"^\s*timeout tunnel (\d+)s$", haproxy, re.MULTILINE),
+    }
+    for what, timeout in timeouts.items():
+        assert timeout is not None, what
+        assert float(timeout[1]) > 3 * pings, (what, timeout[1], pings)
