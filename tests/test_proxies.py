@@ -6,6 +6,7 @@
   nginx or HAProxy in a third namespace, with Chromium running there too: when the host
   of one page is killed, the page reconnects through the proxy to the other host at its
   first retry and misses nothing. Root only (namespaces), like test_cluster_netns.py.
+- Both proxies' idle timeouts for upgraded sockets outlast the pings of page and server.
 
 The certificate is made here (test_tls.make_cert), for chat.test; Chromium maps that name
 to 127.0.0.1 (of its namespace) and ignores that nobody issued it.
