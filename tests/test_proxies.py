@@ -239,8 +239,9 @@ def test_a_page_whose_host_dies_moves_to_the_other_host_and_misses_nothing(
 
             # Alice's timers stand still from here: she reconnects only when the test
             # lets her clock run, so what she types meanwhile must wait in her outbox.
-            # (pause_at takes seconds; the page's Date.now() is in milliseconds.)
-            alice.page.clock.pause_at(alice.page.evaluate("Date.now()") / 1000 + 0.01)
+            # pause_at takes seconds (Date.now() is in milliseconds) and a time still to
+            # come when it arrives: 1 s on (the page's pings are 20 s apart).
+            alice.page.clock.pause_at(alice.page.evaluate("Date.now()") / 1000 + 1)
             trio.run(nodes[victim_node].kill)  # SIGKILL to its process group
             expect(alice.page.locator("#status")).to_have_attribute("data-state", "reconnecting")
             say(alice.page, "typed while away")
