@@ -28,6 +28,7 @@ import urllib.request
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
+import pytest
 import trio
 from trio_websocket import ConnectionClosed, wrap_client_stream
 
@@ -351,3 +352,23 @@ class Lan:
         """
         state = "up" if up else "down"
         await trio.run_process(["ip", "-n", self.bridge, "link", "set", f"p{i}", state])
+
+
+@contextlib.contextmanager
+def made_lan(hosts: int) -> Iterator[Lan]:
+    """A created `Lan` of ``hosts`` hosts, destroyed at the end.
+
+    Skips the test where namespaces cannot be made, except under CI (which runs as
+    root), where that is a failure.
+    """
+    reason = netns_unavailable()
+    if reason is not None:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must run the network namespace tests: {reason}")
+        pytest.skip(reason)
+    lan = Lan(hosts)
+    try:
+        lan.create()
+        yield lan
+    finally:
+        lan.destroy()

@@ -409,11 +409,13 @@ def https_serve(cert: Cert, tmp_path: Path, public_url: str | None) -> Iterator[
 
 
 @contextlib.contextmanager
-def chromium() -> Iterator[Any]:
-    """Chromium with ``chat.test`` mapped to 127.0.0.1, in a context ignoring https errors.
+def chromium_browser(netns: str | None = None, scratch: Path | None = None) -> Iterator[Any]:
+    """Chromium with ``chat.test`` mapped to 127.0.0.1, run in network namespace ``netns``.
 
     A real host name: Chromium treats 127.0.0.1 as a secure context, which would hide a
-    blocked ws:// (mixed content) from an https page.
+    blocked ws:// (mixed content) from an https page. In a namespace, 127.0.0.1 is that
+    namespace's: Playwright talks to Chromium over a pipe, which a wrapper script running
+    it under ``ip netns exec`` (written to ``scratch``) passes on.
     """
     from test_browser import CHROMIUM, CHROMIUM_ARGS
 
@@ -421,13 +423,26 @@ def chromium() -> Iterator[Any]:
         pytest.skip(f"{CHROMIUM} not found: install it with `make browsers`")
     from playwright.sync_api import sync_playwright
 
+    executable = CHROMIUM
+    if netns is not None:
+        assert scratch is not None
+        executable = scratch / "chromium-in-netns"
+        executable.write_text(f'#!/bin/sh\nexec ip netns exec {netns} {CHROMIUM} "$@"\n')
+        executable.chmod(0o755)
     args = [*CHROMIUM_ARGS, "--host-resolver-rules=MAP chat.test 127.0.0.1"]
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=args)
+        browser = pw.chromium.launch(executable_path=str(executable), args=args)
         try:
-            yield browser.new_context(ignore_https_errors=True)
+            yield browser
         finally:
             browser.close()
+
+
+@contextlib.contextmanager
+def chromium() -> Iterator[Any]:
+    """`chromium_browser` in a context that ignores https errors."""
+    with chromium_browser() as browser:
+        yield browser.new_context(ignore_https_errors=True)
 
 
 @pytest.mark.slow
