@@ -17,6 +17,8 @@ from __future__ import annotations
 import json
 import re
 import secrets
+import socket
+import time
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -105,6 +107,7 @@ def test_page_api_and_chat_socket_through_nginx_on_one_port(tmp_path: Path, cert
         env={
             "TRIO_CHAT_WS_PUBLIC_URL": f"wss://{NAME}:{https_port}/ws",
             "TRIO_CHAT_ALLOWED_HOSTS": f"{NAME},127.0.0.1",
+            "TRIO_CHAT_TRUSTED_PROXIES": "127.0.0.1/32",
         },
     )
     upstream = Upstream(server.host, server.http_port, server.ws_port)
@@ -139,6 +142,11 @@ def test_page_api_and_chat_socket_through_nginx_on_one_port(tmp_path: Path, cert
             for tab in (alice, bob):
                 assert [u.split("?")[0] for u in tab.sockets] == [f"wss://{NAME}:{https_port}/ws"]
                 assert not tab.errors
+        upgrade_from_another_address(cert, https_port)
+        # The server believed nginx (a trusted proxy) about the client's address, and nginx
+        # overwrote the X-Forwarded-For the client forged.
+        line = poll_log(server, "connection open client=127.0.0.2 transport=chat peer=127.0.0.1:")
+        assert "203.0.113.9" not in server.log(), line
     finally:
         trio.run(proxy.kill)
         trio.run(server.kill)
@@ -146,13 +154,46 @@ def test_page_api_and_chat_socket_through_nginx_on_one_port(tmp_path: Path, cert
     # hypercorn's /ws, and logged no query string (the page's token and retry secret).
     log = proxy.access_log()
     sockets = [line for line in log if '"GET /ws ' in line]
-    assert len(sockets) == 2, log
+    # The two pages' (the socket from 127.0.0.2 may close after nginx has been stopped).
+    assert len([line for line in sockets if line.startswith("127.0.0.1 ")]) == 2, log
     assert all(
         " 101 " in line and line.endswith(f"upstream=127.0.0.1:{server.ws_port}")
         for line in sockets
     ), log
     assert any(line.endswith(f"upstream=127.0.0.1:{server.http_port}") for line in log), log
     assert not any("name=alice" in line for line in log), log
+
+
+def upgrade_from_another_address(cert: Cert, https_port: int) -> None:
+    """Open the chat socket through nginx from 127.0.0.2, forging an X-Forwarded-For."""
+    handshake = (
+        "GET /ws HTTP/1.1\r\n"
+        f"Host: {NAME}:{https_port}\r\n"
+        f"Origin: https://{NAME}:{https_port}\r\n"
+        "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+        "X-Forwarded-For: 203.0.113.9\r\n\r\n"
+    ).encode()
+    raw = socket.create_connection(("127.0.0.1", https_port), 5, ("127.0.0.2", 0))
+    with cert.client_context().wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+        tls.sendall(handshake)
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = tls.recv(4096)
+            assert chunk, head
+            head += chunk
+        assert head.startswith(b"HTTP/1.1 101 "), head
+
+
+def poll_log(server: ServerProcess, text: str) -> str:
+    """The first line of the server's log containing ``text``, polled with a deadline."""
+    deadline = time.monotonic() + STEP_TIMEOUT_MS / 1000
+    while time.monotonic() < deadline:
+        for line in server.log().splitlines():
+            if text in line:
+                return line
+        time.sleep(0.05)
+    raise AssertionError(f"no line with {text!r} in:\n{server.log()}")
 
 
 # --------------------------------------------------------------------------- failover
