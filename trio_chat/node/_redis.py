@@ -20,6 +20,7 @@ ClosedResourceError, unclosed memory streams), and one XREAD over both streams i
 from __future__ import annotations
 
 import collections
+import itertools
 import logging
 import os
 import tempfile
@@ -49,6 +50,9 @@ logging.getLogger("coredis").setLevel(logging.WARNING)
 PRESENCE_TTL: Final = 6.0
 # Entries one XREAD asks for; a full batch means the reader is behind.
 _READ_BATCH: Final = 500
+# XADDs sent in one pipeline (one round trip); a lone XADD costs ~220 µs of coredis CPU,
+# which capped a node near 1,000 msg/s on a loaded core.
+_WRITE_BATCH: Final = 500
 # How long one XREAD blocks, in ms: short enough that a cancelled read ends soon.
 _READ_BLOCK_MS: Final = 1000
 #: Messages waiting for Redis; past this they are re-read from the store instead.
@@ -299,27 +303,27 @@ class RedisBus:
             await self._wake.wait()
             self._wake = trio.Event()
             while self._ephemeral:
-                await self._add_to(
-                    client, self._ephemeral_stream, self._ephemeral[0], _EPHEMERAL_MAX
-                )
-                self._ephemeral.popleft()
+                # Taken before they are sent: ephemeral, and lost if Redis goes meanwhile.
+                count = min(len(self._ephemeral), _WRITE_BATCH)
+                ephemeral = [self._ephemeral.popleft() for _ in range(count)]
+                await self._add_to(client, self._ephemeral_stream, ephemeral, _EPHEMERAL_MAX)
             if self._backlog is not None:
                 await self._add_backlog(client, self._backlog)
             # In order: after an overflow the backlog goes first, at the next round.
             while self._queue and self._backlog is None:
-                message_id, payload = self._queue[0]
-                if message_id > self._added_through:
-                    await self._add(client, message_id, payload)
-                # Unless an overflow cleared the queue meanwhile (the backlog has it).
-                if self._queue and self._queue[0][0] == message_id:
-                    self._queue.popleft()
+                batch = list(itertools.islice(self._queue, _WRITE_BATCH))
+                await self._add(client, batch)
+                # Unless an overflow cleared the queue meanwhile (the backlog has it): new
+                # messages go at the end, so the batch is still its head.
+                if self._queue and self._queue[0][0] == batch[0][0]:
+                    for _ in batch:
+                        self._queue.popleft()
             if self._backlog is not None:
                 self._wake.set()
 
     async def _add_backlog(self, client: coredis.Redis[bytes], first: tuple[str, bytes]) -> None:
-        after, payload = first
-        if after > self._added_through:
-            await self._add(client, after, payload)
+        after = first[0]
+        await self._add(client, [first])
         while True:
             overflows = self._overflows
             if self._store.blocking:
@@ -329,10 +333,9 @@ class RedisBus:
             else:
                 await trio.lowlevel.checkpoint()
                 page = self._store.from_origin(self._node_id, after, _BACKLOG_PAGE)
-            for message in page:
-                if message.id > self._added_through:
-                    await self._add(client, message.id, _encoder.encode(RemoteMessage(message)))
-                after = message.id
+            if page:
+                await self._add(client, [(m.id, _encoder.encode(RemoteMessage(m))) for m in page])
+                after = page[-1].id
             if len(page) < _BACKLOG_PAGE and overflows == self._overflows:
                 # Caught up: the queue holds everything sent since it was last cleared
                 # (what the store gave too is skipped by id).
@@ -340,20 +343,30 @@ class RedisBus:
                 log.info("re-added the messages that overflowed the Redis queue")
                 return
 
-    async def _add(self, client: coredis.Redis[bytes], message_id: str, payload: bytes) -> None:
-        await self._add_to(client, self._stream, payload, self._stream_max)
-        self._added_through = message_id
+    async def _add(self, client: coredis.Redis[bytes], batch: list[tuple[str, bytes]]) -> None:
+        """Add own messages, in order, skipping those already added (by id)."""
+        fresh = [payload for message_id, payload in batch if message_id > self._added_through]
+        if fresh:
+            await self._add_to(client, self._stream, fresh, self._stream_max)
+            self._added_through = batch[-1][0]
+        else:
+            await trio.lowlevel.checkpoint()
 
     async def _add_to(
-        self, client: coredis.Redis[bytes], stream: str, payload: bytes, maxlen: int
+        self, client: coredis.Redis[bytes], stream: str, payloads: list[bytes], maxlen: int
     ) -> None:
-        await client.xadd(
-            stream,
-            {b"o": self._node_id.encode(), b"d": payload},
-            trim_strategy=coredis.PureToken.MAXLEN,
-            threshold=maxlen,
-            trim_operator=coredis.PureToken.APPROXIMATELY,
-        )
+        """``XADD`` each payload, in order, in one pipeline: one round trip for them all
+        (about 25 µs of CPU each in coredis, against 220 µs for a lone XADD)."""
+        origin = self._node_id.encode()
+        async with client.pipeline(transaction=False) as pipe:
+            for payload in payloads:
+                pipe.xadd(
+                    stream,
+                    {b"o": origin, b"d": payload},
+                    trim_strategy=coredis.PureToken.MAXLEN,
+                    threshold=maxlen,
+                    trim_operator=coredis.PureToken.APPROXIMATELY,
+                )
 
     async def _read_forever(self, client: coredis.Redis[bytes]) -> NoReturn:
         while True:
