@@ -60,6 +60,8 @@ class RedisServer:
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.aof = aof
         self.password = password
+        #: More redis-server options (TLS ports and files).
+        self.options: list[str] = []
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -68,7 +70,8 @@ class RedisServer:
             ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
             + (persistence or ["--appendonly", "no"])
             + ["--dir", str(self.folder)]
-            + (["--requirepass", self.password] if self.password else []),
+            + (["--requirepass", self.password] if self.password else [])
+            + self.options,
             stdout=subprocess.DEVNULL,
         )
         self._wait_ready()

@@ -36,6 +36,7 @@ from ..settings._kinds import redact_url
 from ._bus import BusEvent, Gap, Payload, PeerDown, PeerUp
 from ._cluster import RemoteMessage, decode_body
 from ._peer_http import fetch_from_peers
+from ._redis_tls import certificate_failure, redis_client, tls_context
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -86,6 +87,9 @@ class RedisBus:
       prefix: names the keys; each cluster one.
       presence_ttl: a node silent this long is down.
       queue_max: own messages kept in memory while Redis is away (then the store).
+
+    Raises:
+      ConfigError: a TLS file the ``rediss://`` URL names cannot be loaded.
     """
 
     def __init__(
@@ -104,6 +108,7 @@ class RedisBus:
         queue_max: int = QUEUE_MAX,
     ) -> None:
         self._url = url
+        self._tls = tls_context(url)
         self._node_id = node_id
         self._incarnation = incarnation
         self._http_url = http_url
@@ -222,15 +227,27 @@ class RedisBus:
                     )
                     delay = _RETRY_MAX
                 except* _REDIS_ERRORS as group:
-                    level = logging.DEBUG if self._outage_logged else logging.WARNING
-                    log.log(
-                        level,
-                        "Redis at %s (TRIO_CHAT_REDIS_URL) is unreachable (%s): chatting"
-                        " locally, queueing messages for it, retrying with backoff",
-                        shown,
-                        _leaf(group),
-                    )
-                    self._outage_logged = True
+                    untrusted = certificate_failure(_leaf(group))
+                    if untrusted is not None:
+                        log.error(
+                            "Redis at %s (TRIO_CHAT_REDIS_URL) sent a TLS certificate that"
+                            " failed the check (%s): name the CA that signed it in the URL,"
+                            " ?ssl_ca_certs=FILE; chatting locally, retrying every %g s",
+                            shown,
+                            untrusted.verify_message or untrusted,
+                            _RETRY_MAX,
+                        )
+                        delay = _RETRY_MAX
+                    else:
+                        level = logging.DEBUG if self._outage_logged else logging.WARNING
+                        log.log(
+                            level,
+                            "Redis at %s (TRIO_CHAT_REDIS_URL) is unreachable (%s): chatting"
+                            " locally, queueing messages for it, retrying with backoff",
+                            shown,
+                            _leaf(group),
+                        )
+                        self._outage_logged = True
                 if self._connected:
                     self._connected = False
                     delay = _RETRY_FIRST
@@ -241,7 +258,7 @@ class RedisBus:
             self._save_last_id(now=True)
 
     async def _connect_and_serve(self, shown: str) -> NoReturn:
-        client = coredis.Redis.from_url(self._url, decode_responses=False)
+        client = redis_client(self._url, self._tls)
         async with client:
             await client.ping()
             log.info("connected to Redis at %s", shown)
