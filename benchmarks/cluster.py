@@ -106,9 +106,13 @@ def running_redis(folder: Path, pin: bool) -> Iterator[RedisServer]:
 
 
 def discover_nodes(pool: LoadPool, url: str, workers: int) -> list[str]:
-    """Node ids of the server's workers, found by opening probe connections."""
+    """Node ids of the server's workers, found by opening probe connections.
+
+    Tries for up to 30 s: /healthz answered from one worker, the others may still start.
+    """
     seen: set[str] = set()
-    for _ in range(6):
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
         reply = pool.call(
             "connect",
             {"url": url, "dialect": "chat", "count": 8 * workers, "prefix": "probe"},
@@ -118,6 +122,7 @@ def discover_nodes(pool: LoadPool, url: str, workers: int) -> list[str]:
         seen.update(n for n in reply["nodes"] if n)
         if len(seen) >= workers:
             break
+        time.sleep(0.5)
     return sorted(seen)
 
 

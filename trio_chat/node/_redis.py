@@ -54,6 +54,10 @@ _READ_BATCH: Final = 500
 # XADDs sent in one pipeline (one round trip); a lone XADD costs ~220 µs of coredis CPU,
 # which capped a node near 1,000 msg/s on a loaded core.
 _WRITE_BATCH: Final = 500
+# After a round that moved entries, the writer and the reader wait this long: at high
+# rates the next XADD pipeline or XREAD then carries a batch, not one entry (each coredis
+# command costs ~200 µs of CPU and a send); at low rates nothing is there to wait.
+_LINGER: Final = 0.002
 # How long one XREAD blocks, in ms: short enough that a cancelled read ends soon.
 _READ_BLOCK_MS: Final = 1000
 #: Messages waiting for Redis; past this they are re-read from the store instead.
@@ -337,6 +341,7 @@ class RedisBus:
                         self._queue.popleft()
             if self._backlog is not None:
                 self._wake.set()
+            await trio.sleep(_LINGER)
 
     async def _add_backlog(self, client: coredis.Redis[bytes], first: tuple[str, bytes]) -> None:
         after = first[0]
@@ -417,6 +422,8 @@ class RedisBus:
             self._save_last_id()
             if len(entries) == _READ_BATCH:
                 await self._check_trimmed(client)
+            if response:
+                await trio.sleep(_LINGER)
 
     async def _check_trimmed(self, client: coredis.Redis[bytes]) -> None:
         """Whether entries after the last one read were trimmed: a `Gap` for each peer if so."""
