@@ -344,6 +344,7 @@ def report(args: argparse.Namespace, runs: list[dict[str, Any]]) -> None:
                         g["p99_ms"],
                         g["p999_ms"],
                         remote["p99_ms"] - local["p99_ms"] if group == "remote" else float("nan"),
+                        load_note(w) if group == "remote" else "",
                     ]
                 )
     print_table(
@@ -358,6 +359,7 @@ def report(args: argparse.Namespace, runs: list[dict[str, Any]]) -> None:
             "p99 ms",
             "p99.9 ms",
             "overhead p99 ms",
+            "load generator",
         ],
         rows,
     )
@@ -391,6 +393,16 @@ def report(args: argparse.Namespace, runs: list[dict[str, Any]]) -> None:
                     f"{k}={v:g}" for k, v in sorted(run["link_metrics_worst_worker"].items())
                 )
             )
+
+
+def load_note(window: dict[str, Any]) -> str:
+    """Whether the window's latencies include the load generator's own trouble."""
+    notes = []
+    if window["load_saturated"]:
+        notes.append("saturated")
+    if window["load_stalled"]:
+        notes.append(f"stalled {window['load_lag_max_ms']:.0f} ms")
+    return ", ".join(notes) or "ok"
 
 
 def plot(results: Results, runs: list[dict[str, Any]]) -> None:

@@ -259,7 +259,7 @@ class RedisBus:
                 await trio.sleep(delay)
                 delay = min(delay * 2, _RETRY_MAX)
         finally:
-            self._save_last_id(now=True)
+            self._save_last_id()
 
     async def _connect_and_serve(self, shown: str) -> NoReturn:
         client = redis_client(self._url, self._tls)
@@ -419,7 +419,7 @@ class RedisBus:
                 if self._handed is None and not self._events.statistics().current_buffer_used:
                     # All handed on and processed: own entries at the end count too.
                     self._last_id = self._read_through
-            self._save_last_id()
+            await self._save_last_id_soon()
             if len(entries) == _READ_BATCH:
                 await self._check_trimmed(client)
             if response:
@@ -454,13 +454,19 @@ class RedisBus:
             return "$"
         return text or "$"
 
-    def _save_last_id(self, *, now: bool = False) -> None:
-        if self._last_id == "$":
-            return
-        # At most once a second: what a crash loses is re-read and deduplicated.
-        if not now and time.monotonic() - self._saved_at < 1.0:
+    async def _save_last_id_soon(self) -> None:
+        """Save the position at most once a second (what a crash loses is re-read and
+        deduplicated), in a thread: on a busy disk the write and rename took up to 50 ms,
+        a stall of every delivery of this node had it run on the event loop."""
+        if self._last_id == "$" or time.monotonic() - self._saved_at < 1.0:
+            await trio.lowlevel.checkpoint()
             return
         self._saved_at = time.monotonic()
+        await trio.to_thread.run_sync(self._save_last_id)
+
+    def _save_last_id(self) -> None:
+        if self._last_id == "$":
+            return
         folder = self._id_file.parent
         # Atomic: a crash leaves the old id or the new one, never half of one.
         fd, temporary = tempfile.mkstemp(dir=folder, prefix=".stream-id")
