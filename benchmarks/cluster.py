@@ -42,7 +42,7 @@ from _harness import (
     start_server,
 )
 from _loadgen import LoadPool
-from _steps import measure_step, ramp, rates
+from _steps import measure_step, ramp_from_args
 
 if TYPE_CHECKING:
     import argparse
@@ -296,16 +296,7 @@ def measure_engine(
                     1e6 * cpu / window["delivered"] if window["delivered"] else float("nan")
                 )
             windows.append(window)
-        steps, best = ramp(
-            pool,
-            tracker,
-            server,
-            rates=rates(args.start_rate, args.factor, args.max_steps),
-            seconds=args.step_seconds,
-            max_minutes=args.max_minutes,
-            common=common,
-            what=what,
-        )
+        steps, best = ramp_from_args(pool, tracker, server, args, common, what)
         link = link_metrics(server, "redis_" if redis else "cluster_")
         pool.call("close")
     finally:
@@ -423,12 +414,9 @@ def plot(results: Results, runs: list[dict[str, Any]]) -> None:
                     color=f"C{n}",
                     label=f"{run['engine']} {group} {pct}",
                 )
-    fixed_ax.set_xscale("log")
-    fixed_ax.set_yscale("log")
-    fixed_ax.set_xlabel("publish rate, msg/s")
-    fixed_ax.set_ylabel("latency, ms")
-    fixed_ax.set_title("fixed-rate windows: local vs cross-node", fontsize=10)
-    fixed_ax.legend(fontsize=7)
+    log_axes(
+        fixed_ax, "publish rate, msg/s", "latency, ms", "fixed-rate windows: local vs cross-node"
+    )
     if ramps:
         ax = axes[1]
         for n, run in enumerate(runs):
@@ -439,17 +427,21 @@ def plot(results: Results, runs: list[dict[str, Any]]) -> None:
                     xs, ys, style, marker="o", color=f"C{n}", label=f"{run['engine']} {group} p99"
                 )
         ax.axhline(200, color="grey", lw=0.8, ls=":")
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("deliveries/s (all receivers)")
-        ax.set_ylabel("p99 latency, ms")
-        ax.set_title("ramp", fontsize=10)
-        ax.legend(fontsize=7)
+        log_axes(ax, "deliveries/s (all receivers)", "p99 latency, ms", "ramp")
     engines = " vs ".join(run["engine"] for run in runs)
     fig.suptitle(f"trio-chat, {runs[0]['workers']} workers joined by {engines}", fontsize=10)
     fig.tight_layout()
     fig.savefig(results.figure(""))
     pyplot.close(fig)
+
+
+def log_axes(ax: Any, xlabel: str, ylabel: str, title: str) -> None:
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7)
 
 
 if __name__ == "__main__":

@@ -428,6 +428,24 @@ async def test_a_server_serves_while_redis_is_unreachable_and_connects_when_it_c
     assert "pw-not-for-logs" not in caplog.text
 
 
+async def refused(
+    nursery: trio.Nursery,
+    tmp_path: Path,
+    url: str,
+    caplog: pytest.LogCaptureFixture,
+    says: str,
+) -> tuple[Server, str]:
+    """A server in Redis mode on ``url``, once it logged the one ERROR that ``says`` it,
+    naming TRIO_CHAT_REDIS_URL; and that line."""
+    settings = make_settings(tmp_path, cluster="redis", redis_url=url, cluster_secret=SECRET)
+    server = await start_server(nursery, settings)
+    await eventually(lambda: says in caplog.text)
+    (record,) = [r for r in caplog.records if says in r.getMessage()]
+    assert record.levelno == logging.ERROR
+    assert "TRIO_CHAT_REDIS_URL" in record.getMessage()
+    return server, record.getMessage()
+
+
 async def test_a_wrong_redis_password_is_a_clear_error_and_the_server_stays_up(
     nursery: trio.Nursery, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -435,12 +453,7 @@ async def test_a_wrong_redis_password_is_a_clear_error_and_the_server_stays_up(
     redis.start()
     try:
         url = f"redis://:the-wrong-one@127.0.0.1:{redis.port}/0"
-        settings = make_settings(tmp_path, cluster="redis", redis_url=url, cluster_secret=SECRET)
-        server = await start_server(nursery, settings)
-        await eventually(lambda: "refused the credentials" in caplog.text)
-        (record,) = [r for r in caplog.records if "refused the credentials" in r.getMessage()]
-        assert record.levelno == logging.ERROR
-        assert "TRIO_CHAT_REDIS_URL" in record.getMessage()
+        server, _ = await refused(nursery, tmp_path, url, caplog, "refused the credentials")
         assert "the-wrong-one" not in caplog.text
         assert await redis_metric(server, "connected") == 0
     finally:

@@ -10,7 +10,6 @@ log line naming TRIO_CHAT_REDIS_URL while local chat goes on.
 from __future__ import annotations
 
 import io
-import logging
 import subprocess
 from typing import TYPE_CHECKING
 
@@ -25,6 +24,7 @@ from test_cluster_redis import (
     all_up,
     join,
     redis_metric,
+    refused,
     say,
     start_chat_node,
     texts,
@@ -39,7 +39,7 @@ from trio_chat.node._redis_tls import tls_context
 from trio_chat.node._store import MemoryStore
 
 from _server_process import free_port
-from conftest import eventually, make_settings, start_server
+from conftest import eventually
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -132,13 +132,8 @@ async def test_a_wrong_ca_is_a_clear_error_and_local_chat_goes_on(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     url = tls_redis.tls_url(certs[1].certfile)
-    settings = make_settings(tmp_path, cluster="redis", redis_url=url, cluster_secret=SECRET)
-    server = await start_server(nursery, settings)
-    await eventually(lambda: "failed the check" in caplog.text)
-    (record,) = [r for r in caplog.records if "failed the check" in r.getMessage()]
-    assert record.levelno == logging.ERROR
-    assert "TRIO_CHAT_REDIS_URL" in record.getMessage()
-    assert "ssl_ca_certs" in record.getMessage()
+    server, line = await refused(nursery, tmp_path, url, caplog, "failed the check")
+    assert "ssl_ca_certs=FILE" in line
     # Retried every 10 s, not in a loop, and the server chats on.
     assert not [r for r in caplog.records if "is unreachable" in r.getMessage()]
     assert await redis_metric(server, "connected") == 0
