@@ -191,7 +191,21 @@ def fixed_then_ramp(
         **common,
         description=f"{what}, fixed {args.fixed_rate:g} msg/s",
     )
-    steps, best = ramp(
+    steps, best = ramp_from_args(pool, tracker, server, args, common, what)
+    return fixed, steps, best
+
+
+def ramp_from_args(
+    pool: LoadPool,
+    tracker: LoadTracker,
+    server: Server,
+    args: argparse.Namespace,
+    common: dict[str, Any],
+    what: str,
+) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    """`ramp` with the scripts' shared options (start, factor, steps, step seconds,
+    minutes)."""
+    return ramp(
         pool,
         tracker,
         server,
@@ -201,7 +215,6 @@ def fixed_then_ramp(
         common=common,
         what=what,
     )
-    return fixed, steps, best
 
 
 def rates(start: float, factor: float, steps: int) -> list[float]:

@@ -25,6 +25,7 @@ import pytest
 import trio
 from test_session import Recorder, open_session
 
+from trio_chat.app._metrics import render_metrics
 from trio_chat.node._node import Node
 from trio_chat.node._redis import PREFIX, RedisBus
 from trio_chat.node._redis_diag import run_redis_check
@@ -49,6 +50,8 @@ ROOM = "general"
 SECRET = b"a cluster secret for the redis tests"
 # Short, so that a dead node leaves within a test's patience.
 TTL = 1.5
+#: How long the restart test keeps Redis stopped (issue 13).
+OUTAGE = 5.0
 
 
 class RedisServer:
@@ -60,6 +63,8 @@ class RedisServer:
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.aof = aof
         self.password = password
+        #: More redis-server options (TLS ports and files).
+        self.options: list[str] = []
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -68,7 +73,8 @@ class RedisServer:
             ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
             + (persistence or ["--appendonly", "no"])
             + ["--dir", str(self.folder)]
-            + (["--requirepass", self.password] if self.password else []),
+            + (["--requirepass", self.password] if self.password else [])
+            + self.options,
             stdout=subprocess.DEVNULL,
         )
         self._wait_ready()
@@ -287,42 +293,63 @@ async def test_presence_merges_and_a_silent_node_leaves_within_the_ttl(
 async def test_messages_sent_while_redis_is_down_are_acked_and_arrive_once_after(
     redis_aof: RedisServer, tmp_path: Path
 ) -> None:
+    """Redis stopped for `OUTAGE` s mid-stream (AOF on): every node chats on, then all
+    three have every message once."""
     cluster: dict[str, ChatNode] = {}
-    with trio.fail_after(40):
+    with trio.fail_after(60):
         async with trio.open_nursery() as nursery:
-            # a keeps 4 messages in memory (the rest come back from its store), b all.
+            # a keeps 4 messages in memory (the rest come back from its store), b and c all.
             nodes = [
                 await start_chat_node(nursery, redis_aof.url, cluster, tmp_path, "a", queue_max=4),
                 await start_chat_node(nursery, redis_aof.url, cluster, tmp_path, "b"),
+                await start_chat_node(nursery, redis_aof.url, cluster, tmp_path, "c"),
             ]
             await all_up(nodes)
-            (_, a_rec, a_send), (_, b_rec, b_send) = [await n.client(f"u{n.name}") for n in nodes]
-            await join(a_send, a_rec)
-            await join(b_send, b_rec)
+            clients = [await n.client(f"u{n.name}") for n in nodes]
+            (_, a_rec, a_send), (_, b_rec, b_send), (_, c_rec, c_send) = clients
+            for _, rec, send in clients:
+                await join(send, rec)
             await say(a_send, "before")
-            await eventually(lambda: texts(b_rec) == ["before"])
+            await eventually(lambda: texts(b_rec) == texts(c_rec) == ["before"])
+            # Mid-stream: c's burst is still being added when Redis stops.
+            burst = [f"c-burst-{i}" for i in range(20)]
+            for text in burst:
+                await say(c_send, text)
+            await eventually(lambda: bool(acked(c_rec)))
             redis_aof.stop()
+            stopped = trio.current_time()
             await eventually(lambda: not any(n.bus.statistics()["redis_connected"] for n in nodes))
             down = [f"down-{i}" for i in range(10)]
             for text in down:
                 await say(a_send, text)
                 await say(b_send, "b-" + text)
+                await say(c_send, "c-" + text)
             # Acked locally while Redis is away.
             await eventually(lambda: set(down) <= acked(a_rec))
             await eventually(lambda: {"b-" + t for t in down} <= acked(b_rec))
+            await eventually(lambda: {"c-" + t for t in down} | set(burst) <= acked(c_rec))
             a_stats, b_stats = nodes[0].bus.statistics(), nodes[1].bus.statistics()
             assert (a_stats["redis_queued"], a_stats["redis_spilled"]) == (2, 8)
             assert (b_stats["redis_queued"], b_stats["redis_spilled"]) == (10, 0)
-            await trio.sleep(2)
+            # The outage itself, not a wait for something: Redis stays away this long.
+            await trio.sleep_until(stopped + OUTAGE)
             redis_aof.start()
             await eventually(lambda: all(n.bus.statistics()["redis_connected"] for n in nodes))
-            await eventually(lambda: len(texts(b_rec)) == 21 and len(texts(a_rec)) == 21)
+            await eventually(lambda: all(len(texts(r)) == 51 for _, r, _ in clients))
             await eventually(lambda: all(n.bus.statistics()["redis_queued"] == 0 for n in nodes))
+            # A second copy would come by the next read: let every reader pass the end.
             await trio.sleep(0.5)
             nursery.cancel_scope.cancel()
-    for node, rec in zip(nodes, (a_rec, b_rec), strict=True):
-        assert by_sender(rec) == {"ua": ["before", *down], "ub": ["b-" + t for t in down]}
-        assert node.node.statistics().duplicates == 0
+    expected = {
+        "ua": ["before", *down],
+        "ub": ["b-" + t for t in down],
+        "uc": [*burst, *("c-" + t for t in down)],
+    }
+    for node, (_, rec, _) in zip(nodes, clients, strict=True):
+        assert by_sender(rec) == expected
+        # Once in each store too (a burst entry added twice, by a pipeline cut short by the
+        # stop and sent again, is deduplicated by its id).
+        assert len(node.node.store.latest(ROOM, 100)) == 51
         assert node.bus.statistics()["redis_reconnects"] >= 1
 
 
@@ -355,6 +382,8 @@ async def test_a_node_behind_the_trimmed_tail_heals_from_its_peers(
             await eventually(lambda: len(b_store.latest(ROOM, 1000)) == 301)
             await eventually(lambda: b.node.cluster.statistics()["gaps_healed"] >= 1)
             assert b.bus.statistics()["redis_heals"] == 1
+            # What /metrics serves (the server's route renders exactly this).
+            assert metric(render_metrics(b.node), "trio_chat_redis_heals") == 1
             nursery.cancel_scope.cancel()
     assert [m.text for m in b_store.latest(ROOM, 1000)] == ["first", *sent]
     assert "the Redis stream was trimmed past this node's position" in caplog.text
@@ -387,6 +416,9 @@ async def test_a_server_serves_while_redis_is_unreachable_and_connects_when_it_c
     assert "TRIO_CHAT_REDIS_URL" in unreachable[0].getMessage()
     assert f"redis://:***@127.0.0.1:{redis.port}/0" in unreachable[0].getMessage()
     assert await redis_metric(server, "connected") == 0
+    # Every counter of the issue is there from the start, at zero while never connected.
+    for name in ("stream_lag_ms", "queued", "spilled", "heals"):
+        assert await redis_metric(server, name) == 0
     redis.password = "pw-not-for-logs"
     redis.start()
     try:
@@ -398,6 +430,24 @@ async def test_a_server_serves_while_redis_is_unreachable_and_connects_when_it_c
     assert "pw-not-for-logs" not in caplog.text
 
 
+async def refused(
+    nursery: trio.Nursery,
+    tmp_path: Path,
+    url: str,
+    caplog: pytest.LogCaptureFixture,
+    says: str,
+) -> tuple[Server, str]:
+    """A server in Redis mode on ``url``, once it logged the one ERROR that ``says`` it,
+    naming TRIO_CHAT_REDIS_URL; and that line."""
+    settings = make_settings(tmp_path, cluster="redis", redis_url=url, cluster_secret=SECRET)
+    server = await start_server(nursery, settings)
+    await eventually(lambda: says in caplog.text)
+    (record,) = [r for r in caplog.records if says in r.getMessage()]
+    assert record.levelno == logging.ERROR
+    assert "TRIO_CHAT_REDIS_URL" in record.getMessage()
+    return server, record.getMessage()
+
+
 async def test_a_wrong_redis_password_is_a_clear_error_and_the_server_stays_up(
     nursery: trio.Nursery, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -405,12 +455,7 @@ async def test_a_wrong_redis_password_is_a_clear_error_and_the_server_stays_up(
     redis.start()
     try:
         url = f"redis://:the-wrong-one@127.0.0.1:{redis.port}/0"
-        settings = make_settings(tmp_path, cluster="redis", redis_url=url, cluster_secret=SECRET)
-        server = await start_server(nursery, settings)
-        await eventually(lambda: "refused the credentials" in caplog.text)
-        (record,) = [r for r in caplog.records if "refused the credentials" in r.getMessage()]
-        assert record.levelno == logging.ERROR
-        assert "TRIO_CHAT_REDIS_URL" in record.getMessage()
+        server, _ = await refused(nursery, tmp_path, url, caplog, "refused the credentials")
         assert "the-wrong-one" not in caplog.text
         assert await redis_metric(server, "connected") == 0
     finally:

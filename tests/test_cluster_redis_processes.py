@@ -8,6 +8,7 @@ the restarted node's history is polled with a deadline.
 
 from __future__ import annotations
 
+import os
 import secrets
 import time
 from typing import TYPE_CHECKING
@@ -18,7 +19,7 @@ import trio
 from test_cluster_redis import RedisServer, redis_aof
 
 from _netns import Member, connect_member, metric
-from _server_process import ServerProcess
+from _server_process import BIN, ServerProcess, free_port
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -67,6 +68,20 @@ async def test_three_processes_deliver_once_and_a_killed_node_leaves_and_catches
             await server.start()
         # Each heartbeat (2 s) sees the keys of servers started since.
         await within(STARTUP, lambda: all(redis_peers(s) == 2 for s in servers))
+        # The command an operator runs, with a server's own settings.
+        result = await trio.run_process(
+            [str(BIN / "trio-chat"), "cluster"],
+            env=servers[0].env,
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+        report = result.stdout.decode()
+        assert result.returncode == 0, report + result.stderr.decode()
+        assert f"Redis at {redis_aof.url} (TRIO_CHAT_REDIS_URL)" in report, report
+        assert "connected; stream trio-chat:messages" in report, report
+        for server in servers:
+            assert f"HTTP {server.http_url}, key expires in" in report, report
         async with trio.open_nursery() as nursery:
             members: list[Member] = [
                 await connect_member(nursery, "127.0.0.1", s.ws_port, f"user-{n}")
@@ -114,3 +129,30 @@ async def test_three_processes_deliver_once_and_a_killed_node_leaves_and_catches
     finally:
         for server in servers:
             await server.kill()
+
+
+async def test_a_bad_redis_url_stops_serve_with_one_line_naming_the_variable(
+    tmp_path: Path,
+) -> None:
+    """Before any start (no worker to restart in a loop), and without the password."""
+    env = {
+        **os.environ,
+        "TRIO_CHAT_DATA_DIR": str(tmp_path / "data"),
+        "TRIO_CHAT_CLUSTER": "redis",
+        "TRIO_CHAT_REDIS_URL": "redis://:hunter2-secret@127.0.0.1:99999/0",
+        "TRIO_CHAT_CLUSTER_SECRET": secrets.token_urlsafe(24),
+    }
+    with trio.fail_after(STARTUP):
+        result = await trio.run_process(
+            [str(BIN / "trio-chat"), "serve", "--bind", f"127.0.0.1:{free_port()}"],
+            env=env,
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+    stderr = result.stderr.decode()
+    assert result.returncode == 2, stderr
+    assert stderr.startswith("trio-chat: TRIO_CHAT_REDIS_URL="), stderr
+    assert stderr.count("\n") == 1, stderr
+    assert "hunter2-secret" not in stderr, stderr
+    assert not result.stdout

@@ -9,10 +9,13 @@ import coredis.exceptions
 import msgspec
 import trio
 
+from .._errors import ConfigError
 from ..settings._kinds import redact_url
 from ._redis import PREFIX, key_value
+from ._redis_tls import certificate_failure, redis_client, tls_context
 
 if TYPE_CHECKING:
+    import ssl
     from typing import TextIO
 
 
@@ -21,26 +24,35 @@ async def run_redis_check(url: str, out: TextIO) -> int:
 
     Returns:
         0 if some node is live, 1 if Redis answers but no node is, 2 if Redis cannot be
-        reached or refuses the credentials of TRIO_CHAT_REDIS_URL.
+        reached, refuses the credentials of TRIO_CHAT_REDIS_URL, or fails its TLS check.
     """
     shown = redact_url(url)
     out.write(f"Redis at {shown} (TRIO_CHAT_REDIS_URL)\n")
     try:
         with trio.fail_after(10):
-            return await _report(url, out)
+            return await _report(url, tls_context(url), out)
+    except* ConfigError as group:
+        out.write(f"  {group.exceptions[0]}\n")
     except* coredis.exceptions.AuthenticationError as group:
         out.write(f"  refused the credentials in TRIO_CHAT_REDIS_URL: {group.exceptions[0]}\n")
     except* (coredis.exceptions.RedisError, OSError, trio.TooSlowError) as group:
         error: BaseException = group
         while isinstance(error, BaseExceptionGroup):
             error = error.exceptions[0]
-        out.write(f"  unreachable: {error or type(error).__name__}\n")
+        untrusted = certificate_failure(error)
+        if untrusted is not None:
+            out.write(
+                f"  its TLS certificate failed the check ({untrusted.verify_message}): name the"
+                " CA that signed it in TRIO_CHAT_REDIS_URL, ?ssl_ca_certs=FILE\n"
+            )
+        else:
+            out.write(f"  unreachable: {error or type(error).__name__}\n")
     await trio.lowlevel.checkpoint()
     return 2
 
 
-async def _report(url: str, out: TextIO) -> int:
-    client = coredis.Redis.from_url(url, decode_responses=False)
+async def _report(url: str, tls: ssl.SSLContext | None, out: TextIO) -> int:
+    client = redis_client(url, tls)
     async with client:
         await client.ping()
         stream = f"{PREFIX}:messages"

@@ -254,8 +254,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         str | None,
         _doc(
             "the Redis of the `redis` cluster, e.g. `redis://:PASSWORD@10.0.0.5:6379/0`"
-            " (`rediss://` for TLS); never logged with its password. As a flag it shows"
-            " in `ps`: prefer the variable",
+            " (`rediss://` for TLS, `?ssl_ca_certs=FILE` for its CA); never logged with its"
+            " password. As a flag it shows in `ps`: prefer the variable",
             kind=REDIS_URL,
             unset="none",
         ),
