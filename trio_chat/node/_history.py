@@ -29,6 +29,7 @@ import trio
 
 from .._errors import ProtocolError, StoreError
 from ..protocol._wire import Ack, Deleted, ErrorEvent, Send, store_unavailable
+from ..server._hub import Item
 from ._store import Message
 
 if TYPE_CHECKING:
@@ -301,6 +302,7 @@ class History:
     async def _refuse_commit(self, batch: list[_Pending]) -> list[_Pending]:
         """Tell a failed commit's local senders; return the other nodes' messages."""
         held = []
+        refusals = []
         for pending in batch:
             message = pending.message
             if pending.sender is None:
@@ -308,14 +310,18 @@ class History:
                 continue
             self._count_error("store_unavailable")
             refusal = store_unavailable(message.room, message.cid)
-            await self._hub.publish_to(pending.sender, message.room, refusal)
-        await trio.lowlevel.checkpoint()  # other nodes' messages only: nothing awaited
+            refusals.append(Item(message.room, refusal, only=pending.sender))
+        if refusals:
+            await self._hub.publish_many(refusals)
+        else:
+            await trio.lowlevel.checkpoint()  # other nodes' messages only: nothing awaited
         return held
 
     async def _publish_commit(self, batch: list[_Pending], duplicates: dict[str, str]) -> None:
-        """Broadcast, forward and ack what one commit stored, in order."""
+        """Broadcast, forward and ack what one commit stored, in order: one hub item."""
         self.commits += 1
         self.committed += len(batch) - len(duplicates)
+        items = []
         for pending in batch:
             message = pending.message
             first = duplicates.get(message.id)
@@ -323,15 +329,18 @@ class History:
                 self.duplicates += 1
                 if pending.sender is not None:
                     ack = Ack(id=first, cid=message.cid, duplicate=True)
-                    await self._hub.publish_to(pending.sender, message.room, ack)
+                    items.append(Item(message.room, ack, only=pending.sender))
                 continue
             if pending.sender is not None and self._peers is not None:
                 self._peers.send_message(message)
-            await self._hub.publish(message.room, message.event())
+            items.append(Item(message.room, message.event()))
             if pending.sender is not None:
                 ack = Ack(id=message.id, cid=message.cid)
-                await self._hub.publish_to(pending.sender, message.room, ack)
-        await trio.lowlevel.checkpoint()  # a batch of other nodes' duplicates awaits nothing
+                items.append(Item(message.room, ack, only=pending.sender))
+        if items:
+            await self._hub.publish_many(items)
+        else:
+            await trio.lowlevel.checkpoint()  # a batch of other nodes' duplicates awaits nothing
 
     # -- reading ------------------------------------------------------------------------
 
