@@ -46,10 +46,11 @@ log = logging.getLogger("trio_chat.node")
 _Args = TypeVarTuple("_Args")
 _R = TypeVar("_R")
 
-# Messages accepted but not yet committed. A full channel makes senders wait, which
-# pushes back on their sockets while the disk catches up.
-_COMMIT_QUEUE: Final = 8192
-# Most messages per transaction: bounds one commit's latency.
+# Reads of messages accepted but not yet committed (an item is one socket read's sends,
+# at most 64 KiB of frames, or one peer's message): at most ~128 MiB of them. A full
+# channel makes senders wait, which pushes back on their sockets while the disk catches up.
+_COMMIT_QUEUE: Final = 2048
+# Most messages per transaction, give or take one item: bounds one commit's latency.
 _MAX_COMMIT_BATCH: Final = 2000
 #: Seconds from a failed commit to the next attempt; doubled after each failure.
 RETRY_FIRST: Final = 0.1
@@ -152,7 +153,9 @@ class History:
         self._ids = ids
         self._peers = peers
         self._count_error = count_error
-        self._commit_send, self._commit_receive = trio.open_memory_channel[_Pending](_COMMIT_QUEUE)
+        self._commit_send, self._commit_receive = trio.open_memory_channel[list[_Pending]](
+            _COMMIT_QUEUE
+        )
         self._read_limiter = trio.CapacityLimiter(1)
         self._write_limiter = trio.CapacityLimiter(1)
         self.messages_in = 0
@@ -170,33 +173,43 @@ class History:
 
     # -- accepting ----------------------------------------------------------------------
 
-    async def submit(self, member: Member, command: Send) -> None:
-        """Accept a client's message: id it, queue it for commit. The ack follows commit.
+    async def submit(self, member: Member, commands: list[Send]) -> None:
+        """Accept a client's messages (one read's): id them, queue them for commit as one
+        item. Each ack follows its commit.
 
         Cancellation: a checkpoint; waits while the commit queue is full. If cancelled
-        the message was not accepted (no ack is sent; the client retries with its cid).
+        no message was accepted (no ack is sent; the client retries with its cids).
 
         Raises:
           StoreError: the store is down and its next attempt is not due yet.
         """
-        self.messages_in += 1
+        self.messages_in += len(commands)
         if not self.store_up and trio.current_time() < self._retry_at:
             await trio.lowlevel.checkpoint()
             raise StoreError("the store is down; the next attempt is not due yet")
+        # One clock read for the batch: its messages are accepted in the same instant.
+        now_ns = time.time_ns()
+        ts, millis = now_ns / 1e9, now_ns // 1_000_000
+        name, uid, next_id = member.name, member.uid, self._ids.next_id
         # A retried cid is caught by the store, in the commit's own transaction: no
         # lookup per send, and two copies arriving together cannot both be stored.
-        dedupe = None if command.cid is None else member.retry_key(command.cid)
-        message = Message(
-            id=self._ids.next_id(time.time_ns() // 1_000_000),
-            room=command.room,
-            sender=member.name,
-            uid=member.uid,
-            text=command.text,
-            ts=time.time(),
-            cid=command.cid,
-            dedupe=dedupe,
-        )
-        await self._commit_send.send(_Pending(message, member))
+        batch = [
+            _Pending(
+                Message(
+                    id=next_id(millis),
+                    room=command.room,
+                    sender=name,
+                    uid=uid,
+                    text=command.text,
+                    ts=ts,
+                    cid=command.cid,
+                    dedupe=None if command.cid is None else member.retry_key(command.cid),
+                ),
+                member,
+            )
+            for command in commands
+        ]
+        await self._commit_send.send(batch)
 
     async def publish(self, sender: ApiSender, command: Send) -> Ack | ErrorEvent:
         """Accept a message from the server API and wait for its commit's answer.
@@ -204,7 +217,7 @@ class History:
         Raises:
           StoreError: as `submit`.
         """
-        await self.submit(sender, command)
+        await self.submit(sender, [command])
         await sender.answered.wait()
         assert sender.answer is not None
         return sender.answer
@@ -220,7 +233,7 @@ class History:
         Cancellation: a checkpoint; waits while the commit queue is full.
         """
         self._ids.witness(message.id)
-        await self._commit_send.send(_Pending(message, None))
+        await self._commit_send.send([_Pending(message, None)])
 
     # -- deleting -----------------------------------------------------------------------
 
@@ -279,10 +292,10 @@ class History:
                 await trio.sleep_until(self._retry_at)
                 batch, held = held, []
             else:
-                batch = [await self._commit_receive.receive()]
+                batch = list(await self._commit_receive.receive())
             while len(batch) < _MAX_COMMIT_BATCH:
                 try:
-                    batch.append(self._commit_receive.receive_nowait())
+                    batch.extend(self._commit_receive.receive_nowait())
                 except trio.WouldBlock:
                     break
             try:

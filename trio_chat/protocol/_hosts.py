@@ -106,3 +106,17 @@ def _is_loopback(name: str) -> bool:
         return ipaddress.ip_address(name).is_loopback
     except ValueError:
         return False
+
+
+def origin_allowed(origin: str | None, host: str, allowed: frozenset[str]) -> bool:
+    """Whether a WebSocket from a page at ``origin`` may connect to ``host``.
+
+    Clients that are not browsers send no Origin and are allowed. A page's own origin is
+    always allowed: its host must equal the requested host, ports aside, because the
+    chat socket listens on another port than the page. Others must be listed.
+    """
+    if origin is None or origin.rstrip("/") in allowed:
+        return True
+    origin_host = urllib.parse.urlsplit(origin).hostname
+    request_host = urllib.parse.urlsplit("//" + host).hostname
+    return origin_host is not None and origin_host == request_host
