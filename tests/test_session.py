@@ -71,13 +71,10 @@ async def open_session(
     session = Session(node, transport, name)
     send, receive = trio.open_memory_channel[str](10)
 
-    async def read() -> list[str]:
-        return [await receive.receive()]
-
     async def serve() -> None:
         # the end of the channel stands for the connection closing
         with contextlib.suppress(trio.EndOfChannel):
-            await session.run(read)
+            await session.run(receive.receive)
 
     nursery.start_soon(serve)
     return session, transport, send

@@ -192,8 +192,7 @@ async def echo(conn: WebSocketConnection, request: HandshakeRequest) -> None:
     if request.path == "/fail-after-accept":
         raise RuntimeError("a bug after accept")
     while True:
-        for text in await conn.receive_messages_untrusted():
-            conn.send_payload_nowait(text.encode())
+        conn.send_payload_nowait((await conn.receive_message_untrusted()).encode())
 
 
 async def start_bare(

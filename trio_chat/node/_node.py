@@ -172,8 +172,8 @@ class Node:
     def typing(self, room: str, event: TypingEvent, member: Member) -> None:
         self.presence.typing(room, event, member)
 
-    async def submit(self, member: Member, commands: list[Send]) -> None:
-        await self.history.submit(member, commands)
+    async def submit(self, member: Member, command: Send) -> None:
+        await self.history.submit(member, command)
 
     def submit_would_wait(self) -> bool:
         return self.history.submit_would_wait()
