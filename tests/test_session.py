@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import threading
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -11,9 +12,16 @@ import trio
 import trio.testing
 
 from trio_chat.node._node import Node
-from trio_chat.node._store import MemoryStore, Message
+from trio_chat.node._store import MemoryStore, Message, SqliteStore
 from trio_chat.protocol._codes import CLOSE_POLICY
-from trio_chat.protocol._wire import ErrorEvent, Pong, Presence, decode_events
+from trio_chat.protocol._wire import (
+    ErrorEvent,
+    Joined,
+    MessageEvent,
+    Pong,
+    Presence,
+    decode_events,
+)
 from trio_chat.server._limits import TokenBucket
 from trio_chat.server._session import Session
 
@@ -23,7 +31,7 @@ if TYPE_CHECKING:
 
     from trio_chat.server._hub import Outgoing
 
-from conftest import make_settings
+from conftest import eventually, make_settings
 
 
 class Recorder:
@@ -227,3 +235,51 @@ async def test_invalid_frames_count_against_the_rate_limit_and_the_strikes(
     assert alice.closed == CLOSE_POLICY
     assert node.statistics().errors == {"bad_json": 21, "unknown_type": 1, "rate_limited": 25}
     assert Pong() not in alice.events
+
+
+class GatedStore(SqliteStore):
+    """SQLite whose reads of a room's latest page count themselves and, once read, wait
+    for a gate."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.latest_reads = 0
+        self.entered = threading.Event()
+        self.gate = threading.Event()
+
+    def latest(self, room: str, limit: int) -> list[Message]:
+        self.latest_reads += 1
+        messages = super().latest(room, limit)
+        self.entered.set()
+        self.gate.wait(10)
+        return messages
+
+
+async def test_joins_share_a_read_of_the_latest_page_that_begins_after_they_subscribed(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    store = GatedStore(tmp_path / "history.sqlite3")
+    node = Node(make_settings(tmp_path, ws_bind=None), "n1", store)
+    await nursery.start(node.run)
+    stored(node, "r", "one", "two")
+    _, alice, alice_commands = await open_session(nursery, node, "alice")
+    await alice_commands.send(encode_event_text({"type": "join", "room": "r"}))
+    await trio.to_thread.run_sync(store.entered.wait)
+    # alice's read has begun: those who join now need one that begins after them.
+    stored(node, "r", "three")
+    late = [await open_session(nursery, node, name) for name in ("bob", "carol", "dave")]
+    for _, _, commands in late:
+        await commands.send(encode_event_text({"type": "join", "room": "r"}))
+    await trio.testing.wait_all_tasks_blocked()
+    store.gate.set()
+    # The gate's thread ends outside trio: no task event marks it.
+    await eventually(lambda: all(any(type(e) is Joined for e in t.events) for _, t, _ in late))
+    texts = [e.text for e in alice.events if type(e) is MessageEvent]
+    assert texts == ["one", "two"]
+    for _, transport, _ in late:
+        assert [e.text for e in transport.events if type(e) is MessageEvent] == [
+            "one",
+            "two",
+            "three",
+        ]
+    assert store.latest_reads == 2
