@@ -4,8 +4,10 @@ For each N (``--sizes``, default 1,000, 2,000, 4,000 and 8,000) every server sta
 the load processes open N connections at once (64 handshakes in flight per process) and,
 on our server, each joins the same room. Reported per N: the time until the last client
 has its ``joined`` (ours) or is connected (the peers: their plain connect time, as the
-issue asks), the server CPU spent, and how long the server stays busy afterwards (work
-the joins left queued, e.g. presence still being written).
+issue asks), the server CPU spent, how long the server stays busy afterwards (work the
+joins left queued, e.g. presence still being written), and for ours the broadcast
+deliveries the hub made (presence events, head counts): N^2/2 when every join is told to
+every member.
 
 ``--baseline REV`` adds a row for our server as it was at git revision ``REV`` (its
 ``trio_chat`` package, extracted under the results folder, run by the same command), so
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import subprocess
 import time
+import urllib.request
 from typing import TYPE_CHECKING, Any
 
 from _harness import (
@@ -63,6 +66,18 @@ def extract_baseline(rev: str, folder: Path) -> Path:
     return target
 
 
+def deliveries(server: Server) -> int | None:
+    """Broadcast deliveries our hub made (presence, counts), from ``/metrics``; None for
+    the peers."""
+    if server.kind not in ("ours", BASELINE):
+        return None
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.http_port}/metrics", timeout=10) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith("trio_chat_messages_out_total "):
+                return int(float(line.split()[1]))
+    return None
+
+
 def storm(pool: LoadPool, start: Callable[[], Server], n: int, joins: bool) -> dict[str, Any]:
     """One fresh server, ``n`` clients at once; the figures of that storm."""
     server = start()
@@ -75,6 +90,7 @@ def storm(pool: LoadPool, start: Callable[[], Server], n: int, joins: bool) -> d
         cpu = server.cpu_seconds() - cpu0
         busy_after = settle(server)
         cpu_total = server.cpu_seconds() - cpu0
+        delivered = deliveries(server)
         still_open = sum(r["open"] for r in pool.call("collect", {"steps": []}))
         pool.call("close")
         server.check_alive()
@@ -87,6 +103,7 @@ def storm(pool: LoadPool, start: Callable[[], Server], n: int, joins: bool) -> d
         "server_cpu_s": cpu,
         "server_cpu_total_s": cpu_total,
         "busy_after_s": busy_after,
+        "deliveries": delivered,
         "still_open": still_open,
         "label": server.label,
     }
@@ -169,7 +186,15 @@ def main() -> None:
     ref = {r["clients"]: r["seconds"] for r in runs if r["server"] == "websockets"}
     print_table(
         "join storm: seconds until every client is in (ours: joined one room)",
-        ["server", "clients", "seconds", "x websockets", "server CPU s", "busy after s"],
+        [
+            "server",
+            "clients",
+            "seconds",
+            "x websockets",
+            "server CPU s",
+            "busy after s",
+            "deliveries",
+        ],
         [
             [
                 r["label"],
@@ -178,6 +203,7 @@ def main() -> None:
                 r["seconds"] / ref[r["clients"]] if r["clients"] in ref else float("nan"),
                 r["server_cpu_s"],
                 r["busy_after_s"],
+                "-" if r["deliveries"] is None else r["deliveries"],
             ]
             for r in runs
         ],
