@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 import trio.testing
 
+from trio_chat._errors import StoreError
 from trio_chat.node._node import Node
 from trio_chat.node._store import MemoryStore, Message, SqliteStore
 from trio_chat.protocol._codes import CLOSE_POLICY
@@ -21,6 +22,7 @@ from trio_chat.protocol._wire import (
     Pong,
     Presence,
     decode_events,
+    store_unavailable,
 )
 from trio_chat.server._limits import TokenBucket
 from trio_chat.server._session import Session
@@ -244,6 +246,8 @@ class GatedStore(SqliteStore):
     def __init__(self, path: Path) -> None:
         super().__init__(path)
         self.latest_reads = 0
+        #: Reads (1 the first) that fail as a full disk would.
+        self.failing: set[int] = set()
         self.entered = threading.Event()
         self.gate = threading.Event()
 
@@ -252,6 +256,8 @@ class GatedStore(SqliteStore):
         messages = super().latest(room, limit)
         self.entered.set()
         self.gate.wait(10)
+        if self.latest_reads in self.failing:
+            raise StoreError("disk I/O error")
         return messages
 
 
@@ -283,3 +289,30 @@ async def test_joins_share_a_read_of_the_latest_page_that_begins_after_they_subs
             "three",
         ]
     assert store.latest_reads == 2
+
+
+async def test_when_a_shared_read_fails_its_reader_is_refused_and_the_others_read_again(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    store = GatedStore(tmp_path / "history.sqlite3")
+    store.failing = {2}
+    node = Node(make_settings(tmp_path, ws_bind=None), "n1", store)
+    await nursery.start(node.run)
+    stored(node, "r", "one")
+    sessions = {name: await open_session(nursery, node, name) for name in ("alice", "bob", "carol")}
+    join = encode_event_text({"type": "join", "room": "r"})
+    await sessions["alice"][2].send(join)
+    await trio.to_thread.run_sync(store.entered.wait)
+    # bob's read waits for alice's to end; carol shares bob's.
+    for name in ("bob", "carol"):
+        await sessions[name][2].send(join)
+    await trio.testing.wait_all_tasks_blocked()
+    store.gate.set()
+    refused = store_unavailable("r", None)
+    await eventually(lambda: refused in sessions["bob"][1].events)
+    for name in ("alice", "carol"):
+        await eventually(lambda n=name: any(type(e) is Joined for e in sessions[n][1].events))
+        texts = [e.text for e in sessions[name][1].events if type(e) is MessageEvent]
+        assert texts == ["one"]
+    assert not any(type(e) is Joined for e in sessions["bob"][1].events)
+    assert store.latest_reads == 3
