@@ -247,6 +247,29 @@ def test_two_users_chat_with_presence_and_typing(
     expect(alice.locator(".log li.system", has_text="bob left")).to_have_count(1)
 
 
+@pytest.mark.parametrize("server_env", [{"TRIO_CHAT_PRESENCE_NAMES_MAX": "2"}])
+def test_a_big_room_shows_its_head_count_and_its_list_again_when_small(
+    server: ServerProcess, pages: Pages, transport: str
+) -> None:
+    from playwright.sync_api import expect
+
+    alice = pages.open(server, "alice")
+    bob = pages.open(server, "bob")
+    expect(alice.locator("#member-list li")).to_have_text(["alice (you)", "bob"])
+    carol = pages.open(server, "carol")
+    # Over the limit: a count, on the page that had the list and on the newcomer's.
+    for page in (alice, carol):
+        expect(page.locator("#member-list li")).to_have_text(["too many to list"])
+        expect(page.locator("#member-count")).to_have_text("(3)")
+    shot(alice, "big-room", transport)
+    for gone in (carol, bob):
+        gone.context.close()
+        pages.contexts.remove(gone.context)
+    # Half the limit: the list is back.
+    expect(alice.locator("#member-list li")).to_have_text(["alice (you)"])
+    expect(alice.locator("#member-count")).to_have_text("(1)")
+
+
 def test_rooms_are_separate_with_unread_counts_and_keyboard(
     server: ServerProcess, pages: Pages, transport: str
 ) -> None:

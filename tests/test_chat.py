@@ -45,6 +45,38 @@ async def test_welcome_join_members_and_presence(
         await alice.expect("presence", room="general", left="bob")
 
 
+async def test_a_room_over_the_name_limit_gets_head_counts_and_its_list_back_when_small(
+    nursery: trio.Nursery, tmp_path: Path, connect: Any
+) -> None:
+    server = await start_server(nursery, make_settings(tmp_path, presence_names_max=2))
+    url = server.url("chat")
+    async with connect(url, "alice") as alice, connect(url, "bob") as bob:
+        await alice.join("general")
+        _, joined = await bob.join("general")
+        assert (joined["members"], joined["count"]) == (["alice", "bob"], 2)
+        await alice.expect("presence", joined="bob")
+        async with connect(url, "carol") as carol:
+            _, joined = await carol.join("general")
+            assert (joined["members"], joined["count"]) == ([], 3)
+            # No presence event for carol: a head count instead.
+            assert await alice.recv() == {"type": "members", "room": "general", "count": 3}
+        # carol is gone: 2 is over half the limit, so a count still.
+        assert await alice.recv() == {"type": "members", "room": "general", "count": 2}
+        await bob.send(type="leave", room="general")
+        # Half the limit: the whole list, then presence as before.
+        assert await alice.recv() == {
+            "type": "members",
+            "room": "general",
+            "count": 1,
+            "names": ["alice"],
+        }
+        await alice.expect("presence", left="bob")
+        await bob.send(type="join", room="general")
+        joined = await bob.next_of("joined")  # past the counts bob got while in the room
+        assert (joined["members"], joined["count"]) == (["alice", "bob"], 2)
+        await alice.expect("presence", joined="bob")
+
+
 async def test_broadcast_reaches_the_room_and_no_one_else(
     server: Server, transport: str, connect: Any
 ) -> None:

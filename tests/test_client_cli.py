@@ -278,6 +278,36 @@ async def test_who_lists_the_members_of_the_current_room(
         await alice.expect(r"^\* #general: 1 here: alice$")
 
 
+async def test_who_gives_a_big_rooms_head_count_and_its_list_when_small_again(
+    tmp_path: Path, clients: list[Client]
+) -> None:
+    env = {"TRIO_CHAT_PRESENCE_NAMES_MAX": "2"}
+    server = ServerProcess(tmp_path / "data", tmp_path / "server.log", env=env, limit_rate=True)
+    await server.start()
+    try:
+        with trio.fail_after(60):
+            alice = await start_client(clients, server.chat_url, "alice", "general")
+            await alice.expect(r"^\* joined #general")
+            bob = await start_client(clients, server.chat_url, "bob", "general")
+            await alice.expect(r"#general: bob joined")
+            carol = await start_client(clients, server.chat_url, "carol", "general")
+            await carol.expect(r"^\* joined #general: 3 here$")
+            await carol.say("/who")
+            await carol.expect(r"^\* #general: 3 here \(too many to list\)$")
+            for gone in (carol, bob):
+                await gone.say("/quit")
+                assert await gone.proc.wait() == 0
+            # Polled: the list comes back when the server sees both gone.
+            while True:
+                await alice.say("/who")
+                line = await alice.expect(r"^\* #general: ")
+                if line.endswith("1 here: alice"):
+                    break
+                await trio.sleep(0.1)
+    finally:
+        await server.stop()
+
+
 async def expect_refused(client: Client, sentence: str) -> None:
     """The client exits 1 with ``sentence`` (a regex) as its one line, without retrying."""
     with trio.fail_after(LINE_TIMEOUT):

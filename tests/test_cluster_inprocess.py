@@ -26,7 +26,7 @@ from trio_chat.link._socket import ClusterLink, LinkConfig
 from trio_chat.node._multicast import MulticastBus
 from trio_chat.node._node import Node
 from trio_chat.node._store import MemoryStore, Message
-from trio_chat.protocol._wire import Deleted, Joined, MessageEvent, Presence
+from trio_chat.protocol._wire import Deleted, Joined, Members, MessageEvent, Presence
 from trio_chat.server._auth import Identity
 
 from conftest import eventually, make_settings
@@ -88,6 +88,7 @@ async def start_chat_node(
     name: str,
     *,
     store: MemoryStore | None = None,
+    presence_names_max: int = 200,
     **link: Any,
 ) -> ChatNode:
     config = LinkConfig(
@@ -101,7 +102,7 @@ async def start_chat_node(
     bus = LanBus(
         ClusterLink(config, transport=lan.endpoint(name), wall_clock=wall_clock), name, cluster
     )
-    settings = make_settings(tmp_path / name, ws_bind=None)
+    settings = make_settings(tmp_path / name, ws_bind=None, presence_names_max=presence_names_max)
     node = Node(settings, name, store or MemoryStore(), bus)
 
     async def run(task_status: trio.TaskStatus[ChatNode]) -> None:
@@ -203,6 +204,40 @@ async def test_presence_merges_across_nodes_and_a_dead_peers_members_leave(
     assert carol_rec.events.count(Presence(room=ROOM, joined="bob")) == 0
     assert alice_rec.events.count(Presence(room=ROOM, joined="bob")) == 1
     assert alice_rec.events.count(Presence(room=ROOM, joined="carol")) == 1
+
+
+async def test_a_room_big_across_nodes_counts_and_lists_again_when_a_dead_peers_members_leave(
+    autojump_clock: trio.testing.MockClock, tmp_path: Path
+) -> None:
+    cluster: dict[str, ChatNode] = {}
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            lan = FakeLan(nursery, seed=14, loss=0.1)
+            a, b = [
+                await start_chat_node(nursery, lan, cluster, tmp_path, n, presence_names_max=2)
+                for n in "ab"
+            ]
+            await all_up([a, b])
+            _, alice_rec, alice = await a.client("alice")
+            _, bob_rec, bob = await b.client("bob")
+            await join(alice, alice_rec)
+            await join(bob, bob_rec)
+            await eventually(lambda: sorted(a.node.members(ROOM)) == ["alice", "bob"])
+            _, carol_rec, carol = await a.client("carol")
+            # Three names across the cluster: over the limit on both nodes.
+            joined = await join(carol, carol_rec)
+            assert (joined.members, joined.count) == ([], 3)
+            await eventually(lambda: Members(room=ROOM, count=3) in bob_rec.events)
+            await eventually(lambda: Members(room=ROOM, count=3) in alice_rec.events)
+            b.crash()
+            # bob's node is dead: 2 names, still big; carol leaves too: the list comes back.
+            await eventually(lambda: Members(room=ROOM, count=2) in alice_rec.events)
+            await carol.aclose()
+            listed = Members(room=ROOM, count=1, names=["alice"])
+            await eventually(lambda: listed in alice_rec.events)
+            nursery.cancel_scope.cancel()
+    assert Presence(room=ROOM, joined="carol") not in alice_rec.events + bob_rec.events
+    assert Presence(room=ROOM, left="bob") not in alice_rec.events
 
 
 async def test_a_gap_is_healed_from_a_peer_through_the_bus(

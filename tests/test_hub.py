@@ -5,7 +5,16 @@ from __future__ import annotations
 import trio
 import trio.testing
 
-from trio_chat.protocol._wire import Ack, MessageEvent, Presence, TypingEvent, decode_events
+from trio_chat.node._presence import COUNT_INTERVAL
+from trio_chat.node._presence import Presence as PresenceState
+from trio_chat.protocol._wire import (
+    Ack,
+    Members,
+    MessageEvent,
+    Presence,
+    TypingEvent,
+    decode_events,
+)
 from trio_chat.server._hub import Hub, Outgoing
 
 
@@ -64,3 +73,49 @@ async def test_unsubscribed_and_empty_rooms_get_nothing(nursery: trio.Nursery) -
     assert a.frames == []
     assert hub.statistics().subscriptions == 0
     assert hub.room_names() == []
+
+
+async def test_a_big_room_gets_head_counts_once_per_interval_and_its_list_back_when_small(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    hub = Hub()
+    presence = PresenceState(hub, None, names_max=2)
+    await nursery.start(hub.run)
+    nursery.start_soon(presence.run_counts)
+    a, b, c, d, e = (Recorder(n) for n in "abcde")
+
+    def arrive(sub: Recorder) -> None:
+        presence.subscribe("r", sub)  # type: ignore[arg-type]
+        presence.announce("r", sub)  # type: ignore[arg-type]
+
+    for sub in (a, b):
+        arrive(sub)
+    await trio.testing.wait_all_tasks_blocked()
+    assert presence.snapshot("r") == (["a", "b"], 2)
+    assert a.events() == [Presence(room="r", joined="b")]
+    # Over the limit: no presence event, one count within an interval.
+    for sub in (c, d, e):
+        arrive(sub)
+    assert presence.snapshot("r") == ([], 5)
+    await trio.sleep(COUNT_INTERVAL)
+    await trio.testing.wait_all_tasks_blocked()
+    assert a.events() == [Presence(room="r", joined="b"), Members(room="r", count=5)]
+    assert e.events() == [Members(room="r", count=5)]
+    # A count that did not move is not sent again; one that moved is, once.
+    await trio.sleep(3 * COUNT_INTERVAL)
+    assert len(a.frames) == 2
+    for sub in (e, d):
+        presence.leave("r", sub)  # type: ignore[arg-type]
+    await trio.sleep(3 * COUNT_INTERVAL)
+    assert a.events()[2:] == [Members(room="r", count=3)]
+    # Down to half the limit: the list comes at once, then presence resumes.
+    presence.leave("r", c)  # type: ignore[arg-type]
+    presence.leave("r", b)  # type: ignore[arg-type]
+    await trio.testing.wait_all_tasks_blocked()
+    assert a.events()[3:] == [
+        Members(room="r", count=1, names=["a"]),
+        Presence(room="r", left="b"),
+    ]
+    assert presence.snapshot("r") == (["a"], 1)
+    presence.leave("r", a)  # type: ignore[arg-type]
+    assert presence.snapshot("r") == ([], 0)

@@ -4,16 +4,26 @@ from __future__ import annotations
 
 import contextlib
 import json
+import threading
 import time
 from typing import TYPE_CHECKING, Any
 
 import trio
 import trio.testing
 
+from trio_chat._errors import StoreError
 from trio_chat.node._node import Node
-from trio_chat.node._store import MemoryStore, Message
+from trio_chat.node._store import MemoryStore, Message, SqliteStore
 from trio_chat.protocol._codes import CLOSE_POLICY
-from trio_chat.protocol._wire import ErrorEvent, Pong, Presence, decode_events
+from trio_chat.protocol._wire import (
+    ErrorEvent,
+    Joined,
+    MessageEvent,
+    Pong,
+    Presence,
+    decode_events,
+    store_unavailable,
+)
 from trio_chat.server._limits import TokenBucket
 from trio_chat.server._session import Session
 
@@ -23,7 +33,7 @@ if TYPE_CHECKING:
 
     from trio_chat.server._hub import Outgoing
 
-from conftest import make_settings
+from conftest import eventually, make_settings
 
 
 class Recorder:
@@ -227,3 +237,82 @@ async def test_invalid_frames_count_against_the_rate_limit_and_the_strikes(
     assert alice.closed == CLOSE_POLICY
     assert node.statistics().errors == {"bad_json": 21, "unknown_type": 1, "rate_limited": 25}
     assert Pong() not in alice.events
+
+
+class GatedStore(SqliteStore):
+    """SQLite whose reads of a room's latest page count themselves and, once read, wait
+    for a gate."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.latest_reads = 0
+        #: Reads (1 the first) that fail as a full disk would.
+        self.failing: set[int] = set()
+        self.entered = threading.Event()
+        self.gate = threading.Event()
+
+    def latest(self, room: str, limit: int) -> list[Message]:
+        self.latest_reads += 1
+        messages = super().latest(room, limit)
+        self.entered.set()
+        self.gate.wait(10)
+        if self.latest_reads in self.failing:
+            raise StoreError("disk I/O error")
+        return messages
+
+
+async def test_joins_share_a_read_of_the_latest_page_that_begins_after_they_subscribed(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    store = GatedStore(tmp_path / "history.sqlite3")
+    node = Node(make_settings(tmp_path, ws_bind=None), "n1", store)
+    await nursery.start(node.run)
+    stored(node, "r", "one", "two")
+    _, alice, alice_commands = await open_session(nursery, node, "alice")
+    await alice_commands.send(encode_event_text({"type": "join", "room": "r"}))
+    await trio.to_thread.run_sync(store.entered.wait)
+    # alice's read has begun: those who join now need one that begins after them.
+    stored(node, "r", "three")
+    late = [await open_session(nursery, node, name) for name in ("bob", "carol", "dave")]
+    for _, _, commands in late:
+        await commands.send(encode_event_text({"type": "join", "room": "r"}))
+    await trio.testing.wait_all_tasks_blocked()
+    store.gate.set()
+    # The gate's thread ends outside trio: no task event marks it.
+    await eventually(lambda: all(any(type(e) is Joined for e in t.events) for _, t, _ in late))
+    texts = [e.text for e in alice.events if type(e) is MessageEvent]
+    assert texts == ["one", "two"]
+    for _, transport, _ in late:
+        assert [e.text for e in transport.events if type(e) is MessageEvent] == [
+            "one",
+            "two",
+            "three",
+        ]
+    assert store.latest_reads == 2
+
+
+async def test_when_a_shared_read_fails_its_reader_is_refused_and_the_others_read_again(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    store = GatedStore(tmp_path / "history.sqlite3")
+    store.failing = {2}
+    node = Node(make_settings(tmp_path, ws_bind=None), "n1", store)
+    await nursery.start(node.run)
+    stored(node, "r", "one")
+    sessions = {name: await open_session(nursery, node, name) for name in ("alice", "bob", "carol")}
+    join = encode_event_text({"type": "join", "room": "r"})
+    await sessions["alice"][2].send(join)
+    await trio.to_thread.run_sync(store.entered.wait)
+    # bob's read waits for alice's to end; carol shares bob's.
+    for name in ("bob", "carol"):
+        await sessions[name][2].send(join)
+    await trio.testing.wait_all_tasks_blocked()
+    store.gate.set()
+    refused = store_unavailable("r", None)
+    await eventually(lambda: refused in sessions["bob"][1].events)
+    for name in ("alice", "carol"):
+        await eventually(lambda n=name: any(type(e) is Joined for e in sessions[n][1].events))
+        texts = [e.text for e in sessions[name][1].events if type(e) is MessageEvent]
+        assert texts == ["one"]
+    assert not any(type(e) is Joined for e in sessions["bob"][1].events)
+    assert store.latest_reads == 3

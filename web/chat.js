@@ -210,6 +210,8 @@ const handlers = {
     // A resume's `more` is always true: what we paged back through already knows better.
     if (r.fullReplay) r.more = Boolean(f.more);
     r.members = new Set(Array.isArray(f.members) ? f.members : []);
+    // A big room lists nobody: its count stands in for the list.
+    r.headCount = typeof f.count === "number" && f.count > r.members.size ? f.count : null;
     if (f.room === ui.current) {
       view.renderMembers(r, me.name);
       view.renderLoadOlder(r);
@@ -245,6 +247,19 @@ const handlers = {
       r.members.delete(f.left);
       stopTyping(r, f.left);
       view.systemLine(f.room, f.left + " left", ui.current);
+    }
+    if (f.room === ui.current) view.renderMembers(r, me.name);
+  },
+  members(f) {
+    // A big room's head count, or, with `names`, the whole list of a room small again.
+    const r = rooms.get(f.room);
+    if (!r || typeof f.count !== "number") return;
+    if (Array.isArray(f.names)) {
+      r.members = new Set(f.names);
+      r.headCount = null;
+    } else {
+      r.members.clear();
+      r.headCount = f.count;
     }
     if (f.room === ui.current) view.renderMembers(r, me.name);
   },

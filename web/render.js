@@ -452,6 +452,14 @@ export function renderMembers(r, myName) {
     li.textContent = n + (n === myName ? " (you)" : "");
     el.memberList.appendChild(li);
   }
+  if (r && r.headCount !== null) {
+    const li = document.createElement("li");
+    li.className = "member-note";
+    li.textContent = "too many to list";
+    el.memberList.appendChild(li);
+    el.memberCount.textContent = "(" + r.headCount.toLocaleString("en") + ")";
+    return;
+  }
   el.memberCount.textContent = names.length ? "(" + names.length + ")" : "";
 }
 

@@ -74,6 +74,8 @@ export class Room {
     /** The highest id seen: the `since` of the next join. */
     this.lastId = null;
     this.members = new Set();
+    /** A big room's head count (the server lists nobody there), or null: `members` is all. */
+    this.headCount = null;
     /** name -> the timer that ends their "is typing". */
     this.typing = new Map();
     /** The server said "joined" on the current socket. */

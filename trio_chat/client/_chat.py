@@ -308,8 +308,12 @@ class ChatClient:
         elif kind == "joined" and room is not None:
             room.joined = True
             room.members = {m for m in frame.get("members", []) if isinstance(m, str)}
+            count = frame.get("count")
+            # A big room lists nobody: its count stands in for the list.
+            big = isinstance(count, int) and count > len(room.members)
+            room.head_count = count if big else None
             members = ", ".join(printable(m) for m in frame.get("members", []))
-            self._say(f"* joined #{room.name}: {members}")
+            self._say(f"* joined #{room.name}: " + (f"{count} here" if big else members))
             async with self._send_order:
                 for p in list(self._outbox.values()):
                     if p.room == room.name:
@@ -332,6 +336,14 @@ class ChatClient:
                 room.typing.pop(who, None)
                 self._status_changed.set()
                 self._say(f"* #{room.name}: {printable(who)} left")
+        elif kind == "members" and room is not None and isinstance(frame.get("count"), int):
+            names = frame.get("names")
+            if isinstance(names, list):
+                room.members = {m for m in names if isinstance(m, str)}
+                room.head_count = None
+            else:
+                room.members.clear()
+                room.head_count = frame["count"]
         elif kind == "typing" and room is not None and isinstance(who := frame.get("from"), str):
             room.typing[who] = trio.current_time() + TYPING_SHOW
             self._status_changed.set()
@@ -418,6 +430,8 @@ class ChatClient:
             room = self._rooms.get(self._current) if self._current else None
             if room is None or not room.joined:
                 self._say(f"! not in #{self._current}" if room is None else "! not joined yet")
+            elif room.head_count is not None:
+                self._say(f"* #{room.name}: {room.head_count} here (too many to list)")
             else:
                 who = ", ".join(printable(m) for m in sorted(room.members))
                 self._say(f"* #{room.name}: {len(room.members)} here: {who}")

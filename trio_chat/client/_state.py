@@ -22,6 +22,8 @@ class Room:
     seen_order: deque[str] = field(default_factory=deque)
     #: Who is in the room (``joined``, then ``presence``), for ``/who``.
     members: set[str] = field(default_factory=set)
+    #: A big room's head count (the server lists nobody there), or None: ``members`` is all.
+    head_count: int | None = None
     #: Who is typing here -> when their "is typing" ends (``trio.current_time()``).
     typing: dict[str, float] = field(default_factory=dict)
 

@@ -124,6 +124,17 @@ class ApiSender:
         """Nothing to close: the HTTP request ends with its answer."""
 
 
+class _SharedRead:
+    """One read of a room's latest messages, and who waits for it."""
+
+    __slots__ = ("done", "result")
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        #: The messages; None if the read failed or was cancelled.
+        self.result: list[Message] | None = None
+
+
 class History:
     """The node's messages: accepted, committed, broadcast, read back.
 
@@ -153,6 +164,8 @@ class History:
         self._count_error = count_error
         self._commit_send, self._commit_receive = trio.open_memory_channel[_Pending](_COMMIT_QUEUE)
         self._read_limiter = trio.CapacityLimiter(1)
+        #: Reads of a room's latest page not begun yet, that joiners share (`_latest`).
+        self._latest_reads: dict[tuple[str, int], _SharedRead] = {}
         self._write_limiter = trio.CapacityLimiter(1)
         self.messages_in = 0
         self.commits = 0
@@ -350,7 +363,7 @@ class History:
                 return Replay(missed, reset=False, more=True)
         latest = self._settings.history_on_join
         # One more than the page: whether it exists is whether older history does.
-        newest = await self.read_store(self.store.latest, room, latest + 1)
+        newest = await self._latest(room, latest + 1)
         more = len(newest) > latest
         return Replay(newest[1:] if more else newest, reset=reset, more=more)
 
@@ -374,15 +387,60 @@ class History:
         await trio.lowlevel.checkpoint()
         return self.store.write(messages)
 
-    async def read_store(self, fn: Callable[[*_Args], _R], *args: *_Args) -> _R:
-        """Call the store's read method ``fn`` off the event loop.
+    async def _latest(self, room: str, limit: int) -> list[Message]:
+        """``store.latest(room, limit)``, read once for every join that asks before the
+        read begins.
+
+        A join storm into one room would otherwise cost a thread round trip per join, one
+        join at a time (reads take turns). Sharing misses nothing: each joiner subscribed
+        to the room before it asked, so a read that begins later holds every message
+        committed before its live stream starts (what both carry, the session drops).
+
+        Cancellation: a waiter's cancel leaves the read to the others; if the reader is
+        cancelled or the store fails, each waiter asks again.
+        """
+        key = (room, limit)
+        shared = self._latest_reads.get(key)
+        if shared is not None:
+            await shared.done.wait()
+            if shared.result is not None:
+                return shared.result
+            return await self._latest(room, limit)
+        shared = self._latest_reads[key] = _SharedRead()
+
+        def started() -> None:
+            # Who asks from now on needs a read that begins after they subscribed.
+            del self._latest_reads[key]
+
+        try:
+            shared.result = await self.read_store(self.store.latest, room, limit, started=started)
+        finally:
+            if self._latest_reads.get(key) is shared:
+                del self._latest_reads[key]
+            shared.done.set()
+        return shared.result
+
+    async def read_store(
+        self,
+        fn: Callable[[*_Args], _R],
+        *args: *_Args,
+        started: Callable[[], None] | None = None,
+    ) -> _R:
+        """Call the store's read method ``fn`` off the event loop; ``started`` is called
+        when its turn comes (reads take turns), just before it begins.
 
         Raises:
           StoreError: the store failed (counted and logged here); refuse that request.
         """
         try:
             if self.store.blocking:
-                return await trio.to_thread.run_sync(fn, *args, limiter=self._read_limiter)
+                async with self._read_limiter:
+                    if started is not None:
+                        started()
+                    # One read at a time (the limiter): the default thread limiter is free.
+                    return await trio.to_thread.run_sync(fn, *args)
+            if started is not None:
+                started()
             await trio.lowlevel.checkpoint()
             return fn(*args)
         except StoreError as exc:

@@ -97,7 +97,7 @@ class Node:
         self.errors: collections.Counter[str] = collections.Counter()
         peers = None if bus is None else Broadcaster(bus)
         self._peers = peers
-        self.presence = Presence(self.hub, peers)
+        self.presence = Presence(self.hub, peers, settings.presence_names_max)
         self.names = Names(self.presence)
         self.history = History(settings, store, self.hub, self.ids, peers, self.count_error)
         self.cluster = (
@@ -168,6 +168,9 @@ class Node:
     def members(self, room: str) -> list[str]:
         """Who is in ``room``: here first, then on other nodes."""
         return self.presence.members(room)
+
+    def snapshot(self, room: str) -> tuple[list[str], int]:
+        return self.presence.snapshot(room)
 
     def typing(self, room: str, event: TypingEvent, member: Member) -> None:
         self.presence.typing(room, event, member)
@@ -241,10 +244,12 @@ class Node:
     async def run(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> NoReturn:
-        """Run the hub, the commit task, the cluster and the chat socket until cancelled."""
+        """Run the hub, the commit task, big rooms' head counts, the cluster and the chat socket
+        until cancelled."""
         async with trio.open_nursery() as nursery:
             await nursery.start(self.hub.run)
             nursery.start_soon(self.history.run_commits)
+            nursery.start_soon(self.presence.run_counts)
             if self.cluster is not None:
                 await nursery.start(self.cluster.run)
             if self.settings.ws_bind is not None:

@@ -7,20 +7,38 @@ peers (through `PresenceOut`) what changed.
 
 Presence is state, not history: an event that does not fit in the hub's queue is dropped,
 and the members list of the next ``joined`` is still right.
+
+Big rooms. Telling every member of every arrival makes N joins cost O(N^2) frames and
+bytes, and a join storm (a restart, then every client back into one big room) spends
+seconds on it. So a room of more than ``names_max`` members (cluster-wide, by name) stops
+its ``presence`` events: its members get a ``members`` frame with the head count instead,
+at most once per `COUNT_INTERVAL` while the count moves (`run_counts`), and ``joined``
+lists nobody there. When it shrinks to half of ``names_max`` it gets the whole list once
+more, in a ``members`` frame with ``names``, and its ``presence`` events resume; the gap
+between the two thresholds keeps a room at the edge from sending its list on every join
+and leave. A count is kept per room and name, so none of this walks a room's members.
 """
 
 from __future__ import annotations
 
 import collections
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Final, NoReturn, Protocol
+
+import trio
 
 from ..protocol._names import name_keys
+from ..protocol._wire import Members, TypingEvent
 from ..protocol._wire import Presence as PresenceEvent
-from ..protocol._wire import TypingEvent
 
 if TYPE_CHECKING:
+    from ..protocol._wire import Event
     from ..server._hub import Hub
     from ..server._ports import Member
+
+
+#: Seconds between two head counts of one big room: one frame per member per interval,
+#: however many join meanwhile.
+COUNT_INTERVAL: Final = 1.0
 
 
 class PresenceOut(Protocol):
@@ -37,11 +55,20 @@ class Presence:
     Args:
       hub: the local subscriptions and fan-out.
       peers: where local changes go, or None without a cluster.
+      names_max: the most members a room lists by name; bigger rooms get head counts.
     """
 
-    def __init__(self, hub: Hub, peers: PresenceOut | None) -> None:
+    def __init__(self, hub: Hub, peers: PresenceOut | None, names_max: int) -> None:
         self._hub = hub
         self._peers = peers
+        self._names_max = names_max
+        #: Each room's members by name, here and on peers: name -> local connections
+        #: plus peers that have it there.
+        self._names: dict[str, collections.Counter[str]] = {}
+        #: Rooms over ``names_max``: head counts instead of presence events.
+        self._big: set[str] = set()
+        #: Big rooms whose count changed since their last ``members`` frame.
+        self._count_due: set[str] = set()
         #: Members of each room on each peer: peer -> room -> name -> connections.
         self._remote: dict[str, dict[str, collections.Counter[str]]] = {}
         #: Skeletons of the names in ``_remote``; None when it changed since.
@@ -59,16 +86,16 @@ class Presence:
 
     def announce(self, room: str, member: Member) -> None:
         """Tell ``room``, here and on peers, that ``member`` arrived."""
-        self._hub.publish_nowait(room, PresenceEvent(room=room, joined=member.name), exclude=member)
+        self._arrived(room, member.name)
+        self._tell(room, PresenceEvent(room=room, joined=member.name), member)
         if self._peers is not None:
             self._peers.send_presence(room, member.name, joined=True)
 
     def leave(self, room: str, member: Member) -> None:
         """Unsubscribe ``member`` from ``room``; if it was in, tell the room everywhere."""
         if self._hub.unsubscribe(room, member):
-            self._hub.publish_nowait(
-                room, PresenceEvent(room=room, left=member.name), exclude=member
-            )
+            self._departed(room, member.name)
+            self._tell(room, PresenceEvent(room=room, left=member.name), member)
             if self._peers is not None:
                 self._peers.send_presence(room, member.name, joined=False)
 
@@ -86,6 +113,13 @@ class Presence:
         for rooms in self._remote.values():
             names.update(dict.fromkeys(rooms.get(room, ())))
         return list(names)
+
+    def snapshot(self, room: str) -> tuple[list[str], int]:
+        """What a ``joined`` says: everyone in ``room`` (none in a big room), and how many."""
+        if room in self._big:
+            return [], len(self._names.get(room, ()))
+        names = self.members(room)
+        return names, len(names)
 
     def local_rooms(self) -> dict[str, list[str]]:
         """This node's members of each room: the snapshot peers get."""
@@ -120,12 +154,14 @@ class Presence:
         if joined:
             names[name] += 1
             if names[name] == 1:
-                self._hub.publish_nowait(room, PresenceEvent(room=room, joined=name))
+                self._arrived(room, name)
+                self._tell(room, PresenceEvent(room=room, joined=name))
         elif names[name] > 0:
             names[name] -= 1
             if names[name] == 0:
                 del names[name]
-                self._hub.publish_nowait(room, PresenceEvent(room=room, left=name))
+                self._departed(room, name)
+                self._tell(room, PresenceEvent(room=room, left=name))
 
     def remote_snapshot(self, peer: str, rooms: dict[str, list[str]]) -> None:
         """A peer's whole presence: tell each room the difference from what we had."""
@@ -134,9 +170,11 @@ class Presence:
         for room in old.keys() | new.keys():
             before, after = set(old.get(room, ())), set(new.get(room, ()))
             for name in after - before:
-                self._hub.publish_nowait(room, PresenceEvent(room=room, joined=name))
+                self._arrived(room, name)
+                self._tell(room, PresenceEvent(room=room, joined=name))
             for name in before - after:
-                self._hub.publish_nowait(room, PresenceEvent(room=room, left=name))
+                self._departed(room, name)
+                self._tell(room, PresenceEvent(room=room, left=name))
         self._remote[peer] = new
         self._remote_keys = None
 
@@ -147,3 +185,48 @@ class Presence:
 
     def remote_typing(self, room: str, name: str) -> None:
         self._hub.publish_nowait(room, TypingEvent(room=room, sender=name))
+
+    # -- big rooms ----------------------------------------------------------------------
+
+    async def run_counts(self) -> NoReturn:
+        """Send each big room whose count moved its head count, every `COUNT_INTERVAL`."""
+        while True:
+            await trio.sleep(COUNT_INTERVAL)
+            for room in list(self._count_due):
+                if room not in self._big or self._hub.publish_nowait(
+                    room, Members(room=room, count=len(self._names.get(room, ())))
+                ):
+                    self._count_due.discard(room)
+
+    def _arrived(self, room: str, name: str) -> None:
+        names = self._names.setdefault(room, collections.Counter())
+        names[name] += 1
+        if room not in self._big and len(names) > self._names_max:
+            # Members who had the list learn that it is no longer kept.
+            self._big.add(room)
+            self._count_due.add(room)
+
+    def _departed(self, room: str, name: str) -> None:
+        names = self._names.get(room)
+        if names is None or names[name] <= 0:
+            return
+        names[name] -= 1
+        if names[name] == 0:
+            del names[name]
+        if not names:
+            del self._names[room]
+            self._big.discard(room)
+            self._count_due.discard(room)
+        elif room in self._big and len(names) <= self._names_max // 2:
+            listed = Members(room=room, count=len(names), names=self.members(room))
+            # Dropped (the hub's queue is full): the room stays big and tries again later.
+            if self._hub.publish_nowait(room, listed):
+                self._big.discard(room)
+                self._count_due.discard(room)
+
+    def _tell(self, room: str, event: Event, member: Member | None = None) -> None:
+        """Publish a presence event to ``room`` (but ``member``), or in a big room count it."""
+        if room in self._big:
+            self._count_due.add(room)
+        else:
+            self._hub.publish_nowait(room, event, exclude=member)

@@ -259,9 +259,12 @@ class Refreshed(msgspec.Struct, tag="refreshed", tag_field="type", frozen=True):
 
 class Joined(msgspec.Struct, tag="joined", tag_field="type", frozen=True):
     room: str
+    #: Everyone in the room, or empty in a room too big to list (then see ``count``).
     members: list[str]
     #: Whether the room holds messages older than the oldest one the join replayed.
     more: bool
+    #: How many are in the room.
+    count: int
 
 
 class Left(msgspec.Struct, tag="left", tag_field="type", frozen=True):
@@ -301,6 +304,15 @@ class Presence(msgspec.Struct, tag="presence", tag_field="type", frozen=True, om
     room: str
     joined: str | None = None
     left: str | None = None
+
+
+class Members(msgspec.Struct, tag="members", tag_field="type", frozen=True, omit_defaults=True):
+    """A big room's head count, in place of its ``presence`` events; with ``names`` when
+    the room is small again (``presence`` events follow from then on)."""
+
+    room: str
+    count: int
+    names: list[str] | None = None
 
 
 class TypingEvent(msgspec.Struct, tag="typing", tag_field="type", frozen=True):
@@ -344,6 +356,7 @@ Event = (
     | Deleted
     | Ack
     | Presence
+    | Members
     | TypingEvent
     | Reset
     | History

@@ -112,8 +112,9 @@ class ChatService(Protocol):
     def rooms_of(self, member: Member) -> frozenset[str]:
         """The rooms ``member`` is in."""
 
-    def members(self, room: str) -> list[str]:
-        """Who is in ``room``, cluster-wide."""
+    def snapshot(self, room: str) -> tuple[list[str], int]:
+        """Who is in ``room``, cluster-wide, for its ``joined``: the names (none in a room
+        too big to list) and how many."""
 
     def typing(self, room: str, event: TypingEvent, member: Member) -> None:
         """Tell the room (cluster-wide) that ``member`` is typing."""

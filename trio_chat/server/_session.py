@@ -467,7 +467,8 @@ class Session:
             del self._held[room]
         if replay.messages:
             self._replayed[room] = {m.id for m in replay.messages}
-        self.send(Joined(room=room, members=self.node.members(room), more=replay.more))
+        members, count = self.node.snapshot(room)
+        self.send(Joined(room=room, members=members, more=replay.more, count=count))
         for out in held:
             self.deliver_nowait(out)
 

@@ -109,6 +109,14 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     history_on_join: Annotated[
         int, Meta(ge=0), _doc("messages replayed on `join`", unit="messages")
     ] = 50
+    presence_names_max: Annotated[
+        int,
+        Meta(ge=2),
+        _doc(
+            "most members a room lists by name; bigger rooms get head counts, not presence",
+            unit="members",
+        ),
+    ] = 200
     resume_max: Annotated[
         int,
         Meta(ge=1),
