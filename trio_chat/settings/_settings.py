@@ -112,10 +112,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     presence_names_max: Annotated[
         int,
         Meta(ge=2),
-        _doc(
-            "most members a room lists by name; bigger rooms get head counts, not presence",
-            unit="members",
-        ),
+        _doc("most members a room lists by name; bigger ones get head counts", unit="members"),
     ] = 200
     resume_max: Annotated[
         int,
