@@ -27,7 +27,7 @@ from ..protocol._wire import Presence as PresenceEvent
 from ..protocol._wire import TypingEvent
 
 if TYPE_CHECKING:
-    from collections.abc import Collection
+    from collections.abc import Iterable
 
     from ..server._hub import Hub
     from ..server._ports import Member
@@ -56,6 +56,8 @@ class Presence:
         self._remote: dict[str, dict[str, collections.Counter[str]]] = {}
         #: The owner of each name of each peer, where it said (open mode): peer -> name -> owner.
         self._owners: dict[str, dict[str, bytes]] = {}
+        #: Local members of each room by name: room -> name -> sessions (see `_gone`).
+        self._here: dict[str, collections.Counter[str]] = {}
         #: The owners of the local members' names that have one: name -> owner.
         self._local_owners: dict[str, bytes] = {}
         #: `remote_holders`; None when remote presence changed since.
@@ -73,6 +75,7 @@ class Presence:
 
     def announce(self, room: str, member: Member) -> None:
         """Tell ``room``, here and on peers, that ``member`` arrived."""
+        self._here.setdefault(room, collections.Counter())[member.name] += 1
         if member.owner:
             self._local_owners[member.name] = member.owner
         self._hub.publish_nowait(room, PresenceEvent(room=room, joined=member.name), exclude=member)
@@ -82,6 +85,12 @@ class Presence:
     def leave(self, room: str, member: Member) -> None:
         """Unsubscribe ``member`` from ``room``; if it was in, tell the room everywhere."""
         if self._hub.unsubscribe(room, member):
+            here = self._here.get(room, collections.Counter())
+            here[member.name] -= 1
+            if here[member.name] <= 0:
+                del here[member.name]
+            if not here:
+                self._here.pop(room, None)
             if not self._hub.rooms_of(member):
                 self._local_owners.pop(member.name, None)
             if self._gone(room, [member.name]):
@@ -115,11 +124,9 @@ class Presence:
         `local_rooms`."""
         return dict(self._local_owners)
 
-    def _gone(self, room: str, names: Collection[str]) -> list[str]:
+    def _gone(self, room: str, names: Iterable[str]) -> list[str]:
         """Those of ``names`` that no session holds in ``room`` any more, here or on a peer."""
-        if not names:
-            return []
-        here = set(self._hub.members(room))
+        here = self._here.get(room, ())
         return [
             name
             for name in names
