@@ -234,12 +234,14 @@ async def _run_member(
     port: int,
     name: str,
     netns: str | None,
+    client_id: str | None,
     *,
     task_status: trio.TaskStatus[Member] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     stream = await open_stream(host, port, netns)
+    query = f"name={name}" if client_id is None else f"name={name}&client_id={client_id}"
     async with trio.open_nursery() as nursery:
-        ws = await wrap_client_stream(nursery, stream, host, f"/ws?name={name}")
+        ws = await wrap_client_stream(nursery, stream, host, f"/ws?{query}")
         member: Member | None = None
         try:
             client = Client(ws)
@@ -263,10 +265,19 @@ async def _read_until(member: Member, scope: trio.CancelScope) -> None:
 
 
 async def connect_member(
-    nursery: trio.Nursery, host: str, port: int, name: str, netns: str | None = None
+    nursery: trio.Nursery,
+    host: str,
+    port: int,
+    name: str,
+    netns: str | None = None,
+    client_id: str | None = None,
 ) -> Member:
-    """Connect a `Member` to the chat socket at ``host:port``; it lives in ``nursery``."""
-    member: Member = await nursery.start(_run_member, host, port, name, netns)
+    """Connect a `Member` to the chat socket at ``host:port``; it lives in ``nursery``.
+
+    ``client_id``: the client's retry secret (``?client_id=``), which also keeps its name
+    when it moves to another host.
+    """
+    member: Member = await nursery.start(_run_member, host, port, name, netns, client_id)
     return member
 
 

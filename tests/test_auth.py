@@ -25,7 +25,7 @@ from trio_chat.server._auth import Tokens
 from trio_chat.server._session import HELLO_TIMEOUT
 
 from _server_process import BIN, ServerProcess, free_port
-from conftest import Client, _close, make_settings, start_server
+from conftest import Client, _close, eventually, make_settings, start_server
 
 if TYPE_CHECKING:
     import subprocess
@@ -175,6 +175,32 @@ async def test_valid_tokens_name_the_user_and_every_message_carries_uid(
         assert [(m["uid"], m["text"]) for m in replay] == [("alice", "hi")]
         # Retries dedupe per user, across connections.
         assert (await again.chat("team-1", "hi", cid="c1"))["duplicate"] is True
+
+
+async def test_a_user_leaves_a_room_with_the_last_of_its_tabs(
+    jwt_server: Server, transport: str
+) -> None:
+    url = jwt_server.url(transport)
+    async with signed_in(url, token(sub="bob")) as bob:
+        async with signed_in(url, token()) as tab2:
+            await bob.join("team-1")
+            await tab2.join("team-1")
+            async with signed_in(url, token()) as tab1:
+                await tab1.join("team-1")
+            await eventually(lambda: len(jwt_server.node.sessions) == 2)
+            # One tab is gone, the other one speaks: bob heard no "alice left" meanwhile.
+            await tab2.chat("team-1", "still here")
+            seen = []
+            while (event := await bob.recv())["type"] != "message":
+                seen.append(event)
+            assert {"type": "presence", "room": "team-1", "left": "alice"} not in seen
+            assert sorted(jwt_server.node.members("team-1")) == ["alice", "bob"]
+        # The last tab closed: now she leaves.
+        assert await bob.next_of("presence") == {
+            "type": "presence",
+            "room": "team-1",
+            "left": "alice",
+        }
 
 
 async def test_the_admin_claim_deletes_and_the_api_disconnects_by_sub(

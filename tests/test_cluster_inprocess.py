@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
+import msgspec
 import trio
 import trio.testing
 from test_link_fakelan import CLUSTER, SECRET, FakeLan, data_of, wall_clock, wall_ms
@@ -23,9 +24,11 @@ from test_session import Recorder, open_session
 
 from trio_chat.link._events import PeerStatus
 from trio_chat.link._socket import ClusterLink, LinkConfig
+from trio_chat.node._cluster import Broadcaster
 from trio_chat.node._multicast import MulticastBus
 from trio_chat.node._node import Node
 from trio_chat.node._store import MemoryStore, Message
+from trio_chat.protocol._names import owner_digest
 from trio_chat.protocol._wire import Deleted, Joined, Members, MessageEvent, Presence
 from trio_chat.server._auth import Identity
 
@@ -34,6 +37,7 @@ from conftest import eventually, make_settings
 if TYPE_CHECKING:
     from pathlib import Path
 
+    from trio_chat.node._bus import Bus
     from trio_chat.server._session import Session
 
 ROOM = "general"
@@ -70,8 +74,10 @@ class ChatNode:
     lan: FakeLan
     alive: bool = True
 
-    async def client(self, name: str) -> tuple[Session, Recorder, trio.MemorySendChannel[str]]:
-        return await open_session(self.nursery, self.node, name)
+    async def client(
+        self, name: str, client_id: str | None = None
+    ) -> tuple[Session, Recorder, trio.MemorySendChannel[str]]:
+        return await open_session(self.nursery, self.node, name, client_id)
 
     def crash(self) -> None:
         """Stop dead: no goodbye, no presence update leaves it."""
@@ -238,6 +244,150 @@ async def test_a_room_big_across_nodes_counts_and_lists_again_when_a_dead_peers_
             nursery.cancel_scope.cancel()
     assert Presence(room=ROOM, joined="carol") not in alice_rec.events + bob_rec.events
     assert Presence(room=ROOM, left="bob") not in alice_rec.events
+
+
+#: A page's retry secret (``?client_id=``), and somebody else's.
+ALICE_SECRET = "alice-tab-secret-0123456789"
+OTHER_SECRET = "someone-else-secret-0123456"
+
+
+async def test_a_client_whose_node_died_keeps_its_name_on_another_before_detection(
+    autojump_clock: trio.testing.MockClock, tmp_path: Path
+) -> None:
+    cluster: dict[str, ChatNode] = {}
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            lan = FakeLan(nursery, seed=13)
+            a, c = [await start_chat_node(nursery, lan, cluster, tmp_path, n) for n in "ac"]
+            await all_up([a, c])
+            _, alice_rec, alice = await a.client("alice", ALICE_SECRET)
+            _, dave_rec, dave = await a.client("dave")
+            _, carol_rec, carol = await c.client("carol")
+            for send, recorder in [(alice, alice_rec), (dave, dave_rec), (carol, carol_rec)]:
+                await join(send, recorder)
+            # b starts later: it learns a's members, and their owners, from a's snapshot.
+            b = await start_chat_node(nursery, lan, cluster, tmp_path, "b")
+            await all_up([a, b, c])
+            await eventually(lambda: {"alice", "dave"} <= b.node.presence.remote_names())
+            _, bob_rec, bob = await b.client("bob")
+            await join(bob, bob_rec)
+            await eventually(lambda: "bob" in c.node.members(ROOM))
+
+            a.crash()
+            # Her page's first retry reaches b well before b declares a dead (~6.5 s).
+            intruder, _, _ = await b.client("alice", OTHER_SECRET)
+            anonymous, _, _ = await b.client("alice")
+            moved, moved_rec, moved_send = await b.client("alice", ALICE_SECRET)
+            assert "alice" in b.node.presence.remote_names()  # her old session, still there
+            assert (intruder.name, anonymous.name, moved.name) == ("alice-2", "alice-3", "alice")
+            assert (await join(moved_send, moved_rec)).members.count("alice") == 1
+
+            # a is declared dead: dave leaves; alice, here on b now, stays.
+            for recorder in (bob_rec, carol_rec, moved_rec):
+                await eventually(lambda r=recorder: Presence(room=ROOM, left="dave") in r.events)
+                assert Presence(room=ROOM, left="alice") not in recorder.events
+            assert sorted(b.node.members(ROOM)) == ["alice", "bob", "carol"]
+            assert sorted(c.node.members(ROOM)) == ["alice", "bob", "carol"]
+            assert moved.name == "alice"
+            # Her name is hers alone now: another client asking for it gets a suffix.
+            latecomer, _, _ = await c.client("alice", OTHER_SECRET)
+            assert latecomer.name == "alice-2"
+            nursery.cancel_scope.cancel()
+
+
+class OldPresence(msgspec.Struct, tag="p", array_like=True):
+    """`RemotePresence` as the version before owners declared it."""
+
+    room: str
+    name: str
+    joined: bool
+
+
+class OldSnapshot(msgspec.Struct, tag="s", array_like=True):
+    """`Snapshot` as the version before owners declared it."""
+
+    rooms: dict[str, list[str]]
+
+
+class Captured:
+    """A bus that keeps what it is given to send."""
+
+    def __init__(self) -> None:
+        self.payloads: list[bytes] = []
+
+    def send(self, payload: bytes) -> None:
+        self.payloads.append(payload)
+
+
+async def test_presence_works_with_peers_of_the_version_before_owners(
+    autojump_clock: trio.testing.MockClock, tmp_path: Path
+) -> None:
+    # What we send, a peer of that version decodes (the owners are ignored).
+    bus = Captured()
+    out = Broadcaster(cast("Bus", bus))
+    out.send_presence(ROOM, "alice", joined=True, owner=owner_digest(ALICE_SECRET))
+    out.send_snapshot({ROOM: ["alice"]}, {"alice": owner_digest(ALICE_SECRET)})
+    old = msgspec.msgpack.Decoder(OldPresence | OldSnapshot)
+    assert [old.decode(p) for p in bus.payloads] == [
+        OldPresence(ROOM, "alice", joined=True),
+        OldSnapshot({ROOM: ["alice"]}),
+    ]
+    # What it sends, we take: its members have no owner, so their names are taken
+    # from everyone.
+    cluster: dict[str, ChatNode] = {}
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            lan = FakeLan(nursery, seed=15)
+            a, b = [await start_chat_node(nursery, lan, cluster, tmp_path, n) for n in "ab"]
+            await all_up([a, b])
+            a.bus.send(msgspec.msgpack.encode(OldPresence(ROOM, "alice", joined=True)))
+            a.bus.send(msgspec.msgpack.encode(OldSnapshot({ROOM: ["alice", "dave"]})))
+            await eventually(lambda: b.node.presence.remote_names() == {"alice", "dave"})
+            claimant, _, _ = await b.client("alice", ALICE_SECRET)
+            assert claimant.name == "alice-2"
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_name_leaves_a_room_with_the_last_of_its_clients_sessions(
+    autojump_clock: trio.testing.MockClock, tmp_path: Path
+) -> None:
+    cluster: dict[str, ChatNode] = {}
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            lan = FakeLan(nursery, seed=14)
+            a, b, c = [await start_chat_node(nursery, lan, cluster, tmp_path, n) for n in "abc"]
+            await all_up([a, b, c])
+            _, alice_rec, alice = await a.client("alice", ALICE_SECRET)
+            _, carol_rec, carol = await c.client("carol")
+            await join(alice, alice_rec)
+            await join(carol, carol_rec)
+            await eventually(lambda: "alice" in b.node.presence.remote_names())
+            # The same client on b while its session on a lives (a duplicated tab, or a
+            # move its old host has not noticed yet): its own name.
+            twin, twin_rec, twin_send = await b.client("alice", ALICE_SECRET)
+            assert twin.name == "alice"
+            await join(twin_send, twin_rec)
+            await eventually(lambda: b.node.presence.remote_names() == {"alice", "carol"})
+
+            # Her session on a ends: alice is still in the room, on b.
+            await alice.aclose()
+            _, dave_rec, dave = await a.client("dave")
+            # a's payloads arrive in order: whoever hears dave join heard alice leave.
+            assert "alice" in (await join(dave, dave_rec)).members
+            for recorder in (carol_rec, twin_rec):
+                await eventually(lambda r=recorder: Presence(room=ROOM, joined="dave") in r.events)
+            for recorder in (carol_rec, twin_rec, dave_rec):
+                assert Presence(room=ROOM, left="alice") not in recorder.events
+            for node in (a, b, c):
+                assert node.node.members(ROOM).count("alice") == 1
+
+            # Her last session leaves: now everyone is told.
+            await twin_send.send(json.dumps({"type": "leave", "room": ROOM}))
+            for recorder in (carol_rec, dave_rec):
+                await eventually(lambda r=recorder: Presence(room=ROOM, left="alice") in r.events)
+            for node in (a, b, c):
+                assert "alice" not in node.node.members(ROOM)
+            nursery.cancel_scope.cancel()
 
 
 async def test_a_gap_is_healed_from_a_peer_through_the_bus(

@@ -128,12 +128,6 @@ async def test_three_hosts_chat_and_a_cut_off_host_catches_up(lan: Lan, tmp_path
             await server.kill()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="node/_names.py: a name held by a session on a peer is taken until that peer is"
-    " declared dead (~6.5 s), so a client that moves at its first retry (0.5 s) after its host"
-    " died gets a suffixed name (alice-2), and its old name leaves at detection",
-)
 @pytest.mark.timeout(45)
 async def test_a_client_that_moves_before_its_host_is_declared_dead_keeps_its_name(
     lan: Lan, tmp_path: Path
@@ -161,20 +155,31 @@ async def test_a_client_that_moves_before_its_host_is_declared_dead_keeps_its_na
             await server.start()
         await survivor.wait_metric("trio_chat_cluster_peers", lambda v: v == 1)
         async with trio.open_nursery() as nursery:
-            alice = await connect_member(nursery, victim.host, WS_PORT, "alice", victim.netns)
+            # Her page's retry secret: her old session's name is hers, not someone else's.
+            secret = secrets.token_urlsafe(16)
+            alice = await connect_member(
+                nursery, victim.host, WS_PORT, "alice", victim.netns, secret
+            )
             bob = await connect_member(nursery, survivor.host, WS_PORT, "bob", survivor.netns)
             for member in (alice, bob):
                 await member.join(ROOM)
             await bob.wait_members(ROOM, {"alice", "bob"})
             victim.signal(signal.SIGKILL, group=True)
             await alice.wait_for(lambda: alice.disconnected, "the connection drop")
-            # The page's first retry, through a load balancer to the other host.
-            moved = await connect_member(nursery, survivor.host, WS_PORT, "alice", survivor.netns)
+            # The page's first retry, through a load balancer to the other host, long
+            # before that host declares hers dead (~6.5 s).
+            other = await connect_member(nursery, survivor.host, WS_PORT, "alice", survivor.netns)
+            moved = await connect_member(
+                nursery, survivor.host, WS_PORT, "alice", survivor.netns, secret
+            )
+            assert (other.name, moved.name) == ("alice-2", "alice")
             await moved.join(ROOM)
             await survivor.wait_metric("trio_chat_cluster_peers", lambda v: v == 0)
-            # Whatever the detection published has reached bob: he hears his own join.
-            await bob.join("after")
-            assert (moved.name, bob.members(ROOM)) == ("alice", {"alice", "bob"})
+            # Whatever the detection published has reached them: each hears its own join.
+            for member in (bob, moved):
+                await member.join("after")
+                assert member.members(ROOM) == {"alice", "bob"}
+            assert moved.name == "alice"
             nursery.cancel_scope.cancel()
     finally:
         for server in servers:

@@ -75,10 +75,10 @@ async def start_node(nursery: trio.Nursery, tmp_path: Path, **settings: Any) -> 
 
 
 async def open_session(
-    nursery: trio.Nursery, node: Node, name: str
+    nursery: trio.Nursery, node: Node, name: str, client_id: str | None = None
 ) -> tuple[Session, Recorder, trio.MemorySendChannel[str]]:
     transport = Recorder()
-    session = Session(node, transport, name)
+    session = Session(node, transport, name, client_id)
     send, receive = trio.open_memory_channel[str](10)
 
     async def serve() -> None:

@@ -64,10 +64,16 @@ class RemoteMessage(msgspec.Struct, tag="m", array_like=True):
     message: Message
 
 
+# New fields go last, with a default: a peer of an older version ignores what follows
+# the fields it knows, and its payloads decode here with the defaults.
+
+
 class RemotePresence(msgspec.Struct, tag="p", array_like=True):
     room: str
     name: str
     joined: bool
+    #: The session's `Member.owner` on a join (open mode, with a ``client_id``), else b"".
+    owner: bytes = b""
 
 
 class RemoteTyping(msgspec.Struct, tag="t", array_like=True):
@@ -77,6 +83,8 @@ class RemoteTyping(msgspec.Struct, tag="t", array_like=True):
 
 class Snapshot(msgspec.Struct, tag="s", array_like=True):
     rooms: dict[str, list[str]]
+    #: The owners of the names that have one (`RemotePresence.owner`).
+    owners: dict[str, bytes] = msgspec.field(default_factory=dict)
 
 
 class RemoteDelete(msgspec.Struct, tag="d", array_like=True):
@@ -179,14 +187,14 @@ class Broadcaster:
     def send_disconnect(self, user: str) -> None:
         self._send(RemoteDisconnect(user))
 
-    def send_presence(self, room: str, name: str, *, joined: bool) -> None:
-        self._send(RemotePresence(room, name, joined))
+    def send_presence(self, room: str, name: str, *, joined: bool, owner: bytes) -> None:
+        self._send(RemotePresence(room, name, joined, owner))
 
     def send_typing(self, room: str, name: str) -> None:
         self._send(RemoteTyping(room, name))
 
-    def send_snapshot(self, rooms: dict[str, list[str]]) -> None:
-        self._send(Snapshot(rooms))
+    def send_snapshot(self, rooms: dict[str, list[str]], owners: dict[str, bytes]) -> None:
+        self._send(Snapshot(rooms, owners))
 
 
 class Cluster:
@@ -234,7 +242,7 @@ class Cluster:
                         await self._on_payload(origin, data)
                     case PeerUp(node=peer):
                         log.info("peer %s is up", peer)
-                        self._out.send_snapshot(self._presence.local_rooms())
+                        self._send_snapshot()
                         nursery.start_soon(self._catch_up, peer)
                     case PeerDown(node=peer, reason=reason):
                         log.info("peer %s is down (%s)", peer, reason)
@@ -246,7 +254,10 @@ class Cluster:
     async def _announce_forever(self) -> NoReturn:
         while True:
             await trio.sleep(_SNAPSHOT_INTERVAL)
-            self._out.send_snapshot(self._presence.local_rooms())
+            self._send_snapshot()
+
+    def _send_snapshot(self) -> None:
+        self._out.send_snapshot(self._presence.local_rooms(), self._presence.local_owners())
 
     async def _on_payload(self, origin: str, data: bytes) -> None:
         await trio.lowlevel.checkpoint()  # only a message awaits (its delivery)
@@ -259,12 +270,12 @@ class Cluster:
         match body:
             case RemoteMessage(message=message):
                 await self._deliver(message)
-            case RemotePresence(room=room, name=name, joined=joined):
-                self._presence.remote_change(origin, room, name, joined=joined)
+            case RemotePresence(room=room, name=name, joined=joined, owner=owner):
+                self._presence.remote_change(origin, room, name, joined=joined, owner=owner)
             case RemoteTyping(room=room, name=name):
                 self._presence.remote_typing(room, name)
-            case Snapshot(rooms=rooms):
-                self._presence.remote_snapshot(origin, rooms)
+            case Snapshot(rooms=rooms, owners=owners):
+                self._presence.remote_snapshot(origin, rooms, owners)
             case RemoteDelete(room=room, id=message_id):
                 await self._history.deliver_remote_delete(room, message_id)
             case RemoteDisconnect(user=user):

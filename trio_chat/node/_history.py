@@ -100,6 +100,8 @@ class ApiSender:
     def __init__(self, name: str, uid: str | None) -> None:
         self.name = name
         self.uid = uid
+        #: In no room, it claims no name.
+        self.owner = b""
         self.answer: Ack | ErrorEvent | None = None
         self.answered = trio.Event()
 

@@ -121,8 +121,8 @@ class Node:
 
     # -- the sessions' port (server/_ports.py ChatService) ------------------------------
 
-    def claim_name(self, wanted: str) -> str:
-        return self.names.claim(wanted)
+    def claim_name(self, wanted: str, owner: bytes) -> str:
+        return self.names.claim(wanted, owner)
 
     def rename(self, member: Member, wanted: str) -> None:
         self.names.rename(member, wanted)

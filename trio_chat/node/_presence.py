@@ -17,6 +17,14 @@ lists nobody there. When it shrinks to half of ``names_max`` it gets the whole l
 more, in a ``members`` frame with ``names``, and its ``presence`` events resume; the gap
 between the two thresholds keeps a room at the edge from sending its list on every join
 and leave. A count is kept per room and name, so none of this walks a room's members.
+
+A room lists names, and one name can be held by several sessions: a user's tabs (jwt
+mode), or one client that moved to another node while its old session there is still
+counted (open mode, `Names.claim`). So ``left`` is told only when no session holds the
+name in the room any more, here or on a peer; a ``joined`` may repeat a listed name.
+
+Each peer also says who owns its members' names (`Member.owner`, a digest of the
+client's secret), so that `Names` can give a moving client its own name back.
 """
 
 from __future__ import annotations
@@ -31,6 +39,8 @@ from ..protocol._wire import Members, TypingEvent
 from ..protocol._wire import Presence as PresenceEvent
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
+
     from ..protocol._wire import Event
     from ..server._hub import Hub
     from ..server._ports import Member
@@ -44,7 +54,7 @@ COUNT_INTERVAL: Final = 1.0
 class PresenceOut(Protocol):
     """Where local presence goes to peers (`_cluster.Broadcaster`)."""
 
-    def send_presence(self, room: str, name: str, *, joined: bool) -> None: ...
+    def send_presence(self, room: str, name: str, *, joined: bool, owner: bytes) -> None: ...
 
     def send_typing(self, room: str, name: str) -> None: ...
 
@@ -71,8 +81,12 @@ class Presence:
         self._count_due: set[str] = set()
         #: Members of each room on each peer: peer -> room -> name -> connections.
         self._remote: dict[str, dict[str, collections.Counter[str]]] = {}
-        #: Skeletons of the names in ``_remote``; None when it changed since.
-        self._remote_keys: frozenset[str] | None = None
+        #: The owner of each name of each peer, where it said (open mode): peer -> name -> owner.
+        self._owners: dict[str, dict[str, bytes]] = {}
+        #: The owners of the local members' names that have one: name -> owner.
+        self._local_owners: dict[str, bytes] = {}
+        #: `remote_holders`; None when remote presence changed since.
+        self._holders: dict[str, frozenset[bytes]] | None = None
 
     # -- local --------------------------------------------------------------------------
 
@@ -87,17 +101,22 @@ class Presence:
     def announce(self, room: str, member: Member) -> None:
         """Tell ``room``, here and on peers, that ``member`` arrived."""
         self._arrived(room, member.name)
+        if member.owner:
+            self._local_owners[member.name] = member.owner
         self._tell(room, PresenceEvent(room=room, joined=member.name), member)
         if self._peers is not None:
-            self._peers.send_presence(room, member.name, joined=True)
+            self._peers.send_presence(room, member.name, joined=True, owner=member.owner)
 
     def leave(self, room: str, member: Member) -> None:
         """Unsubscribe ``member`` from ``room``; if it was in, tell the room everywhere."""
         if self._hub.unsubscribe(room, member):
             self._departed(room, member.name)
-            self._tell(room, PresenceEvent(room=room, left=member.name), member)
+            if not self._hub.rooms_of(member):
+                self._local_owners.pop(member.name, None)
+            if self._gone(room, [member.name]):
+                self._tell(room, PresenceEvent(room=room, left=member.name), member)
             if self._peers is not None:
-                self._peers.send_presence(room, member.name, joined=False)
+                self._peers.send_presence(room, member.name, joined=False, owner=b"")
 
     def typing(self, room: str, event: TypingEvent, member: Member) -> None:
         self._hub.publish_nowait(room, event, exclude=member)
@@ -125,6 +144,16 @@ class Presence:
         """This node's members of each room: the snapshot peers get."""
         return {room: self._hub.members(room) for room in self._hub.room_names()}
 
+    def local_owners(self) -> dict[str, bytes]:
+        """The owners of this node's members' names, where known: what peers get with
+        `local_rooms`."""
+        return dict(self._local_owners)
+
+    def _gone(self, room: str, names: Iterable[str]) -> list[str]:
+        """Those of ``names`` that no session holds in ``room`` any more, here or on a peer."""
+        held = self._names.get(room, ())
+        return [name for name in names if name not in held]
+
     # -- remote -------------------------------------------------------------------------
 
     def remote_names(self) -> set[str]:
@@ -133,25 +162,35 @@ class Presence:
             name for rooms in self._remote.values() for names in rooms.values() for name in names
         }
 
-    def remote_name_keys(self) -> frozenset[str]:
-        """The confusable skeletons of every name in a room on a peer, kept until remote
-        presence changes.
+    def remote_holders(self) -> dict[str, frozenset[bytes]]:
+        """For each confusable skeleton of a name in a room on a peer, the owners of the
+        names that hold it (``b""`` for a name whose peer gave no owner), kept until
+        remote presence changes.
 
         A join storm claims many names while remote presence stands still: each claim
-        is then a set lookup, not a pass over every remote name.
+        is then a few dict lookups, not a pass over every remote name.
         """
-        if self._remote_keys is None:
-            self._remote_keys = frozenset(
-                key for name in self.remote_names() for key in name_keys(name)
-            )
-        return self._remote_keys
+        if self._holders is None:
+            holders: dict[str, set[bytes]] = {}
+            for peer, rooms in self._remote.items():
+                owners = self._owners.get(peer, {})
+                for name in {name for names in rooms.values() for name in names}:
+                    for key in name_keys(name):
+                        holders.setdefault(key, set()).add(owners.get(name, b""))
+            self._holders = {key: frozenset(owners) for key, owners in holders.items()}
+        return self._holders
 
-    def remote_change(self, peer: str, room: str, name: str, *, joined: bool) -> None:
-        """A peer's session joined or left ``room``; a name with several sessions there
-        arrives with the first and leaves with the last."""
-        self._remote_keys = None
-        names = self._remote.setdefault(peer, {}).setdefault(room, collections.Counter())
+    def remote_change(
+        self, peer: str, room: str, name: str, *, joined: bool, owner: bytes = b""
+    ) -> None:
+        """A peer's session (of ``owner``, if it said) joined or left ``room``; a name
+        with several sessions there arrives with the first and leaves with the last."""
+        self._holders = None
+        rooms = self._remote.setdefault(peer, {})
+        names = rooms.setdefault(room, collections.Counter())
         if joined:
+            if owner:
+                self._owners.setdefault(peer, {})[name] = owner
             names[name] += 1
             if names[name] == 1:
                 self._arrived(room, name)
@@ -160,13 +199,23 @@ class Presence:
             names[name] -= 1
             if names[name] == 0:
                 del names[name]
+                if not any(name in others for others in rooms.values()):
+                    self._owners.get(peer, {}).pop(name, None)
                 self._departed(room, name)
-                self._tell(room, PresenceEvent(room=room, left=name))
+                if self._gone(room, [name]):
+                    self._tell(room, PresenceEvent(room=room, left=name))
 
-    def remote_snapshot(self, peer: str, rooms: dict[str, list[str]]) -> None:
-        """A peer's whole presence: tell each room the difference from what we had."""
+    def remote_snapshot(
+        self, peer: str, rooms: dict[str, list[str]], owners: dict[str, bytes] | None = None
+    ) -> None:
+        """A peer's whole presence (and its names' ``owners``, if it said): tell each room
+        the difference from what we had."""
         old = self._remote.get(peer, {})
         new = {room: collections.Counter(names) for room, names in rooms.items()}
+        self._remote[peer] = new
+        present = {name for names in rooms.values() for name in names}
+        self._owners[peer] = {n: o for n, o in (owners or {}).items() if o and n in present}
+        self._holders = None
         for room in old.keys() | new.keys():
             before, after = set(old.get(room, ())), set(new.get(room, ()))
             for name in after - before:
@@ -174,14 +223,14 @@ class Presence:
                 self._tell(room, PresenceEvent(room=room, joined=name))
             for name in before - after:
                 self._departed(room, name)
+            for name in self._gone(room, before - after):
                 self._tell(room, PresenceEvent(room=room, left=name))
-        self._remote[peer] = new
-        self._remote_keys = None
 
     def peer_down(self, peer: str) -> None:
-        """A peer is gone: its members leave their rooms."""
+        """A peer is gone: its members leave their rooms (their names stay listed where
+        another session holds them)."""
         self.remote_snapshot(peer, {})
-        del self._remote[peer]
+        del self._remote[peer], self._owners[peer]
 
     def remote_typing(self, room: str, name: str) -> None:
         self._hub.publish_nowait(room, TypingEvent(room=room, sender=name))

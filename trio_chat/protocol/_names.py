@@ -1,4 +1,4 @@
-"""Nicknames: what a name may be, and when two names are one.
+"""Nicknames: what a name may be, when two names are one, and whose a name is.
 
 Theory of operation: this module is pure (no trio, no clock, no sockets). A name from a
 client goes through `normalize_name_untrusted`: NFKC, then the nickname pattern, then a
@@ -14,11 +14,15 @@ right-to-left characters in direction marks for display); `prototypes` recovers 
 direction: a source has exactly one entry, and was written before a prototype that is new
 on the source's line, while a prototype has several entries, or was written after its one
 source.
+
+A name's owner (open mode) is `owner_digest` of the secret its client sent
+(``?client_id=``): nodes tell each other owners, never secrets.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib.resources
 import json
 import re
@@ -33,6 +37,8 @@ NAME_PATTERN: Final = r"\w[\w.-]{0,31}"
 MAX_NAME_INPUT: Final = 128
 
 _NAME_RE: Final = re.compile(NAME_PATTERN)
+# The BLAKE2b personalization of `owner_digest`: its digests never equal a retry key's.
+_OWNER_PERSON: Final = b"trio-chat owner"
 # Control, format, line and paragraph separators, private use, surrogates, unassigned.
 _INVISIBLE_CATEGORIES: Final = frozenset({"Cc", "Cf", "Zl", "Zp", "Co", "Cs", "Cn"})
 # Default_Ignorable_Code_Point (Unicode 15, DerivedCoreProperties.txt): characters shown
@@ -121,3 +127,12 @@ def name_keys(name: str) -> frozenset[str]:
     (``Iion`` and ``lion``), so a name holds both.
     """
     return frozenset((skeleton(name), skeleton(name.casefold())))
+
+
+def owner_digest(client_id: str) -> bytes:
+    """The owner of the names of the client with secret ``client_id``, as peers learn it.
+
+    The digest cannot be turned back into the secret, and a client presents a secret,
+    never a digest: knowing an owner gains nothing.
+    """
+    return hashlib.blake2b(client_id.encode(), digest_size=16, person=_OWNER_PERSON).digest()

@@ -35,6 +35,12 @@ class Member(Protocol):
     def deliver_nowait(self, out: Outgoing) -> None:
         """Queue a broadcast for the client. Must not block or raise."""
 
+    @property
+    def owner(self) -> bytes:
+        """Open mode: a digest of the client's secret (``?client_id=``) that tells its
+        sessions from anyone else's, on every node; ``b""`` without one (and in jwt mode,
+        where names come from tokens)."""
+
     def retry_key(self, cid: str) -> str:
         """The store's dedupe key for this client's ``cid``."""
 
@@ -83,8 +89,11 @@ class ChatService(Protocol):
 
     # -- names --------------------------------------------------------------------------
 
-    def claim_name(self, wanted: str) -> str:
-        """Reserve ``wanted`` or, if it is taken, a numbered variant; return it."""
+    def claim_name(self, wanted: str, owner: bytes) -> str:
+        """Reserve ``wanted`` or, if it is taken, a numbered variant; return it.
+
+        A name held only by sessions of ``owner`` on peers is not taken (`Member.owner`).
+        """
 
     def rename(self, member: Member, wanted: str) -> None:
         """Free ``member``'s name and claim ``wanted`` (sets ``member.name``)."""

@@ -25,7 +25,7 @@ import trio
 
 from .._errors import ProtocolError, StoreError
 from ..protocol._codes import CLOSE_POLICY, CLOSE_SLOW, CLOSE_TOKEN_EXPIRED
-from ..protocol._names import normalize_name_untrusted
+from ..protocol._names import normalize_name_untrusted, owner_digest
 from ..protocol._wire import (
     BAD_NAME,
     Delete,
@@ -129,15 +129,21 @@ class Session:
         self._url_token = token
         #: When the token expires, on trio's clock (+inf in open mode).
         self._expires_at = math.inf
-        normalized = None if name is None else normalize_name_untrusted(name)
-        self._bad_name = name is not None and normalized is None and self._tokens is None
-        self.name = node.claim_name(normalized or "guest") if self._tokens is None else ""
         self._bad_client_id = client_id is not None and not is_valid_client_id(client_id)
-        #: Whose retries a cid dedupes against: the client's secret, never a name
-        #: (anyone can ask for a name). Without one, this connection alone.
+        #: Open mode: whose name this is, on any node (`Member.owner`).
+        self.owner = b""
         if client_id is None or self._bad_client_id:
             client_id = secrets.token_urlsafe(16)
+        elif self._tokens is None:
+            self.owner = owner_digest(client_id)
+        #: Whose retries a cid dedupes against: the client's secret, never a name
+        #: (anyone can ask for a name). Without one, this connection alone.
         self._retry_secret = client_id
+        normalized = None if name is None else normalize_name_untrusted(name)
+        self._bad_name = name is not None and normalized is None and self._tokens is None
+        self.name = (
+            node.claim_name(normalized or "guest", self.owner) if self._tokens is None else ""
+        )
         self._settings = node.settings
         self._bucket = TokenBucket(
             self._settings.rate_limit, self._settings.rate_burst, trio.current_time
@@ -447,9 +453,7 @@ class Session:
         if room in rooms:
             raise ProtocolError("already_joined", f"already in {room!r}")
         if len(rooms) >= self._settings.max_rooms:
-            raise ProtocolError(
-                "too_many_rooms", f"at most {self._settings.max_rooms} rooms at once"
-            )
+            raise ProtocolError("too_many_rooms", f"at most {self._settings.max_rooms} rooms")
         held: list[Outgoing] = []
         self._held[room] = held
         self._held_bytes = 0
