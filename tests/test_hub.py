@@ -21,6 +21,7 @@ from trio_chat.server._hub import Hub, Outgoing
 class Recorder:
     def __init__(self, name: str) -> None:
         self.name = name
+        self.owner = b""  # no client secret: its name is nobody else's to take over
         self.frames: list[Outgoing] = []
 
     def deliver_nowait(self, out: Outgoing) -> None:
