@@ -68,6 +68,13 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def free_udp_port() -> int:
+    """A free UDP port: a cluster port of the run's own, as every test has."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def raise_nofile(want: int = 65536) -> int:
     """Raise RLIMIT_NOFILE as far as the hard limit allows; children inherit it."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)

@@ -1,5 +1,8 @@
 """Persistence cost: accepted messages/s with the SQLite store vs the in-memory store.
 
+Our server runs as ``make run`` runs it: the host cluster on (a cluster port of the run's
+own; ``--cluster off`` for the older rows), SQLite first.
+
 S senders (default 16), each alone in its own room, each keeping a window of W sends in
 flight (default 8) for the whole window: the next send goes out when an ack comes back.
 An ack means the message was accepted (with SQLite: committed, group commit), so acks/s is
@@ -19,6 +22,7 @@ from _harness import (
     base_parser,
     connect_clients,
     console,
+    free_udp_port,
     percentiles,
     pinning,
     print_table,
@@ -30,7 +34,8 @@ from _loadgen import LoadPool, decode_hist_into, new_histogram
 
 def main() -> None:
     p = base_parser(__doc__.splitlines()[0], ["ours"])
-    p.add_argument("--stores", default="memory,sqlite", help="TRIO_CHAT_STORE values to compare")
+    p.add_argument("--stores", default="sqlite,memory", help="TRIO_CHAT_STORE values to compare")
+    p.add_argument("--cluster", default="host", help="TRIO_CHAT_CLUSTER (host: as make run)")
     p.add_argument("--senders", type=int, default=16)
     p.add_argument("--window", type=int, default=8, help="un-acked sends per sender")
     p.add_argument("--seconds", type=float, default=10.0)
@@ -48,7 +53,14 @@ def main() -> None:
     try:
         for kind in kinds:
             for store in args.stores.split(","):
-                server = start_server(kind, results.logs, pin=pin, store=store)
+                server = start_server(
+                    kind,
+                    results.logs,
+                    pin=pin,
+                    store=store,
+                    cluster=args.cluster,
+                    extra_env={"TRIO_CHAT_CLUSTER_PORT": str(free_udp_port())},
+                )
                 try:
                     console.rule(f"{server.label}, store={store}: {args.senders} senders")
                     connect_clients(pool, server, args.senders, "s", ["p"], distinct_rooms=True)
@@ -73,7 +85,7 @@ def main() -> None:
                 run = {
                     "server": kind,
                     "store": store,
-                    "label": f"{server.label}, {store}",
+                    "label": f"{server.label}, {store}, cluster {args.cluster}",
                     "senders": args.senders,
                     "window": args.window,
                     "sent": sum(r["sent"] for r in replies),

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, Final
 import httpx
 import psutil
 import trio
-from _harness import Results, console, plt, print_table, start_server
+from _harness import Results, console, free_udp_port, plt, print_table, start_server
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from wsproto import ConnectionState, ConnectionType, WSConnection
 from wsproto.events import (
@@ -101,7 +101,7 @@ def main() -> None:
         cluster="host",
         # Rate limit on (the harness turns it off for throughput runs): the hostile
         # client's floods must meet it. A cluster port of our own, as every test has.
-        extra_env={"TRIO_CHAT_RATE_LIMIT": "10", "TRIO_CHAT_CLUSTER_PORT": str(_free_udp_port())},
+        extra_env={"TRIO_CHAT_RATE_LIMIT": "10", "TRIO_CHAT_CLUSTER_PORT": str(free_udp_port())},
     )
     try:
         run = trio.run(_soak, args, server)
@@ -518,12 +518,6 @@ class Client:
 
 
 # --- measuring -------------------------------------------------------------------------
-
-
-def _free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _fds(server: Server) -> int:

@@ -15,7 +15,7 @@ from trio_chat.protocol._wire import (
     TypingEvent,
     decode_events,
 )
-from trio_chat.server._hub import Hub, Outgoing
+from trio_chat.server._hub import Hub, Item, Outgoing
 
 
 class Recorder:
@@ -120,3 +120,44 @@ async def test_a_big_room_gets_head_counts_once_per_interval_and_its_list_back_w
     assert presence.snapshot("r") == (["a"], 1)
     presence.leave("r", a)  # type: ignore[arg-type]
     assert presence.snapshot("r") == ([], 0)
+
+async def test_a_commit_is_one_item_and_a_sender_gets_its_messages_and_acks_in_one_frame(
+    nursery: trio.Nursery,
+) -> None:
+    hub = Hub()
+    sender, other, gone = Recorder("sender"), Recorder("other"), Recorder("gone")
+    hub.subscribe("r", sender)
+    hub.subscribe("r", other)
+    await nursery.start(hub.run)
+    acks = [Ack(id=message(n).id, cid=f"c{n}") for n in (1, 2)]
+    # gone left the room before its message was committed: it still gets its ack
+    await hub.publish_many(
+        [
+            Item("r", message(1)),
+            Item("r", acks[0], only=sender),
+            Item("r", message(2)),
+            Item("r", acks[1], only=sender),
+            Item("r", message(3)),
+            Item("r", Ack(id=message(3).id), only=gone),
+        ]
+    )
+    await trio.testing.wait_all_tasks_blocked()
+    assert len(sender.frames) == 1
+    assert sender.events() == [message(1), acks[0], message(2), acks[1], message(3)]
+    assert len(other.frames) == 1
+    assert other.events() == [message(1), message(2), message(3)]
+    assert gone.events() == [Ack(id=message(3).id)]
+    assert hub.statistics().batches == 1
+
+
+async def test_events_only_for_others_send_nobody_an_empty_frame(nursery: trio.Nursery) -> None:
+    hub = Hub()
+    a, b = Recorder("a"), Recorder("b")
+    hub.subscribe("r", a)
+    hub.subscribe("r", b)
+    await nursery.start(hub.run)
+    await hub.publish_many([Item("r", Ack(id=message(1).id, duplicate=True), only=a)])
+    await trio.testing.wait_all_tasks_blocked()
+    assert a.events() == [Ack(id=message(1).id, duplicate=True)]
+    assert b.frames == []
+    assert hub.statistics().frames == 0

@@ -117,6 +117,18 @@ def test_any_altered_byte_fails_authentication(position: int) -> None:
         codec("b").open_untrusted(bytes(packet))
 
 
+def test_our_own_packets_are_recognized_by_their_clear_header() -> None:
+    ours = codec("a")
+    assert ours.is_own_untrusted(ours.seal(Leave(0), now=NOW))
+    assert ours.is_own_untrusted(ours.seal(Data(1, 0, 1, b"payload"), now=NOW))
+    # another node, another incarnation of us, another cluster: opened as usual
+    assert not ours.is_own_untrusted(codec("b").seal(Leave(0), now=NOW))
+    earlier = PacketCodec(secret=SECRET, cluster_id="test", node_id="a", incarnation=999)
+    assert not ours.is_own_untrusted(earlier.seal(Leave(0), now=NOW))
+    assert not ours.is_own_untrusted(codec("a", cluster="other").seal(Leave(0), now=NOW))
+    assert not ours.is_own_untrusted(b"")
+
+
 def test_same_secret_other_incarnation_key_does_not_open() -> None:
     # Keys are per incarnation: a header rewritten to another incarnation cannot open.
     packet = codec("a").seal(Leave(0), now=NOW)

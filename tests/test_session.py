@@ -81,10 +81,13 @@ async def open_session(
     session = Session(node, transport, name, client_id)
     send, receive = trio.open_memory_channel[str](10)
 
+    async def read() -> list[str]:
+        return [await receive.receive()]
+
     async def serve() -> None:
         # the end of the channel stands for the connection closing
         with contextlib.suppress(trio.EndOfChannel):
-            await session.run(receive.receive)
+            await session.run(read)
 
     nursery.start_soon(serve)
     return session, transport, send

@@ -192,7 +192,8 @@ async def echo(conn: WebSocketConnection, request: HandshakeRequest) -> None:
     if request.path == "/fail-after-accept":
         raise RuntimeError("a bug after accept")
     while True:
-        conn.send_payload_nowait((await conn.receive_message_untrusted()).encode())
+        for text in await conn.receive_messages_untrusted():
+            conn.send_payload_nowait(text.encode())
 
 
 async def start_bare(

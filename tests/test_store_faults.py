@@ -468,10 +468,14 @@ async def node_session(
     inbox = Inbox()
     # A few commands in flight at most.
     commands, receive = trio.open_memory_channel[str](10)
+
+    async def read() -> list[str]:
+        return [await receive.receive()]
+
     async with trio.open_nursery() as nursery:
         await nursery.start(node.run)
         # Not startable; it has run once `Joined` arrives, below.
-        nursery.start_soon(Session(node, inbox, "alice").run, receive.receive)  # noqa: ASYNC113
+        nursery.start_soon(Session(node, inbox, "alice").run, read)  # noqa: ASYNC113
         await commands.send('{"type":"join","room":"r"}')
         await inbox.next_of(Joined)
         yield node, inbox, commands

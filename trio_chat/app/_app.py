@@ -30,12 +30,12 @@ from ..node._node import Node, open_store
 from ..node._peer_http import cluster_secret
 from ..node._redis import RedisBus
 from ..protocol._codes import CLOSE_INTERNAL_ERROR, CLOSE_TOO_BIG, CLOSE_UNSUPPORTED
-from ..protocol._hosts import bound_to_loopback, host_allowed
+from ..protocol._hosts import bound_to_loopback, host_allowed, origin_allowed
 from ..protocol._wire import ROOM_PATTERN
 from ..server._asgi_transport import AsgiTransport
 from ..server._auth import Tokens
 from ..server._limits import RETRY_AFTER, raise_nofile_limit, refusal_body
-from ..server._session import Session, origin_allowed
+from ..server._session import Session
 from ..settings._settings import Settings
 from ._api import add_server_api
 from ._clients import resolve_scope, serve_logged_websocket
@@ -423,7 +423,7 @@ async def _serve_fallback(node: Node) -> None:
     transport = AsgiTransport(websocket.remote_addr or "?", node.settings.backlog, node.count_slow)
     max_frame = node.settings.max_frame
 
-    async def receive() -> str:
+    async def receive() -> list[str]:
         data = await websocket.receive()
         # Not ``isinstance(data, bytes)``: Quart-trio hands an empty binary message on as
         # None (``event.get("bytes") or event["text"]``).
@@ -437,7 +437,7 @@ async def _serve_fallback(node: Node) -> None:
             raise ProtocolError(
                 "too_big", f"messages are limited to {max_frame} bytes", close_code=CLOSE_TOO_BIG
             )
-        return data
+        return [data]
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(

@@ -261,6 +261,9 @@ class PacketCodec:
         self._aead = self._derive(node_id, incarnation)
         self._counter = 0
         self._header_size = len(Header(0, b"", node_id, 0, 0).encode())
+        # Our clear header up to its counter: how the datagrams we sent begin.
+        own = Header(self._key_id, self._cluster_tag, node_id, incarnation, 0).encode()
+        self._own_prefix = own[: -_TAIL.size // 2]
         # Keys of peers that already authenticated (HKDF per packet would cost ~20 us),
         # bounded since replayed authentic packets of old incarnations also get here.
         self._peer_keys: dict[tuple[str, int], ChaCha20Poly1305] = {}
@@ -300,6 +303,15 @@ class PacketCodec:
         if len(packet) > MAX_PACKET_SIZE:
             raise ValueError(f"link packet of {len(packet)} bytes exceeds {MAX_PACKET_SIZE}")
         return packet
+
+    def is_own_untrusted(self, data: bytes) -> bool:
+        """Whether ``data``'s clear header names us, this incarnation, as its sender.
+
+        The kernel loops every datagram we send back to us (the workers of this host
+        need multicast loopback). Unauthenticated: such a datagram is dropped unopened,
+        which is all an authentic or a forged one could get.
+        """
+        return data.startswith(self._own_prefix)
 
     def open_untrusted(self, data: bytes) -> Packet:
         """Authenticate, decrypt and decode a datagram.

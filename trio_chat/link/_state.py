@@ -257,6 +257,10 @@ class LinkState:
     def receive_datagram_untrusted(self, data: bytes, now: float) -> None:
         """Handle one datagram from the network; bad ones are dropped and counted."""
         self._c.packets_received += 1
+        if self._codec.is_own_untrusted(data):
+            # One of ours, looped back: not worth decrypting (a datagram per message).
+            self._c.packets_looped_back += 1
+            return
         try:
             packet = self._codec.open_untrusted(data)
         except ForeignPacket:

@@ -29,6 +29,7 @@ import trio
 
 from .._errors import ProtocolError, StoreError
 from ..protocol._wire import Ack, Deleted, ErrorEvent, Send, store_unavailable
+from ..server._hub import Item
 from ._store import Message
 
 if TYPE_CHECKING:
@@ -45,10 +46,11 @@ log = logging.getLogger("trio_chat.node")
 _Args = TypeVarTuple("_Args")
 _R = TypeVar("_R")
 
-# Messages accepted but not yet committed. A full channel makes senders wait, which
-# pushes back on their sockets while the disk catches up.
-_COMMIT_QUEUE: Final = 8192
-# Most messages per transaction: bounds one commit's latency.
+# Reads of messages accepted but not yet committed (an item is one socket read's sends,
+# at most 64 KiB of frames, or one peer's message): at most ~128 MiB of them. A full
+# channel makes senders wait, which pushes back on their sockets while the disk catches up.
+_COMMIT_QUEUE: Final = 2048
+# Most messages per transaction, give or take one item: bounds one commit's latency.
 _MAX_COMMIT_BATCH: Final = 2000
 #: Seconds from a failed commit to the next attempt; doubled after each failure.
 RETRY_FIRST: Final = 0.1
@@ -164,7 +166,9 @@ class History:
         self._ids = ids
         self._peers = peers
         self._count_error = count_error
-        self._commit_send, self._commit_receive = trio.open_memory_channel[_Pending](_COMMIT_QUEUE)
+        self._commit_send, self._commit_receive = trio.open_memory_channel[list[_Pending]](
+            _COMMIT_QUEUE
+        )
         self._read_limiter = trio.CapacityLimiter(1)
         #: Reads of a room's latest page not begun yet, that joiners share (`_latest`).
         self._latest_reads: dict[tuple[str, int], _SharedRead] = {}
@@ -184,33 +188,43 @@ class History:
 
     # -- accepting ----------------------------------------------------------------------
 
-    async def submit(self, member: Member, command: Send) -> None:
-        """Accept a client's message: id it, queue it for commit. The ack follows commit.
+    async def submit(self, member: Member, commands: list[Send]) -> None:
+        """Accept a client's messages (one read's): id them, queue them for commit as one
+        item. Each ack follows its commit.
 
         Cancellation: a checkpoint; waits while the commit queue is full. If cancelled
-        the message was not accepted (no ack is sent; the client retries with its cid).
+        no message was accepted (no ack is sent; the client retries with its cids).
 
         Raises:
           StoreError: the store is down and its next attempt is not due yet.
         """
-        self.messages_in += 1
+        self.messages_in += len(commands)
         if not self.store_up and trio.current_time() < self._retry_at:
             await trio.lowlevel.checkpoint()
             raise StoreError("the store is down; the next attempt is not due yet")
+        # One clock read for the batch: its messages are accepted in the same instant.
+        now_ns = time.time_ns()
+        ts, millis = now_ns / 1e9, now_ns // 1_000_000
+        name, uid, next_id = member.name, member.uid, self._ids.next_id
         # A retried cid is caught by the store, in the commit's own transaction: no
         # lookup per send, and two copies arriving together cannot both be stored.
-        dedupe = None if command.cid is None else member.retry_key(command.cid)
-        message = Message(
-            id=self._ids.next_id(time.time_ns() // 1_000_000),
-            room=command.room,
-            sender=member.name,
-            uid=member.uid,
-            text=command.text,
-            ts=time.time(),
-            cid=command.cid,
-            dedupe=dedupe,
-        )
-        await self._commit_send.send(_Pending(message, member))
+        batch = [
+            _Pending(
+                Message(
+                    id=next_id(millis),
+                    room=command.room,
+                    sender=name,
+                    uid=uid,
+                    text=command.text,
+                    ts=ts,
+                    cid=command.cid,
+                    dedupe=None if command.cid is None else member.retry_key(command.cid),
+                ),
+                member,
+            )
+            for command in commands
+        ]
+        await self._commit_send.send(batch)
 
     async def publish(self, sender: ApiSender, command: Send) -> Ack | ErrorEvent:
         """Accept a message from the server API and wait for its commit's answer.
@@ -218,7 +232,7 @@ class History:
         Raises:
           StoreError: as `submit`.
         """
-        await self.submit(sender, command)
+        await self.submit(sender, [command])
         await sender.answered.wait()
         assert sender.answer is not None
         return sender.answer
@@ -234,7 +248,7 @@ class History:
         Cancellation: a checkpoint; waits while the commit queue is full.
         """
         self._ids.witness(message.id)
-        await self._commit_send.send(_Pending(message, None))
+        await self._commit_send.send([_Pending(message, None)])
 
     # -- deleting -----------------------------------------------------------------------
 
@@ -293,10 +307,10 @@ class History:
                 await trio.sleep_until(self._retry_at)
                 batch, held = held, []
             else:
-                batch = [await self._commit_receive.receive()]
+                batch = list(await self._commit_receive.receive())
             while len(batch) < _MAX_COMMIT_BATCH:
                 try:
-                    batch.append(self._commit_receive.receive_nowait())
+                    batch.extend(self._commit_receive.receive_nowait())
                 except trio.WouldBlock:
                     break
             try:
@@ -316,6 +330,7 @@ class History:
     async def _refuse_commit(self, batch: list[_Pending]) -> list[_Pending]:
         """Tell a failed commit's local senders; return the other nodes' messages."""
         held = []
+        refusals = []
         for pending in batch:
             message = pending.message
             if pending.sender is None:
@@ -323,14 +338,18 @@ class History:
                 continue
             self._count_error("store_unavailable")
             refusal = store_unavailable(message.room, message.cid)
-            await self._hub.publish_to(pending.sender, message.room, refusal)
-        await trio.lowlevel.checkpoint()  # other nodes' messages only: nothing awaited
+            refusals.append(Item(message.room, refusal, only=pending.sender))
+        if refusals:
+            await self._hub.publish_many(refusals)
+        else:
+            await trio.lowlevel.checkpoint()  # other nodes' messages only: nothing awaited
         return held
 
     async def _publish_commit(self, batch: list[_Pending], duplicates: dict[str, str]) -> None:
-        """Broadcast, forward and ack what one commit stored, in order."""
+        """Broadcast, forward and ack what one commit stored, in order: one hub item."""
         self.commits += 1
         self.committed += len(batch) - len(duplicates)
+        items = []
         for pending in batch:
             message = pending.message
             first = duplicates.get(message.id)
@@ -338,15 +357,18 @@ class History:
                 self.duplicates += 1
                 if pending.sender is not None:
                     ack = Ack(id=first, cid=message.cid, duplicate=True)
-                    await self._hub.publish_to(pending.sender, message.room, ack)
+                    items.append(Item(message.room, ack, only=pending.sender))
                 continue
             if pending.sender is not None and self._peers is not None:
                 self._peers.send_message(message)
-            await self._hub.publish(message.room, message.event())
+            items.append(Item(message.room, message.event()))
             if pending.sender is not None:
                 ack = Ack(id=message.id, cid=message.cid)
-                await self._hub.publish_to(pending.sender, message.room, ack)
-        await trio.lowlevel.checkpoint()  # a batch of other nodes' duplicates awaits nothing
+                items.append(Item(message.room, ack, only=pending.sender))
+        if items:
+            await self._hub.publish_many(items)
+        else:
+            await trio.lowlevel.checkpoint()  # a batch of other nodes' duplicates awaits nothing
 
     # -- reading ------------------------------------------------------------------------
 

@@ -175,8 +175,8 @@ class Node:
     def typing(self, room: str, event: TypingEvent, member: Member) -> None:
         self.presence.typing(room, event, member)
 
-    async def submit(self, member: Member, command: Send) -> None:
-        await self.history.submit(member, command)
+    async def submit(self, member: Member, commands: list[Send]) -> None:
+        await self.history.submit(member, commands)
 
     def submit_would_wait(self) -> bool:
         return self.history.submit_would_wait()

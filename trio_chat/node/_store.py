@@ -223,15 +223,16 @@ class SqliteStore:
             _rollback(db)
             db.execute("BEGIN IMMEDIATE")
             try:
-                db.executemany(insert, [_row(m) for m in messages if m.dedupe is None])
-                # One at a time: a send whose key is taken must learn the first one's id.
-                for m in messages:
-                    if m.dedupe is not None and db.execute(insert, _row(m)).rowcount == 0:
-                        (first,) = db.execute(
+                inserted = db.executemany(insert, [_row(m) for m in messages]).rowcount
+                # Some were not inserted (ids already stored, or taken dedupe keys): a send
+                # whose key is taken must learn the first one's id.
+                for m in messages if inserted < len(messages) else ():
+                    if m.dedupe is not None:
+                        found = db.execute(
                             "SELECT id FROM messages WHERE dedupe = ?", (m.dedupe,)
                         ).fetchone()
-                        if first != m.id:
-                            duplicates[m.id] = first
+                        if found is not None and found[0] != m.id:
+                            duplicates[m.id] = found[0]
                 # A deleted message healed from a peer keeps its tombstone.
                 db.executemany(_TOMBSTONE, [(m.id, m.room) for m in messages if m.deleted])
                 # In WAL mode the pages reach the disk here: a full disk fails the COMMIT,

@@ -106,3 +106,25 @@ def _is_loopback(name: str) -> bool:
         return ipaddress.ip_address(name).is_loopback
     except ValueError:
         return False
+
+
+def origin_allowed(origin: str | None, host: str, allowed: frozenset[str], *, secure: bool) -> bool:
+    """Whether a WebSocket from a page at ``origin`` may connect to ``host``.
+
+    Clients that are not browsers send no Origin and are allowed. A page's own origin is
+    allowed: its host must equal the requested host, ports aside, because the chat
+    socket listens on another port than the page; and a plain ``http://`` page may not
+    open a socket the client reached over TLS (``secure``: ours, or a trusted proxy's
+    ``X-Forwarded-Proto``), since on that name it is another, weaker origin that a
+    network attacker can write. Others must be listed.
+    """
+    if origin is None or origin.rstrip("/") in allowed:
+        return True
+    try:
+        parts = urllib.parse.urlsplit(origin)
+        request_host = urllib.parse.urlsplit("//" + host).hostname
+    except ValueError:  # an unclosed IPv6 bracket, say
+        return False
+    if secure and parts.scheme != "https":
+        return False
+    return parts.hostname is not None and parts.hostname == request_host

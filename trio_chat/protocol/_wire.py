@@ -11,12 +11,15 @@ docs/protocol.md: fields may be added, never renamed.
 from __future__ import annotations
 
 import re
-from typing import Annotated, Final
+from typing import TYPE_CHECKING, Annotated, Final
 
 import msgspec
 
 from .._errors import ProtocolError
 from ._names import MAX_NAME_INPUT, normalize_name_untrusted
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
 
 #: Room names: a letter or digit, then up to 63 letters, digits, ``_`` or ``-``.
 ROOM_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
@@ -385,3 +388,18 @@ def decode_events(data: bytes | str) -> list[Event]:
     if isinstance(data, str):
         data = data.encode()
     return [_event_decoder.decode(line) for line in data.split(b"\n") if line]
+
+
+def encode_in_frames(events: list[Event], size: int) -> Iterator[bytes]:
+    """``events`` as frame payloads of about ``size`` bytes (whole events each)."""
+    lines: list[bytes] = []
+    total = 0
+    for event in events:
+        line = _encoder.encode(event)
+        lines.append(line)
+        total += len(line) + 1
+        if total >= size:
+            yield b"\n".join(lines)
+            lines, total = [], 0
+    if lines:
+        yield b"\n".join(lines)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..protocol._hosts import origin_allowed as origin_allowed
 from ._asgi_transport import AsgiTransport as AsgiTransport
 from ._boundary import FailureBoundary as FailureBoundary
 from ._chat_socket import handle_chat_socket as handle_chat_socket
@@ -15,7 +16,6 @@ from ._limits import default_max_connections as default_max_connections
 from ._listener import ChatSocketStatistics as ChatSocketStatistics
 from ._listener import WebSocketServer as WebSocketServer
 from ._session import Session as Session
-from ._session import origin_allowed as origin_allowed
 
 __all__ = [
     "AsgiTransport",

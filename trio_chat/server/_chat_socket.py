@@ -9,10 +9,10 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from ..protocol._hosts import host_allowed
+from ..protocol._hosts import host_allowed, origin_allowed
 from ._connection import ConnectionClosed
 from ._connection_log import log_open
-from ._session import Session, origin_allowed
+from ._session import Session
 
 if TYPE_CHECKING:
     from ._connection import HandshakeRequest, WebSocketConnection
@@ -60,4 +60,4 @@ async def handle_chat_socket(
     )
     node.register(session)
     with contextlib.suppress(ConnectionClosed):
-        await session.run(conn.receive_message_untrusted)
+        await session.run(conn.receive_messages_untrusted)

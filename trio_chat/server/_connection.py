@@ -22,7 +22,6 @@ from wsproto.events import (
     BytesMessage,
     CloseConnection,
     Ping,
-    Pong,
     RejectConnection,
     Request,
     TextMessage,
@@ -107,6 +106,11 @@ class WebSocketConnection(OutboundPath):
         #: Messages read by `cancel_on_close` while a command ran, for the session.
         self._stash: collections.deque[Event] = collections.deque()
         self._stash_size = 0
+        #: The text of a fragmented message so far, and its size in bytes.
+        self._parts: list[str] = []
+        self._parts_size = 0
+        #: A refusal that followed messages of the same read: raised by the next read.
+        self._refused: ProtocolError | None = None
         self.accepted = False
         #: When it was accepted (`trio.current_time`), for the close's log line.
         self.accepted_at = 0.0
@@ -265,7 +269,7 @@ class WebSocketConnection(OutboundPath):
         with contextlib.suppress(ConnectionClosed):
             while not self._close_received:
                 try:
-                    await self.receive_message_untrusted()
+                    await self.receive_messages_untrusted()
                 except ProtocolError:
                     continue
         await self.wait_done()
@@ -279,7 +283,7 @@ class WebSocketConnection(OutboundPath):
         For commands that may wait (a store read, a full commit queue, a reply waiting
         for the client to read): a close that arrives meanwhile is answered at once and
         cancels the body, and pings are answered. Messages that arrive meanwhile are
-        kept for `receive_message_untrusted`, up to about the message size limit; past
+        kept for `receive_messages_untrusted`, up to about the message size limit; past
         it, reading waits for the body to end (a close behind them is read then).
 
         Raises:
@@ -340,48 +344,44 @@ class WebSocketConnection(OutboundPath):
             yield event
         yield from self._ws.events()
 
-    async def receive_message_untrusted(self) -> str:
-        """Receive the next complete text message.
+    # What one read completed returns at once: the caller's next call reads (a checkpoint).
+    async def receive_messages_untrusted(self) -> list[str]:
+        """Receive the complete text messages of the client's next bytes (at least one).
 
+        Every message one socket read completes comes back in one list, so the session
+        handles them as one batch (its sends become one item of the commit queue).
         Answers pings and the client's close frame by itself.
 
         Raises:
           ConnectionClosed: the connection ended.
           ProtocolError: the client sent a binary message (close 1003) or a message over
             the size limit (close 1009). The connection must then be closed with
-            ``close_code``.
+            ``close_code``. A refusal or a close that follows messages is raised by the
+            next call, once those messages were handled, as if read one at a time.
         """
-        parts: list[str] = []
-        size = 0
+        if self._refused is not None:
+            refused, self._refused = self._refused, None
+            raise refused
+        messages: list[str] = []
         while True:
             for event in self._events():
-                if isinstance(event, TextMessage):
-                    size += len(event.data.encode())
-                    if size > self._max_message:
-                        raise ProtocolError(
-                            "too_big",
-                            f"messages are limited to {self._max_message} bytes",
-                            close_code=CLOSE_TOO_BIG,
-                        )
-                    parts.append(event.data)
-                    if event.message_finished:
-                        return "".join(parts)
-                elif isinstance(event, BytesMessage):
-                    raise ProtocolError(
-                        "binary_unsupported",
-                        "binary frames are not part of the protocol: send JSON text",
-                        close_code=CLOSE_UNSUPPORTED,
-                    )
-                elif isinstance(event, Ping):
-                    # After our close frame wsproto refuses a pong (and the client
-                    # needs none): a ping then is dropped.
-                    if not self._output_closed:
-                        self.send_nowait(self._ws.send(event.response()))
+                try:
+                    text = self._message_untrusted(event)
+                except ProtocolError as exc:
+                    if not messages:
+                        raise
+                    self._refused = exc
+                    return messages
+                if text is not None:
+                    messages.append(text)
                 elif isinstance(event, CloseConnection):
+                    if messages:
+                        self._stash.appendleft(event)
+                        return messages
                     self._answer_close(event)
                     raise ConnectionClosed(event.code, event.reason or "")
-                elif isinstance(event, Pong):
-                    pass
+            if messages:
+                return messages  # noqa: ASYNC910
             data = await self._receive_bytes()
             self.received_since_ping = True
             if not data:
@@ -389,6 +389,40 @@ class WebSocketConnection(OutboundPath):
                 self._finish()
                 raise ConnectionClosed(CLOSE_ABNORMAL, "connection lost")
             self._ws.receive_data(data)
+
+    def _message_untrusted(self, event: Event) -> str | None:
+        """The message ``event`` completes, if any; answers a ping."""
+        if isinstance(event, TextMessage):
+            data = event.data
+            # A character is at most 4 bytes: a short whole message needs no byte count.
+            if self._parts or not event.message_finished or len(data) * 4 > self._max_message:
+                self._parts_size += len(data.encode())
+                if self._parts_size > self._max_message:
+                    self._parts, self._parts_size = [], 0
+                    raise ProtocolError(
+                        "too_big",
+                        f"messages are limited to {self._max_message} bytes",
+                        close_code=CLOSE_TOO_BIG,
+                    )
+            if not event.message_finished:
+                self._parts.append(data)
+                return None
+            if self._parts:
+                self._parts.append(data)
+                data = "".join(self._parts)
+                self._parts, self._parts_size = [], 0
+            return data
+        if isinstance(event, BytesMessage):
+            raise ProtocolError(
+                "binary_unsupported",
+                "binary frames are not part of the protocol: send JSON text",
+                close_code=CLOSE_UNSUPPORTED,
+            )
+        # After our close frame wsproto refuses a pong (and the client needs none): a
+        # ping then is dropped.
+        if isinstance(event, Ping) and not self._output_closed:
+            self.send_nowait(self._ws.send(event.response()))
+        return None
 
     def _answer_close(self, event: CloseConnection) -> None:
         """Answer the client's close at once; end the connection when it is written.

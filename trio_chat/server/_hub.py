@@ -1,10 +1,13 @@
 """The hub: rooms, their subscribers, and the one task that fans broadcasts out.
 
-Publishers put events into a bounded memory channel. The fan-out task takes everything
-waiting, groups it by room, encodes each room's run of events once (one payload of
-newline-joined JSON, framed once) and hands the same `Outgoing` to every subscriber, whose
+Publishers put events into a bounded memory channel, one item per call: one event, or a
+whole commit's messages and acks (`Hub.publish_many`). The fan-out task takes everything
+waiting, groups it by room, encodes each room's events once (one payload of newline-joined
+JSON, framed once) and hands the same `Outgoing` to every subscriber, whose
 ``deliver_nowait`` is a non-blocking write. No per-recipient await: that is what keeps the
-cost of a delivery near one syscall.
+cost of a delivery near one syscall. A subscriber some of the room's events are only for
+(its acks) or not for (its own presence) gets one frame of its own instead, in the same
+order: a sender's messages and their acks reach it in one write.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ if TYPE_CHECKING:
     from collections.abc import Iterable
 
 # Room for a burst from every connection at once; a full channel makes publishers wait,
-# which pushes back on their sockets instead of growing memory.
+# which pushes back on their sockets instead of growing memory. An item is one event or
+# one commit's events (at most twice the commit task's batch bound).
 _QUEUE_SIZE: Final = 4096
 # Events taken per round: bounds a frame's size and the time between checkpoints.
 _MAX_BATCH: Final = 512
@@ -77,7 +81,9 @@ class HubStatistics:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class _Item:
+class Item:
+    """One event for a room's subscribers (`Hub.publish_many`)."""
+
     room: str
     event: Event
     #: Everyone in the room but this subscriber (typing, presence)...
@@ -92,7 +98,7 @@ class Hub:
     def __init__(self) -> None:
         self._rooms: dict[str, dict[Subscriber, None]] = {}
         self._subscribed: dict[Subscriber, set[str]] = {}
-        self._send, self._receive = trio.open_memory_channel[_Item](_QUEUE_SIZE)
+        self._send, self._receive = trio.open_memory_channel[list[Item]](_QUEUE_SIZE)
         self._batches = 0
         self._frames = 0
         self._deliveries = 0
@@ -139,19 +145,26 @@ class Hub:
 
         Cancellation: a checkpoint; waits only while the hub's queue is full.
         """
-        await self._send.send(_Item(room, event, exclude))
+        await self._send.send([Item(room, event, exclude)])
+
+    async def publish_many(self, items: list[Item]) -> None:
+        """Queue ``items`` in order, as one item of the hub's queue.
+
+        Cancellation: as `publish`.
+        """
+        await self._send.send(items)
 
     async def publish_to(self, sub: Subscriber, room: str, event: Event) -> None:
         """Queue ``event`` for ``sub`` alone, in order with the room's broadcasts.
 
         Cancellation: as `publish`.
         """
-        await self._send.send(_Item(room, event, only=sub))
+        await self._send.send([Item(room, event, only=sub)])
 
     def publish_nowait(self, room: str, event: Event, *, exclude: Subscriber | None = None) -> bool:
         """Queue an ephemeral event (typing); False, and dropped, if the queue is full."""
         try:
-            self._send.send_nowait(_Item(room, event, exclude))
+            self._send.send_nowait([Item(room, event, exclude)])
         except trio.WouldBlock:
             return False
         return True
@@ -164,36 +177,37 @@ class Hub:
         """The fan-out task: deliver everything published, forever."""
         task_status.started()
         while True:
-            batch = [await self._receive.receive()]
+            batch = list(await self._receive.receive())
             while len(batch) < _MAX_BATCH:
                 try:
-                    batch.append(self._receive.receive_nowait())
+                    batch.extend(self._receive.receive_nowait())
                 except trio.WouldBlock:
                     break
             self._batches += 1
             writes = 0
-            for room, only, items in _runs(batch):
-                if only is not None:
-                    only.deliver_nowait(Outgoing(room, [item.event for item in items]))
-                    continue
-                subs = self._rooms.get(room)
-                if not subs:
-                    continue
-                shared = Outgoing(room, [item.event for item in items])
-                # Events meant for all but one (typing, presence) share the frame; only
-                # the subscribers they exclude get a frame of their own without them.
-                excluded = {item.exclude for item in items if item.exclude is not None}
-                self._frames += 1
-                for sub in list(subs):
-                    if sub not in excluded:
-                        sub.deliver_nowait(shared)
-                    else:
-                        own = _without(room, items, sub)
-                        if own.events:
-                            sub.deliver_nowait(own)
+            for room, items in _per_room(batch).items():
+                subs = self._rooms.get(room, {})
+                # Subscribers that get a frame of their own: those some events are only
+                # for (acks, refusals; they may have left the room) or not for.
+                own = {item.only for item in items if item.only is not None}
+                own.update(item.exclude for item in items if item.exclude is not None)
+                for sub in own:
+                    events = _events_for(items, sub, sub in subs)
+                    if events:
+                        sub.deliver_nowait(Outgoing(room, events))
                     writes += 1
                     if writes % _WRITES_PER_CHECKPOINT == 0:
                         await trio.lowlevel.checkpoint()
+                others = [sub for sub in subs if sub not in own]
+                shared = [i.event for i in items if i.only is None] if others else []
+                if shared:
+                    out = Outgoing(room, shared)
+                    self._frames += 1
+                    for sub in others:
+                        sub.deliver_nowait(out)
+                        writes += 1
+                        if writes % _WRITES_PER_CHECKPOINT == 0:
+                            await trio.lowlevel.checkpoint()
                 self._deliveries += len(subs)
             await trio.lowlevel.checkpoint()
 
@@ -209,21 +223,24 @@ class Hub:
         )
 
 
-_Run = tuple[str, "Subscriber | None", list[_Item]]
-
-
-def _runs(batch: Iterable[_Item]) -> list[_Run]:
-    """Group a batch per room, in order, into runs for the room or for one subscriber."""
-    per_room: dict[str, list[_Run]] = {}
+def _per_room(batch: Iterable[Item]) -> dict[str, list[Item]]:
+    """A batch's items per room, in order."""
+    per_room: dict[str, list[Item]] = {}
     for item in batch:
-        runs = per_room.setdefault(item.room, [])
-        if runs and runs[-1][1] is item.only:
-            runs[-1][2].append(item)
+        items = per_room.get(item.room)
+        if items is None:
+            per_room[item.room] = [item]
         else:
-            runs.append((item.room, item.only, [item]))
-    return [run for runs in per_room.values() for run in runs]
+            items.append(item)
+    return per_room
 
 
-def _without(room: str, items: list[_Item], sub: Subscriber) -> Outgoing:
-    """The run's events but those that exclude ``sub``."""
-    return Outgoing(room, [item.event for item in items if item.exclude is not sub])
+def _events_for(items: list[Item], sub: Subscriber, subscribed: bool) -> list[Event]:
+    """The events of a room's run that ``sub`` gets: its own, and the room's if it is in it."""
+    if not subscribed:
+        return [item.event for item in items if item.only is sub]
+    return [
+        item.event
+        for item in items
+        if (item.only is None or item.only is sub) and item.exclude is not sub
+    ]

@@ -130,8 +130,8 @@ class ChatService(Protocol):
 
     # -- messages -----------------------------------------------------------------------
 
-    async def submit(self, member: Member, command: Send) -> None:
-        """Accept a message for commit; the ack follows the commit.
+    async def submit(self, member: Member, commands: list[Send]) -> None:
+        """Accept messages for commit, in order; each one's ack follows its commit.
 
         Raises:
           StoreError: the store is down.

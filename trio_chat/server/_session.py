@@ -18,7 +18,6 @@ import logging
 import math
 import secrets
 import time
-import urllib.parse
 from typing import TYPE_CHECKING, Final
 
 import trio
@@ -51,6 +50,7 @@ from ..protocol._wire import (
     check_text,
     decode_command_untrusted,
     encode_event,
+    encode_in_frames,
     is_valid_client_id,
     store_unavailable,
 )
@@ -59,7 +59,7 @@ from ._hub import Outgoing
 from ._limits import TokenBucket
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable, Iterator
+    from collections.abc import Awaitable, Callable
 
     from ._auth import Tokens
     from ._ports import ChatService, Transport
@@ -74,28 +74,6 @@ _REPLAY_FRAME: Final = 32 * 1024
 REFUSAL_LOG_INTERVAL: Final = 60.0
 #: jwt mode: seconds a client has to present its token before it is closed with 4001.
 HELLO_TIMEOUT: Final = 10.0
-
-
-def origin_allowed(origin: str | None, host: str, allowed: frozenset[str], *, secure: bool) -> bool:
-    """Whether a WebSocket from a page at ``origin`` may connect to ``host``.
-
-    Clients that are not browsers send no Origin and are allowed. A page's own origin is
-    allowed: its host must equal the requested host, ports aside, because the chat
-    socket listens on another port than the page; and a plain ``http://`` page may not
-    open a socket the client reached over TLS (``secure``: ours, or a trusted proxy's
-    ``X-Forwarded-Proto``), since on that name it is another, weaker origin that a
-    network attacker can write. Others must be listed.
-    """
-    if origin is None or origin.rstrip("/") in allowed:
-        return True
-    try:
-        parts = urllib.parse.urlsplit(origin)
-        request_host = urllib.parse.urlsplit("//" + host).hostname
-    except ValueError:  # an unclosed IPv6 bracket, say
-        return False
-    if secure and parts.scheme != "https":
-        return False
-    return parts.hostname is not None and parts.hostname == request_host
 
 
 class Session:
@@ -158,6 +136,8 @@ class Session:
         #: Ids just replayed per room, until live traffic has passed them (see
         #: `_without_replayed`).
         self._replayed: dict[str, set[str]] = {}
+        #: Frames of the read that carried the ``hello``, after it: `_serve` handles them.
+        self._unread: list[str] = []
         self.closed = False
 
     @property
@@ -235,10 +215,11 @@ class Session:
 
     # -- the session --------------------------------------------------------------------
 
-    async def run(self, receive: Callable[[], Awaitable[str]]) -> None:
+    async def run(self, receive: Callable[[], Awaitable[list[str]]]) -> None:
         """Greet the client and serve its commands until the connection ends.
 
-        ``receive`` returns the next text message and raises when the connection ends
+        ``receive`` returns the next read's text messages (at least one; the chat socket
+        returns every message of one socket read) and raises when the connection ends
         (that exception propagates) or a frame breaks the transport's rules
         (`ProtocolError` with a close code: answered and closed here).
 
@@ -255,7 +236,9 @@ class Session:
         finally:
             self.node.release(self)
 
-    async def _authenticate(self, tokens: Tokens, receive: Callable[[], Awaitable[str]]) -> bool:
+    async def _authenticate(
+        self, tokens: Tokens, receive: Callable[[], Awaitable[list[str]]]
+    ) -> bool:
         """Verify the ``?token=`` token or the first ``hello``'s. False: refused, closed."""
         await trio.lowlevel.checkpoint()  # a token from the URL awaits nothing else
         token = self._url_token
@@ -274,29 +257,31 @@ class Session:
         self.name = identity.name
         return True
 
-    async def _read_hello(self, receive: Callable[[], Awaitable[str]]) -> str | None:
+    async def _read_hello(self, receive: Callable[[], Awaitable[list[str]]]) -> str | None:
         """The first ``hello``'s token, answering only ``ping`` before it.
 
         None: no hello within `HELLO_TIMEOUT`, or the client was refused and closed.
         """
         with trio.move_on_after(HELLO_TIMEOUT):
             while True:
-                frame = await receive()
-                command = None
-                try:
-                    self._take_token()
-                    command = decode_command_untrusted(frame)
-                    match command:
-                        case Ping():
-                            self.send(Pong())
-                        case Hello():
-                            return command.token or ""
-                        case _:
-                            raise unauthorized("send hello with a token first")
-                except ProtocolError as exc:
-                    self._refuse(exc, command)
-                    if self.closed:
-                        return None
+                frames = await receive()
+                for i, frame in enumerate(frames):
+                    command = None
+                    try:
+                        self._take_token()
+                        command = decode_command_untrusted(frame)
+                        match command:
+                            case Ping():
+                                self.send(Pong())
+                            case Hello():
+                                self._unread = frames[i + 1 :]
+                                return command.token or ""
+                            case _:
+                                raise unauthorized("send hello with a token first")
+                    except ProtocolError as exc:
+                        self._refuse(exc, command)
+                        if self.closed:
+                            return None
         return None
 
     def _take_identity(self, identity: Identity) -> None:
@@ -304,7 +289,7 @@ class Session:
         # The token's expiry, wall clock, on trio's clock (which tests mock).
         self._expires_at = trio.current_time() + identity.exp + LEEWAY - time.time()
 
-    async def _serve(self, receive: Callable[[], Awaitable[str]]) -> None:
+    async def _serve(self, receive: Callable[[], Awaitable[list[str]]]) -> None:
         self.send(Welcome(name=self.name, node=self.node.node_id, user=self.uid))
         if self._bad_name:
             self._refuse(ProtocolError("bad_name", f"{BAD_NAME}; you are {self.name}"), None)
@@ -313,25 +298,69 @@ class Session:
             self._refuse(ProtocolError("bad_client_id", reason), None)
         await trio.lowlevel.checkpoint()  # a session closed at once reads nothing
         while not self.closed:
-            command = None
-            try:
-                with trio.CancelScope(deadline=self._expires_at) as expiry:
-                    frame = await receive()
+            frames, self._unread = self._unread, []
+            if not frames:
+                try:
+                    with trio.CancelScope(deadline=self._expires_at) as expiry:
+                        frames = await receive()
+                except ProtocolError as exc:
+                    self._refuse(exc, None)
+                    continue
                 if expiry.cancelled_caught:
                     self._expire()
                     return
+            await self._handle_frames(frames)
+
+    async def _handle_frames(self, frames: list[str]) -> None:
+        """Handle one read's frames in order; their sends reach the node as one batch."""
+        sends: list[Send] = []
+        for frame in frames:
+            if self.closed:
+                break
+            command = None
+            refusal = None
+            try:
                 # Before decoding: a frame that fails to decode costs a token too, so
                 # garbage is rate-limited (and struck out) like valid commands.
                 self._take_token()
                 command = decode_command_untrusted(frame)
+                if isinstance(command, Send):
+                    self._require_allowed(command.room)
+                    self._require_joined(command.room)
+                    check_text(command.text, self._settings.max_text)
+                    if not self.node.submit_would_wait():
+                        sends.append(command)
+                        continue
+            except ProtocolError as exc:
+                refusal = exc
+            # The sends before this frame go first: answers keep the frames' order.
+            await self._submit(sends)
+            if refusal is not None:
+                self._refuse(refusal, command)
+                continue
+            try:
                 await self._handle(command)
             except ProtocolError as exc:
                 self._refuse(exc, command)
-            except StoreError:
-                # Not the client's fault, and the node logged it (rate-limited).
+            except StoreError:  # not the client's fault; the node logged it (rate-limited)
                 self.node.count_error("store_unavailable")
                 room, cid = getattr(command, "room", None), getattr(command, "cid", None)
                 self.send(store_unavailable(room, cid))
+        await self._submit(sends)
+
+    # Nothing to submit awaits nothing: `_serve` checkpoints for each read.
+    async def _submit(self, sends: list[Send]) -> None:  # noqa: ASYNC910
+        """Hand ``sends`` (emptied) to the node; if the store is down, refuse each."""
+        if not sends:
+            return  # noqa: ASYNC910
+        batch = sends.copy()
+        sends.clear()
+        try:
+            await self.node.submit(self, batch)
+        except StoreError:
+            for command in batch:
+                self.node.count_error("store_unavailable")
+                self.send(store_unavailable(command.room, command.cid))
 
     def _expire(self) -> None:
         log.debug("%s (%s): token expired", self.transport.remote, self.name)
@@ -384,8 +413,9 @@ class Session:
     # Per frame: `run` checkpoints for each one it reads, most commands await nothing.
     async def _handle(self, command: object) -> None:  # noqa: ASYNC910
         match command:
-            case Send():
-                await self._send(command)
+            case Send():  # checked, and the store is behind: the client may close meanwhile
+                async with self.transport.cancel_on_close():
+                    await self.node.submit(self, [command])
             case Typing(room=room):
                 self._require_allowed(room)
                 self._require_joined(room)
@@ -435,17 +465,6 @@ class Session:
         if room not in self.node.rooms_of(self):
             raise ProtocolError("not_joined", f"join {room!r} first")
 
-    async def _send(self, command: Send) -> None:
-        self._require_allowed(command.room)
-        self._require_joined(command.room)
-        check_text(command.text, self._settings.max_text)
-        if self.node.submit_would_wait():
-            # The store is behind: the client may give up and close meanwhile.
-            async with self.transport.cancel_on_close():
-                await self.node.submit(self, command)
-        else:
-            await self.node.submit(self, command)
-
     async def _join(self, command: Join) -> None:
         room = command.room
         self._require_allowed(room)
@@ -465,7 +484,9 @@ class Session:
                 if replay.reset:
                     self.send(Reset(room=room))
                 # Live broadcasts stay held until the whole replay is queued.
-                for payload in _frames([m.event() for m in replay.messages]):
+                for payload in encode_in_frames(
+                    [m.event() for m in replay.messages], _REPLAY_FRAME
+                ):
                     await self.transport.send_reply(payload)
         finally:
             del self._held[room]
@@ -482,18 +503,3 @@ class Session:
             messages, more = await self.node.page(command.room, command.before, command.limit)
             page = History(room=command.room, messages=[m.event() for m in messages], more=more)
             await self.transport.send_reply(encode_event(page))
-
-
-def _frames(events: list[Event]) -> Iterator[bytes]:
-    """``events`` as frame payloads of about `_REPLAY_FRAME` bytes (whole events each)."""
-    lines: list[bytes] = []
-    size = 0
-    for event in events:
-        line = encode_event(event)
-        lines.append(line)
-        size += len(line) + 1
-        if size >= _REPLAY_FRAME:
-            yield b"\n".join(lines)
-            lines, size = [], 0
-    if lines:
-        yield b"\n".join(lines)
