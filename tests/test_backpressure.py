@@ -123,7 +123,7 @@ async def test_slow_reader_is_closed_4008_while_others_get_everything(
     url = server.url(transport)
     slow = await RawClient.connect(url, "slow", rcvbuf=2048)
     await slow.send(type="join", room="flood")
-    readers = [await RawClient.connect(url, f"reader{i}") for i in range(3)]
+    readers = [await RawClient.connect(url, f"reader{i}", rcvbuf=65536) for i in range(3)]
     for reader in readers:
         await reader.send(type="join", room="flood")
         await reader.read_until(lambda r=reader: r.count["joined"] > 0)
@@ -158,6 +158,10 @@ async def test_slow_reader_is_closed_4008_while_others_get_everything(
 
 async def read_when_dropped(server: Server, slow: RawClient) -> None:
     await eventually(lambda: server.node.statistics().slow_disconnects == 1)
+    # What the kernel holds for it now goes out in segments as big as loopback's MSS
+    # (64 KiB): a receive window below one segment would let them out only at the pace
+    # of the sender's zero-window probes (persist timer, backing off to seconds).
+    slow.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
     await slow.read_until(lambda: False)
 
 
