@@ -121,6 +121,7 @@ async def test_a_big_room_gets_head_counts_once_per_interval_and_its_list_back_w
     presence.leave("r", a)  # type: ignore[arg-type]
     assert presence.snapshot("r") == ([], 0)
 
+
 async def test_a_commit_is_one_item_and_a_sender_gets_its_messages_and_acks_in_one_frame(
     nursery: trio.Nursery,
 ) -> None:
@@ -148,6 +149,26 @@ async def test_a_commit_is_one_item_and_a_sender_gets_its_messages_and_acks_in_o
     assert other.events() == [message(1), message(2), message(3)]
     assert gone.events() == [Ack(id=message(3).id)]
     assert hub.statistics().batches == 1
+
+
+async def test_a_big_commit_reaches_everyone_in_frames_of_a_bounded_size(
+    nursery: trio.Nursery,
+) -> None:
+    hub = Hub()
+    sender, other = Recorder("sender"), Recorder("other")
+    hub.subscribe("r", sender)
+    hub.subscribe("r", other)
+    await nursery.start(hub.run)
+    items = []
+    for n in range(1200):
+        items += [Item("r", message(n)), Item("r", Ack(id=message(n).id), only=sender)]
+    await hub.publish_many(items)
+    await trio.testing.wait_all_tasks_blocked()
+    # a frame carries at most 512 events: the acks count too
+    assert [len(out.events) for out in other.frames] == [256] * 4 + [176]
+    assert other.events() == [message(n) for n in range(1200)]
+    assert [len(out.events) for out in sender.frames] == [512] * 4 + [352]
+    assert sender.events() == [item.event for item in items]
 
 
 async def test_events_only_for_others_send_nobody_an_empty_frame(nursery: trio.Nursery) -> None:

@@ -27,7 +27,8 @@ if TYPE_CHECKING:
 # which pushes back on their sockets instead of growing memory. An item is one event or
 # one commit's events (at most twice the commit task's batch bound).
 _QUEUE_SIZE: Final = 4096
-# Events taken per round: bounds a frame's size and the time between checkpoints.
+# Events per frame (a commit's item is cut into frames of this many), and the events a
+# round takes before it stops taking more items.
 _MAX_BATCH: Final = 512
 # Writes between checkpoints, so one huge room never stalls the rest of the process.
 _WRITES_PER_CHECKPOINT: Final = 256
@@ -185,7 +186,7 @@ class Hub:
                     break
             self._batches += 1
             writes = 0
-            for room, items in _per_room(batch).items():
+            for room, items in _per_room(batch):
                 subs = self._rooms.get(room, {})
                 # Subscribers that get a frame of their own: those some events are only
                 # for (acks, refusals; they may have left the room) or not for.
@@ -223,8 +224,8 @@ class Hub:
         )
 
 
-def _per_room(batch: Iterable[Item]) -> dict[str, list[Item]]:
-    """A batch's items per room, in order."""
+def _per_room(batch: Iterable[Item]) -> list[tuple[str, list[Item]]]:
+    """A batch's items per room, in order, in runs of at most `_MAX_BATCH` (one frame each)."""
     per_room: dict[str, list[Item]] = {}
     for item in batch:
         items = per_room.get(item.room)
@@ -232,7 +233,11 @@ def _per_room(batch: Iterable[Item]) -> dict[str, list[Item]]:
             per_room[item.room] = [item]
         else:
             items.append(item)
-    return per_room
+    return [
+        (room, items[start : start + _MAX_BATCH])
+        for room, items in per_room.items()
+        for start in range(0, len(items), _MAX_BATCH)
+    ]
 
 
 def _events_for(items: list[Item], sub: Subscriber, subscribed: bool) -> list[Event]:
