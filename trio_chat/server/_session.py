@@ -318,7 +318,6 @@ class Session:
             if self.closed:
                 break
             command = None
-            refusal = None
             try:
                 # Before decoding: a frame that fails to decode costs a token too, so
                 # garbage is rate-limited (and struck out) like valid commands.
@@ -331,16 +330,11 @@ class Session:
                     if not self.node.submit_would_wait():
                         sends.append(command)
                         continue
-            except ProtocolError as exc:
-                refusal = exc
-            # The sends before this frame go first: answers keep the frames' order.
-            await self._submit(sends)
-            if refusal is not None:
-                self._refuse(refusal, command)
-                continue
-            try:
+                # The sends before this frame go first: answers keep the frames' order.
+                await self._submit(sends)
                 await self._handle(command)
             except ProtocolError as exc:
+                await self._submit(sends)
                 self._refuse(exc, command)
             except StoreError:  # not the client's fault; the node logged it (rate-limited)
                 self.node.count_error("store_unavailable")
