@@ -68,8 +68,8 @@ class RedisServer:
 
 
 @contextlib.contextmanager
-def running_redis(folder: Path, pin: bool) -> Iterator[RedisServer]:
-    """Start ``redis-server`` in ``folder`` (on the servers' CPU when pinned), stop it after."""
+def running_redis(folder: Path, cpu: int | None) -> Iterator[RedisServer]:
+    """Start ``redis-server`` in ``folder`` (pinned to ``cpu`` if given), stop it after."""
     binary = shutil.which("redis-server")
     if binary is None:
         raise SystemExit(
@@ -79,8 +79,8 @@ def running_redis(folder: Path, pin: bool) -> Iterator[RedisServer]:
     port = free_port()
     cmd = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
     cmd += ["--dir", str(folder), "--logfile", str(folder / "redis-server.log")]
-    if pin and shutil.which("taskset"):
-        cmd = ["taskset", "-c", "0", *cmd]
+    if cpu is not None and shutil.which("taskset"):
+        cmd = ["taskset", "-c", str(cpu), *cmd]
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 10
@@ -179,6 +179,13 @@ def main() -> None:
     p.add_argument("--max-steps", type=int, default=12, help="ramp steps (0: no ramp)")
     p.add_argument("--max-minutes", type=float, default=3.0)
     p.add_argument("--size", type=int, default=64)
+    p.add_argument(
+        "--redis-cpu",
+        choices=("server", "load"),
+        default="server",
+        help="when pinned, redis-server shares the servers' core, or the load generator's"
+        " (as a Redis on a host of its own takes nothing from the chat server's cores)",
+    )
     args = p.parse_args()
     if not 2 <= args.workers <= 8:
         raise SystemExit("--workers must be 2..8")
@@ -194,7 +201,10 @@ def main() -> None:
         with contextlib.ExitStack() as stack:
             redis = None
             if engine == "redis":
-                redis = stack.enter_context(running_redis(results.logs / "redis", pin))
+                cpu = None if not pin or load_cpus is None else 0
+                if cpu is not None and args.redis_cpu == "load":
+                    cpu = load_cpus[-1]
+                redis = stack.enter_context(running_redis(results.logs / "redis", cpu))
             run = measure_engine(args, engine, redis, pin, load_cpus, results)
         results.add(run)
         runs.append(run)
