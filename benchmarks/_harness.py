@@ -211,11 +211,14 @@ def start_server(
     *,
     pin: bool,
     workers: int = 1,
-    store: str = "memory",
-    cluster: str = "off",
+    store: str = "sqlite",
+    cluster: str = "host",
     extra_env: dict[str, str] | None = None,
 ) -> Server:
     """Start one server of ``kind`` on free 127.0.0.1 ports and wait until it answers.
+
+    Ours runs as ``make run`` runs it unless told otherwise: SQLite history, the host
+    cluster on (on a cluster port of the run's own, unless ``extra_env`` names one).
 
     Raises:
       Skip: the kind's runtime is missing here.
@@ -241,6 +244,8 @@ def start_server(
             TRIO_CHAT_STORE=store,
             TRIO_CHAT_CLUSTER=cluster,
         )
+        if cluster == "host":
+            env["TRIO_CHAT_CLUSTER_PORT"] = str(free_udp_port())
         cmd = [sys.executable, "-m", "hypercorn", "trio_chat:app", "--worker-class", "trio"]
         cmd += ["--bind", f"127.0.0.1:{http_port}", "--workers", str(workers)]
         url = f"ws://127.0.0.1:{ws_port or http_port}/ws"
@@ -344,10 +349,27 @@ def environment() -> dict[str, Any]:
 
 
 # --- command line ----------------------------------------------------------------------------
-def base_parser(description: str, default_servers: Iterable[str]) -> argparse.ArgumentParser:
+def base_parser(
+    description: str, default_servers: Iterable[str], *, store: bool = True, cluster: bool = True
+) -> argparse.ArgumentParser:
+    """The options every script shares; ``store``/``cluster``: our server's configuration."""
     p = argparse.ArgumentParser(
         description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
+    if store:
+        p.add_argument(
+            "--store",
+            choices=("sqlite", "memory"),
+            default="sqlite",
+            help="our server's TRIO_CHAT_STORE (sqlite: as make run)",
+        )
+    if cluster:
+        p.add_argument(
+            "--cluster",
+            choices=("host", "off"),
+            default="host",
+            help="our server's TRIO_CHAT_CLUSTER (host: as make run, on a port of the run's own)",
+        )
     p.add_argument(
         "--servers",
         default=",".join(default_servers),

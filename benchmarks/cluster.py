@@ -154,7 +154,7 @@ def spread(total: int, parts: int) -> list[int]:
 
 
 def main() -> None:
-    p = base_parser(__doc__.splitlines()[0], ["ours"])
+    p = base_parser(__doc__.splitlines()[0], ["ours"], cluster=False)
     p.add_argument(
         "--engine",
         choices=[*ENGINES, "both"],
@@ -164,7 +164,6 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=2, help="hypercorn worker processes (2-4)")
     p.add_argument("--receivers", type=int, default=1000, help="receivers on the other workers")
     p.add_argument("--local", type=int, default=100, help="receivers on the publisher's worker")
-    p.add_argument("--store", choices=["sqlite", "memory"], default="sqlite")
     p.add_argument("--fixed-rate", type=float, default=10.0)
     p.add_argument(
         "--also-at",

@@ -84,7 +84,9 @@ def main() -> None:
         for receivers in [int(x) for x in args.receivers.split(",")]:
 
             def body(kind: str, receivers: int = receivers) -> None:
-                server = start_server(kind, results.logs, pin=pin)
+                server = start_server(
+                    kind, results.logs, pin=pin, store=args.store, cluster=args.cluster
+                )
                 try:
                     console.rule(f"{server.label}: {receivers} receivers")
                     run = run_one(server, pool, receivers, args, load_cpus)

@@ -55,7 +55,7 @@ def main() -> None:
     rooms = [f"idle-{k}" for k in range(max(1, n // args.per_room))] if args.per_room else None
 
     def body(kind: str) -> None:
-        server = start_server(kind, results.logs, pin=pin)
+        server = start_server(kind, results.logs, pin=pin, store=args.store, cluster=args.cluster)
         try:
             console.rule(f"{server.label}: {n:,} idle connections")
             if args.warmup:

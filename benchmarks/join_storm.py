@@ -163,8 +163,8 @@ def main() -> None:
                 "ours" if kind == BASELINE else kind,
                 results.logs,
                 pin=pin,
-                store="sqlite",
-                cluster="host",
+                store=args.store,
+                cluster=args.cluster,
                 extra_env=baseline_env if kind == BASELINE else None,
             )
             server.kind = kind

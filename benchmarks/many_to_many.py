@@ -46,7 +46,7 @@ def main() -> None:
     rows: list[list[Any]] = []
 
     def body(kind: str) -> None:
-        server = start_server(kind, results.logs, pin=pin)
+        server = start_server(kind, results.logs, pin=pin, store=args.store, cluster=args.cluster)
         try:
             console.rule(f"{server.label}: {args.clients} clients x {args.rate:g} msg/s")
             connect_clients(pool, server, args.clients, "m", ["bench"])

@@ -22,7 +22,6 @@ from _harness import (
     base_parser,
     connect_clients,
     console,
-    free_udp_port,
     percentiles,
     pinning,
     print_table,
@@ -33,9 +32,8 @@ from _loadgen import LoadPool, decode_hist_into, new_histogram
 
 
 def main() -> None:
-    p = base_parser(__doc__.splitlines()[0], ["ours"])
+    p = base_parser(__doc__.splitlines()[0], ["ours"], store=False)
     p.add_argument("--stores", default="sqlite,memory", help="TRIO_CHAT_STORE values to compare")
-    p.add_argument("--cluster", default="host", help="TRIO_CHAT_CLUSTER (host: as make run)")
     p.add_argument("--senders", type=int, default=16)
     p.add_argument("--window", type=int, default=8, help="un-acked sends per sender")
     p.add_argument("--seconds", type=float, default=10.0)
@@ -59,7 +57,6 @@ def main() -> None:
                     pin=pin,
                     store=store,
                     cluster=args.cluster,
-                    extra_env={"TRIO_CHAT_CLUSTER_PORT": str(free_udp_port())},
                 )
                 try:
                     console.rule(f"{server.label}, store={store}: {args.senders} senders")

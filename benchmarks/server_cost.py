@@ -52,7 +52,7 @@ def main() -> None:
     rows: list[list[Any]] = []
 
     def body(kind: str) -> None:
-        server = start_server(kind, results.logs, pin=pin)
+        server = start_server(kind, results.logs, pin=pin, store=args.store, cluster=args.cluster)
         try:
             console.rule(f"{server.label}: {args.receivers} receivers x {args.rate:g} msg/s")
             setup = setup_room(pool, server, args.receivers)

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, Final
 import httpx
 import psutil
 import trio
-from _harness import Results, console, free_udp_port, plt, print_table, start_server
+from _harness import Results, console, plt, print_table, start_server
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from wsproto import ConnectionState, ConnectionType, WSConnection
 from wsproto.events import (
@@ -97,11 +97,9 @@ def main() -> None:
         results.logs,
         pin=False,
         workers=args.workers,
-        store="sqlite",
-        cluster="host",
         # Rate limit on (the harness turns it off for throughput runs): the hostile
-        # client's floods must meet it. A cluster port of our own, as every test has.
-        extra_env={"TRIO_CHAT_RATE_LIMIT": "10", "TRIO_CHAT_CLUSTER_PORT": str(free_udp_port())},
+        # client's floods must meet it.
+        extra_env={"TRIO_CHAT_RATE_LIMIT": "10"},
     )
     try:
         run = trio.run(_soak, args, server)
