@@ -2,7 +2,7 @@
 ``summary.md`` there: the tables ``docs/benchmarks.md`` quotes.
 
 ``--quick`` shrinks every scenario (about 5 minutes in all) to check that everything
-works; the default is the issue's full size (about 20 minutes on a 2-core machine).
+works; the default is the issues' full size (about 25 minutes on a 2-core machine).
 ``--summarize FOLDER`` only rebuilds ``summary.md`` from the JSON files of an earlier run.
 
 Example: ``python benchmarks/run_all.py --only server_cost,idle``
@@ -45,6 +45,7 @@ PLAN: dict[str, tuple[list[str], list[str]]] = {
     "idle": ([], ["--connections", "1000", "--settle", "2"]),
     "persistence": ([], ["--seconds", "4"]),
     "cluster": ([], ["--receivers", "100", "--local", "20", "--fixed-seconds", "3"]),
+    "join_storm": ([], ["--smoke"]),
 }
 
 
@@ -78,7 +79,7 @@ def _load(path: Path) -> dict[str, Any] | None:
 def summarize(folder: Path) -> str:
     out: list[str] = [f"# Benchmark run {folder.name}", ""]
     env = None
-    for name in ("server_cost", "fanout", "many_to_many", "idle", "persistence", "cluster"):
+    for name in PLAN:
         data = _load(folder / f"{name}.json")
         if data and env is None:
             env = data["env"]
@@ -213,6 +214,23 @@ def summarize(folder: Path) -> str:
             out.append(
                 f"| {group} | {g['receivers']:,} | {_f(100 * g['delivered_frac'], 2)} | "
                 f"{_f(g['p50_ms'])} | {_f(g['p99_ms'])} | {_f(g['p999_ms'])} |"
+            )
+        out.append("")
+    data = _load(folder / "join_storm.json")
+    if data:
+        ref = {r["clients"]: r["seconds"] for r in data["runs"] if r["server"] == "websockets"}
+        out += [
+            "## Join storm: N clients connect (ours: and join one room)",
+            "",
+            "| server | N | seconds | x websockets | server CPU s | CPU ms per client |",
+            "| --- | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for r in sorted(data["runs"], key=lambda r: (r["server"], r["clients"])):
+            n = r["clients"]
+            out.append(
+                f"| {r['label']} | {n:,} | {_f(r['seconds'], 2)} | "
+                f"{_f(r['seconds'] / ref[n], 2) if n in ref else '-'} | "
+                f"{_f(r['server_cpu_s'], 2)} | {_f(1000 * r['server_cpu_s'] / n, 2)} |"
             )
         out.append("")
     return "\n".join(out)
