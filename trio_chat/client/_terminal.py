@@ -95,8 +95,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"trio-chat client: {exc}", file=sys.stderr)
         return 2
     rooms = args.rooms or ["general"]
+    on_terminal = sys.stdin.isatty() and sys.stdout.isatty()
     try:
-        if sys.stdin.isatty() and sys.stdout.isatty():
+        if on_terminal:
             interrupted, failure = _run_on_terminal(url, args, rooms)
         else:
             client = ChatClient(
@@ -108,7 +109,9 @@ def run(args: argparse.Namespace) -> int:
         # SIGINT outside the prompt (piped stdin, or between two prompts).
         return EXIT_INTERRUPTED
     if failure is not None:
-        print(f"trio-chat client: {failure}", file=sys.stderr)
+        # A prompt its thread had no time to erase may still be on the line: clear it.
+        erase = "\r\x1b[K" if on_terminal else ""
+        print(f"{erase}trio-chat client: {failure}", file=sys.stderr)
         return EXIT_REFUSED
     return EXIT_INTERRUPTED if interrupted else 0
 
