@@ -639,6 +639,9 @@ class _Worker:
         ru = resource.getrusage(resource.RUSAGE_SELF)
         lag, self.lag_max = self.lag_max, 0.0
         errors, self.errors = self.errors, []
+        # Since the last report, like the rest: a pool outlives a server (fanout.py), and
+        # one server's closes must not fail the next one's steps.
+        closes, self.unexpected_closes = self.unexpected_closes, 0
         return {
             "steps": out,
             "acks": {"count": acks.count, "hist": encode_hist(acks.histogram())},
@@ -646,7 +649,7 @@ class _Worker:
             "wall": time.monotonic(),
             "lag_max": lag,
             "open": sum(1 for c in self.conns if not c.closed),
-            "unexpected_closes": self.unexpected_closes,
+            "unexpected_closes": closes,
             "errors": errors,
             "error_count": self.error_count,
             "maxrss_kb": ru.ru_maxrss,
