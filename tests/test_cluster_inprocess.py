@@ -22,9 +22,11 @@ import trio.testing
 from test_link_fakelan import CLUSTER, SECRET, FakeLan, data_of, wall_clock, wall_ms
 from test_session import Recorder, open_session
 
+from trio_chat.link._events import MAX_PAYLOAD as LINK_MAX_PAYLOAD
 from trio_chat.link._events import PeerStatus
 from trio_chat.link._socket import ClusterLink, LinkConfig
-from trio_chat.node._cluster import Broadcaster
+from trio_chat.node._bus import MAX_PAYLOAD
+from trio_chat.node._cluster import Broadcaster, Snapshot, decode_body
 from trio_chat.node._multicast import MulticastBus
 from trio_chat.node._node import Node
 from trio_chat.node._store import MemoryStore, Message
@@ -345,6 +347,103 @@ async def test_presence_works_with_peers_of_the_version_before_owners(
             await eventually(lambda: b.node.presence.remote_names() == {"alice", "dave"})
             claimant, _, _ = await b.client("alice", ALICE_SECRET)
             assert claimant.name == "alice-2"
+            nursery.cancel_scope.cancel()
+
+
+class Quiet:
+    """A member that only needs to be counted: a name, maybe an owner, no frames kept."""
+
+    def __init__(self, name: str, owner: bytes = b"") -> None:
+        self.name = name
+        self.owner = owner
+
+    def deliver_nowait(self, out: object) -> None:
+        pass
+
+
+def big_presence() -> tuple[dict[str, list[str]], dict[str, bytes]]:
+    """A node's members: one room of 5,000, 200 rooms of 20, some names in two rooms."""
+    rooms = {"lobby": [f"member-{i:05d}-{'x' * 16}" for i in range(5000)]}
+    for r in range(200):
+        rooms[f"room-{r:03d}"] = [f"member-{r * 20 + i:05d}-{'x' * 16}" for i in range(20)]
+    owners = {name: owner_digest(name) for name in rooms["lobby"][::3]}
+    return rooms, owners
+
+
+def test_a_presence_too_big_for_one_payload_goes_in_parts_that_add_up() -> None:
+    assert MAX_PAYLOAD == LINK_MAX_PAYLOAD
+    rooms, owners = big_presence()
+    bus = Captured()
+    Broadcaster(cast("Bus", bus)).send_snapshot(rooms, owners)
+    assert len(bus.payloads) > 3
+    assert all(len(p) <= MAX_PAYLOAD for p in bus.payloads)
+    parts = [decode_body(p) for p in bus.payloads]
+    assert [cast("Snapshot", p).more for p in parts] == [True] * (len(parts) - 1) + [False]
+    got: dict[str, list[str]] = {}
+    got_owners: dict[str, bytes] = {}
+    for part in cast("list[Snapshot]", parts):
+        for room, names in part.rooms.items():
+            got.setdefault(room, []).extend(names)
+        got_owners.update(part.owners)
+    assert got == rooms
+    assert got_owners == owners
+
+
+async def test_a_peer_learns_a_presence_too_big_for_one_payload(
+    autojump_clock: trio.testing.MockClock, tmp_path: Path
+) -> None:
+    rooms, owners = big_presence()
+    cluster: dict[str, ChatNode] = {}
+    with trio.fail_after(25):
+        async with trio.open_nursery() as nursery:
+            lan = FakeLan(nursery, seed=21)
+            a = await start_chat_node(nursery, lan, cluster, tmp_path, "a")
+            members = {}
+            for room, names in rooms.items():
+                for name in names:
+                    member = members.setdefault(name, Quiet(name, owners.get(name, b"")))
+                    a.node.presence.subscribe(room, member)  # type: ignore[arg-type]
+                    a.node.presence.announce(room, member)  # type: ignore[arg-type]
+            # b starts later: all it knows of a's members comes in a's snapshot, in parts.
+            b = await start_chat_node(nursery, lan, cluster, tmp_path, "b")
+            await all_up([a, b])
+            await eventually(lambda: sorted(b.node.members("lobby")) == sorted(rooms["lobby"]))
+            assert sorted(b.node.members("room-199")) == sorted(rooms["room-199"])
+            assert len(b.node.presence.remote_names()) == len(members)
+            # The periodic snapshot that follows (in parts too) changes nothing, and a's
+            # node runs on.
+            await trio.sleep(20)
+            assert a.alive and len(b.node.presence.remote_names()) == len(members)
+            assert sorted(b.node.members("lobby")) == sorted(rooms["lobby"])
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_snapshot_whose_first_parts_were_lost_is_not_applied(
+    autojump_clock: trio.testing.MockClock, tmp_path: Path
+) -> None:
+    cluster: dict[str, ChatNode] = {}
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            lan = FakeLan(nursery, seed=22)
+            a, b = [await start_chat_node(nursery, lan, cluster, tmp_path, n) for n in "ab"]
+            await all_up([a, b])
+            whole = [
+                Snapshot({ROOM: ["alice"]}, more=True),
+                Snapshot({ROOM: ["bob"], "other": ["carol"]}, more=True, part=1),
+                Snapshot({ROOM: ["dave"]}, part=2),
+            ]
+            # As if a gap took part 0: the rest makes no snapshot (dave alone, alice
+            # and bob gone, would be wrong).
+            for part in whole[1:]:
+                a.bus.send(msgspec.msgpack.encode(part))
+            a.bus.send(msgspec.msgpack.encode(OldPresence(ROOM, "erin", joined=True)))
+            await eventually(lambda: b.node.presence.remote_names() == {"erin"})
+            for part in whole:
+                a.bus.send(msgspec.msgpack.encode(part))
+            await eventually(
+                lambda: b.node.presence.remote_names() == {"alice", "bob", "carol", "dave"}
+            )
+            assert sorted(b.node.members(ROOM)) == ["alice", "bob", "dave"]
             nursery.cancel_scope.cancel()
 
 

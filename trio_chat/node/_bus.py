@@ -15,12 +15,16 @@ What an engine promises:
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, NoReturn, Protocol
+from typing import TYPE_CHECKING, Final, NoReturn, Protocol
 
 if TYPE_CHECKING:
     import trio
 
     from ._store import Message
+
+#: The largest payload `Bus.send` takes: the multicast link's bound, so that the node's
+#: payloads fit every engine. Bigger contents are sent in parts (see `Snapshot`).
+MAX_PAYLOAD: Final = 64 * 1024
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -68,7 +72,10 @@ class Bus(Protocol):
         """Connect and run the engine until cancelled; started once it can `send`."""
 
     def send(self, payload: bytes) -> None:
-        """Send ``payload`` to every peer. Never blocks; a loss shows as a `Gap` there."""
+        """Send ``payload`` (at most `MAX_PAYLOAD` bytes) to every peer.
+
+        Never blocks; a loss shows as a `Gap` there.
+        """
 
     async def receive(self) -> BusEvent:
         """The next event. Cancellation: a checkpoint; nothing is lost if cancelled."""

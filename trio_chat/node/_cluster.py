@@ -23,7 +23,7 @@ import msgspec
 import trio
 
 from .._errors import StoreError
-from ._bus import Gap, Payload, PeerDown, PeerUp
+from ._bus import MAX_PAYLOAD, Gap, Payload, PeerDown, PeerUp
 
 # At run time: msgspec resolves `RemoteMessage`'s field annotation when decoding.
 from ._store import Message  # noqa: TC001
@@ -82,9 +82,14 @@ class RemoteTyping(msgspec.Struct, tag="t", array_like=True):
 
 
 class Snapshot(msgspec.Struct, tag="s", array_like=True):
+    """A node's whole presence, or a part of it: one too big for a payload is sent in
+    parts, in order, numbered from 0, each but the last with ``more``; their rooms add up."""
+
     rooms: dict[str, list[str]]
     #: The owners of the names that have one (`RemotePresence.owner`).
     owners: dict[str, bytes] = msgspec.field(default_factory=dict)
+    more: bool = False
+    part: int = 0
 
 
 class RemoteDelete(msgspec.Struct, tag="d", array_like=True):
@@ -194,7 +199,45 @@ class Broadcaster:
         self._send(RemoteTyping(room, name))
 
     def send_snapshot(self, rooms: dict[str, list[str]], owners: dict[str, bytes]) -> None:
-        self._send(Snapshot(rooms, owners))
+        for part in snapshot_parts(rooms, owners):
+            self._send(part)
+
+
+# A part's encoding beside its entries: tag, array and map headers, ``more``.
+_PART_OVERHEAD: Final = 64
+
+
+def snapshot_parts(rooms: dict[str, list[str]], owners: dict[str, bytes]) -> list[Snapshot]:
+    """``rooms`` and ``owners`` as `Snapshot` parts that each encode to at most
+    `MAX_PAYLOAD` bytes (a room too big for one is split over several)."""
+    parts = [Snapshot({}, {}, more=True)]
+    size = 0
+    for room, names in rooms.items():
+        if not names:
+            parts[-1].rooms[room] = []
+        for name in names:
+            owner = owners.get(name)
+            cost = _entry_size(parts[-1], room, name, owner)
+            if size + cost > MAX_PAYLOAD - _PART_OVERHEAD:
+                parts.append(Snapshot({}, {}, more=True, part=len(parts)))
+                size, cost = 0, _entry_size(parts[-1], room, name, owner)
+            parts[-1].rooms.setdefault(room, []).append(name)
+            if owner:
+                parts[-1].owners[name] = owner
+            size += cost
+    parts[-1].more = False
+    return parts
+
+
+def _entry_size(part: Snapshot, room: str, name: str, owner: bytes | None) -> int:
+    """At least what adding ``name`` (in ``room``, of ``owner``) adds to ``part``'s
+    encoding: msgpack adds at most 5 bytes to a string or a list."""
+    size = len(name.encode()) + 5
+    if room not in part.rooms:
+        size += len(room.encode()) + 10
+    if owner and name not in part.owners:
+        size += len(name.encode()) + len(owner) + 10
+    return size
 
 
 class Cluster:
@@ -225,6 +268,8 @@ class Cluster:
         #: The newest message id delivered from each origin: where a heal starts.
         self._last_from: dict[str, str] = {}
         self._recent: collections.OrderedDict[str, None] = collections.OrderedDict()
+        #: Each peer's snapshot so far, while its parts arrive (`Snapshot.more`).
+        self._snapshots: dict[str, Snapshot] = {}
         self.gaps_healed = 0
         self.healed_messages = 0
 
@@ -242,10 +287,12 @@ class Cluster:
                         await self._on_payload(origin, data)
                     case PeerUp(node=peer):
                         log.info("peer %s is up", peer)
+                        self._snapshots.pop(peer, None)
                         self._send_snapshot()
                         nursery.start_soon(self._catch_up, peer)
                     case PeerDown(node=peer, reason=reason):
                         log.info("peer %s is down (%s)", peer, reason)
+                        self._snapshots.pop(peer, None)
                         self._presence.peer_down(peer)
                     case Gap(origin=origin, detail=detail):
                         log.warning("gap from %s (%s): healing from history", origin, detail)
@@ -274,12 +321,33 @@ class Cluster:
                 self._presence.remote_change(origin, room, name, joined=joined, owner=owner)
             case RemoteTyping(room=room, name=name):
                 self._presence.remote_typing(room, name)
-            case Snapshot(rooms=rooms, owners=owners):
-                self._presence.remote_snapshot(origin, rooms, owners)
+            case Snapshot():
+                self._on_snapshot(origin, body)
             case RemoteDelete(room=room, id=message_id):
                 await self._history.deliver_remote_delete(room, message_id)
             case RemoteDisconnect(user=user):
                 self._disconnect(user)
+
+    def _on_snapshot(self, origin: str, part: Snapshot) -> None:
+        """Gather a peer's snapshot part by part; apply it once whole."""
+        whole = self._snapshots.pop(origin, None)
+        if part.part == 0:
+            whole = part
+        elif whole is None or whole.part != part.part - 1:
+            # A gap took the parts before it: the next snapshot will be whole.
+            log.info(
+                "dropped part %d of a snapshot of %s: parts before it were lost", part.part, origin
+            )
+            return
+        else:
+            for room, names in part.rooms.items():
+                whole.rooms.setdefault(room, []).extend(names)
+            whole.owners.update(part.owners)
+            whole.part = part.part
+        if part.more:
+            self._snapshots[origin] = whole
+        else:
+            self._presence.remote_snapshot(origin, whole.rooms, whole.owners)
 
     async def _deliver(self, message: Message) -> bool:
         if message.id in self._recent:
