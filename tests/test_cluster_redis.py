@@ -20,7 +20,9 @@ import subprocess
 import time
 from typing import TYPE_CHECKING, Any
 
+import coredis
 import httpx
+import msgspec
 import pytest
 import trio
 from test_session import Recorder, open_session
@@ -360,7 +362,10 @@ async def test_a_node_behind_the_trimmed_tail_heals_from_its_peers(
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
             # MAXLEN ~ 10: Redis trims whole blocks of 100 entries, so 300 are enough.
-            a = await start_chat_node(nursery, redis.url, cluster, tmp_path, "a", stream_max=10)
+            # One message an entry, as at a low rate (a burst would share entries).
+            a = await start_chat_node(
+                nursery, redis.url, cluster, tmp_path, "a", stream_max=10, write_batch=1
+            )
             b = await start_chat_node(nursery, redis.url, cluster, tmp_path, "b", stream_max=10)
             await all_up([a, b])
             _, rec, send = await a.client("alice")
@@ -387,6 +392,38 @@ async def test_a_node_behind_the_trimmed_tail_heals_from_its_peers(
             nursery.cancel_scope.cancel()
     assert [m.text for m in b_store.latest(ROOM, 1000)] == ["first", *sent]
     assert "the Redis stream was trimmed past this node's position" in caplog.text
+
+
+async def test_entries_that_are_not_ours_are_skipped_with_an_error(
+    redis: RedisServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Whatever else writes to the stream, a node logs it, counts it and reads on."""
+    cluster: dict[str, ChatNode] = {}
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            a = await start_chat_node(nursery, redis.url, cluster, tmp_path, "a")
+            b = await start_chat_node(nursery, redis.url, cluster, tmp_path, "b")
+            await all_up([a, b])
+            _, alice_rec, alice = await a.client("alice")
+            _, bob_rec, bob = await b.client("bob")
+            await join(alice, alice_rec)
+            await join(bob, bob_rec)
+            stream = f"test-{tmp_path.name}:messages"
+            junk: list[dict[bytes, bytes]] = [
+                {b"o": b"x", b"d": b"\xc1 not msgpack"},
+                {b"no origin": b"at all"},
+                {b"o": b"x", b"d": msgspec.msgpack.encode(7)},
+                {b"o": b"\xff\xfe", b"d": msgspec.msgpack.encode([b"x"])},
+            ]
+            async with coredis.Redis.from_url(redis.url) as client:
+                for fields in junk:
+                    await client.xadd(stream, dict(fields))
+            await say(alice, "after the junk")
+            await eventually(lambda: texts(bob_rec) == ["after the junk"])
+            stats = b.bus.statistics()
+            assert (stats["redis_malformed"], stats["redis_reconnects"]) == (4, 0)
+            nursery.cancel_scope.cancel()
+    assert "skipped the malformed Redis stream entry" in caplog.text
 
 
 async def redis_metric(server: Server, name: str) -> float:

@@ -268,7 +268,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     redis_stream_max: Annotated[
         int,
         Meta(ge=1),
-        _doc("messages the Redis stream keeps (`MAXLEN ~`); a node further behind heals"),
+        _doc(
+            "entries the Redis stream keeps (`MAXLEN ~`), each a write batch of one or more"
+            " messages; a node further behind heals"
+        ),
     ] = 1_000_000
     http_url: Annotated[
         str | None,
