@@ -3,9 +3,7 @@
 Messages: every message this node committed goes to one stream (``XADD ... MAXLEN ~``);
 each node reads it with ``XREAD BLOCK`` from the last entry it processed, an id kept in
 its data dir, so a restarted node resumes there. Its own entries it skips. An entry is
-one write batch: its ``d`` field a msgpack list of payloads, in order, so that the CPU a
-coredis command costs (~300 µs under trio) is paid per batch, not per message. While Redis is
-away the node chats on locally: what it could not add waits in a bounded queue; past the
+one write batch (`_redis_stream`). While Redis is away the node chats on locally: what it could not add waits in a bounded queue; past the
 bound the queue is dropped and, Redis back, re-read from the store (the node commits
 before it sends), so no acked message is lost. A read that starts before the stream's
 trimmed tail lost entries: each live peer's origin gets a `Gap`, healed from history.
@@ -24,8 +22,6 @@ from __future__ import annotations
 import collections
 import itertools
 import logging
-import os
-import tempfile
 import time
 from typing import TYPE_CHECKING, Final, NoReturn
 
@@ -38,6 +34,15 @@ from ..settings._kinds import redact_url
 from ._bus import BusEvent, Gap, Payload, PeerDown, PeerUp
 from ._cluster import RemoteMessage, decode_body
 from ._peer_http import fetch_from_peers
+from ._redis_stream import (
+    MalformedEntry,
+    id_key,
+    load_position,
+    pack,
+    save_position,
+    text,
+    unpack,
+)
 from ._redis_tls import certificate_failure, redis_client, tls_context
 
 if TYPE_CHECKING:
@@ -55,15 +60,12 @@ logging.getLogger("coredis").setLevel(logging.WARNING)
 PRESENCE_TTL: Final = 6.0
 # Entries one XREAD asks for; a full batch means the reader is behind.
 _READ_BATCH: Final = 500
-#: Payloads one write takes from the queue. A batch goes in one entry (up to
-#: `_ENTRY_BYTES`): one XADD of five payloads cost ~420 µs of CPU against ~770 µs for a
-#: pipeline of five XADDs, and each XREAD parses one entry per batch.
+#: Payloads one write takes from the queue, into one entry: one XADD of five payloads
+#: cost ~420 µs of CPU, a pipeline of five XADDs ~770 µs.
 WRITE_BATCH: Final = 500
-# Payload bytes one entry holds at most (a payload over it goes alone).
-_ENTRY_BYTES: Final = 512 * 1024
 # After a round that moved entries, the writer and the reader wait this long: at high
-# rates the next XADD pipeline or XREAD then carries a batch, not one entry (each coredis
-# command costs ~200 µs of CPU and a send); at low rates nothing is there to wait.
+# rates the next XADD or XREAD then carries a batch (each coredis command costs a worker
+# ~500 µs of CPU and a send); at low rates nothing is there to wait.
 _LINGER: Final = 0.002
 # How long one XREAD blocks, in ms: short enough that a cancelled read ends soon.
 _READ_BLOCK_MS: Final = 1000
@@ -83,8 +85,6 @@ PREFIX: Final = "trio-chat"
 #: A node key's value: (incarnation, HTTP URL).
 key_value: Final = msgspec.msgpack.Decoder(tuple[int, str])
 _encoder: Final = msgspec.msgpack.Encoder()
-# An entry's payloads.
-_batch: Final = msgspec.msgpack.Decoder(list[bytes])
 
 
 class RedisBus:
@@ -138,7 +138,7 @@ class RedisBus:
         self._write_batch = write_batch
         self._id_file = state_dir / f"redis-{node_id}.stream-id"
         #: The last stream entry processed (kept in ``_id_file``); "$": none yet.
-        self._last_id = self._load_last_id()
+        self._last_id = load_position(self._id_file)
         #: The last stream entry read (where the next XREAD starts).
         self._read_through = self._last_id
         #: The last ephemeral entry read; from the stream's tail at each connect.
@@ -302,7 +302,7 @@ class RedisBus:
     @staticmethod
     async def _newest(client: coredis.Redis[bytes], stream: str) -> str:
         newest = await client.xrevrange(stream, "+", "-", count=1)
-        return _text(newest[0].identifier) if newest else "0-0"
+        return text(newest[0].identifier) if newest else "0-0"
 
     # -- presence -----------------------------------------------------------------------
 
@@ -395,14 +395,14 @@ class RedisBus:
     async def _add_to(
         self, client: coredis.Redis[bytes], stream: str, payloads: list[bytes], maxlen: int
     ) -> None:
-        """``XADD`` the payloads, in order, as few entries (`_ENTRY_BYTES` each) in one
+        """``XADD`` the payloads, in order, as few entries as hold them (`pack`), in one
         pipeline: one round trip for them all."""
         origin = self._node_id.encode()
         async with client.pipeline(transaction=False) as pipe:
-            for entry in _entries(payloads):
+            for fields in pack(origin, payloads):
                 pipe.xadd(
                     stream,
-                    {b"o": origin, b"d": _encoder.encode(entry)},
+                    fields,
                     trim_strategy=coredis.PureToken.MAXLEN,
                     threshold=maxlen,
                     trim_operator=coredis.PureToken.APPROXIMATELY,
@@ -416,12 +416,12 @@ class RedisBus:
                 block=_READ_BLOCK_MS,
             )
             for entry in response.get(self._ephemeral_stream.encode(), ()) if response else ():
-                self._ephemeral_through = _text(entry.identifier)
+                self._ephemeral_through = text(entry.identifier)
                 for origin, data in self._unpack(entry):
                     await self._events_in.send((Payload(origin, data), None))
             entries = response.get(self._stream.encode(), ()) if response else ()
             for entry in entries:
-                stream_id = _text(entry.identifier)
+                stream_id = text(entry.identifier)
                 self._read_through = stream_id
                 payloads = self._unpack(entry)
                 # The position moves past the entry once its last payload is processed.
@@ -429,7 +429,7 @@ class RedisBus:
                     handed = stream_id if i == len(payloads) else None
                     await self._events_in.send((Payload(origin, data), handed))
             if entries:
-                newest = _id_key(_text(entries[-1].identifier))[0]
+                newest = id_key(text(entries[-1].identifier))[0]
                 self._stats["redis_stream_lag_ms"] = max(0, int(time.time() * 1000) - newest)
             else:
                 self._stats["redis_stream_lag_ms"] = 0
@@ -443,26 +443,19 @@ class RedisBus:
                 await trio.sleep(_LINGER)
 
     def _unpack(self, entry: StreamEntry) -> list[tuple[str, bytes]]:
-        """A peer's entry as (origin, payload) pairs; none for an own entry or one that
-        is not ours (logged: whatever wrote it, the node reads on)."""
-        fields = entry.field_values
+        """A peer's entry as (origin, payload) pairs; none for our own or a malformed one."""
         try:
-            origin = _text(fields[b"o"])
-            if origin == self._node_id:
-                return []
-            packed = fields[b"d"]
-            if not isinstance(packed, bytes):
-                raise TypeError(packed)
-            return [(origin, data) for data in _batch.decode(packed)]
-        except (KeyError, UnicodeDecodeError, TypeError, msgspec.DecodeError) as exc:
+            origin, payloads = unpack(entry)
+        except MalformedEntry as exc:
             self._stats["redis_malformed"] += 1
             log.error(
                 "skipped the malformed Redis stream entry %s (%s): a writer that is not a"
                 " trio-chat node of this version shares the key prefix",
-                _text(entry.identifier),
-                exc.__class__.__name__,
+                text(entry.identifier),
+                exc,
             )
             return []
+        return [] if origin == self._node_id else [(origin, data) for data in payloads]
 
     async def _check_trimmed(self, client: coredis.Redis[bytes]) -> None:
         """Whether entries after the last one read were trimmed: a `Gap` for each peer if so."""
@@ -471,27 +464,19 @@ class RedisBus:
             await trio.lowlevel.checkpoint()
             return
         first = await client.xrange(self._stream, "-", "+", count=1)
-        if not first or _id_key(_text(first[0].identifier)) <= _id_key(position):
+        if not first or id_key(text(first[0].identifier)) <= id_key(position):
             return
         self._stats["redis_heals"] += 1
         log.warning(
             "the Redis stream was trimmed past this node's position (%s, the oldest entry is %s):"
             " healing every peer's messages from history",
             position,
-            _text(first[0].identifier),
+            text(first[0].identifier),
         )
         for node in self._peers:
             await self._events_in.send((Gap(node, f"stream trimmed after {position}"), None))
 
     # -- the stream position ------------------------------------------------------------
-
-    def _load_last_id(self) -> str:
-        try:
-            text = self._id_file.read_text().strip()
-        except FileNotFoundError:
-            # A new node: only what is sent from now on (history came from catch-up).
-            return "$"
-        return text or "$"
 
     async def _save_last_id_soon(self) -> None:
         """Save the position at most once a second (what a crash loses is re-read and
@@ -504,14 +489,8 @@ class RedisBus:
         await trio.to_thread.run_sync(self._save_last_id)
 
     def _save_last_id(self) -> None:
-        if self._last_id == "$":
-            return
-        folder = self._id_file.parent
-        # Atomic: a crash leaves the old id or the new one, never half of one.
-        fd, temporary = tempfile.mkstemp(dir=folder, prefix=".stream-id")
-        with os.fdopen(fd, "w") as file:
-            file.write(self._last_id)
-        os.replace(temporary, self._id_file)
+        if self._last_id != "$":
+            save_position(self._id_file, self._last_id)
 
 
 def _leaf(error: BaseException) -> BaseException:
@@ -519,26 +498,3 @@ def _leaf(error: BaseException) -> BaseException:
     while isinstance(error, BaseExceptionGroup):
         error = error.exceptions[0]
     return error
-
-
-def _text(value: str | bytes) -> str:
-    return value if isinstance(value, str) else value.decode()
-
-
-def _entries(payloads: list[bytes]) -> list[list[bytes]]:
-    """``payloads`` in order, cut into entries of at most `_ENTRY_BYTES` (a bigger payload
-    alone)."""
-    entries: list[list[bytes]] = [[]]
-    size = 0
-    for payload in payloads:
-        if entries[-1] and size + len(payload) > _ENTRY_BYTES:
-            entries.append([])
-            size = 0
-        entries[-1].append(payload)
-        size += len(payload)
-    return entries
-
-
-def _id_key(stream_id: str) -> tuple[int, int]:
-    ms, _, seq = stream_id.partition("-")
-    return int(ms), int(seq or 0)

@@ -268,10 +268,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     redis_stream_max: Annotated[
         int,
         Meta(ge=1),
-        _doc(
-            "entries the Redis stream keeps (`MAXLEN ~`), each a write batch of one or more"
-            " messages; a node further behind heals"
-        ),
+        _doc("entries (write batches) the Redis stream keeps (`MAXLEN ~`); a node past them heals"),
     ] = 1_000_000
     http_url: Annotated[
         str | None,
