@@ -271,7 +271,7 @@ async def test_other_nodes_messages_in_a_failed_commit_are_kept_and_retried(
             text="from a peer",
             ts=time.time(),
         )
-        await node.history.deliver_remote(remote)
+        await node.history.deliver_remote([remote])
         # No client sends: the commit task retries on its own, with backoff.
         with trio.fail_after(TIMEOUT):
             while node.statistics().store_failures.get("write", 0) < 3:  # noqa: ASYNC110
@@ -490,7 +490,7 @@ async def test_the_commit_task_retries_with_backoff(
         remote = Message(
             id=IdClock("peer-1").next_id(1000), room=ROOM, sender="dora", text="hi", ts=0.0
         )
-        await node.history.deliver_remote(remote)
+        await node.history.deliver_remote([remote])
         assert await inbox.next_of(MessageEvent) == remote.event()
         gaps = [b - a for a, b in zip(store.attempts, store.attempts[1:], strict=False)]
         expected = [0.1, 0.2, 0.4, 0.8, 1.6, 3.2, RETRY_MAX, RETRY_MAX]

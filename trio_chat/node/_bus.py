@@ -80,6 +80,13 @@ class Bus(Protocol):
     async def receive(self) -> BusEvent:
         """The next event. Cancellation: a checkpoint; nothing is lost if cancelled."""
 
+    def receive_nowait(self) -> BusEvent:
+        """The next event if one is ready (what arrived together is handled together).
+
+        Raises:
+          trio.WouldBlock: none is.
+        """
+
     async def fetch(self, origin: str, after: str, limit: int) -> list[Message]:
         """Messages ``origin`` accepted after id ``after`` (at most ``limit``), from a peer.
 

@@ -31,7 +31,7 @@ from ._store import Message  # noqa: TC001
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from ._bus import Bus
+    from ._bus import Bus, BusEvent
     from ._history import History
     from ._presence import Presence
 
@@ -40,6 +40,8 @@ log = logging.getLogger("trio_chat.cluster")
 # Ids of remote messages recently delivered; a repair or a heal that brings one again
 # is dropped. Far more than a gap can span.
 _RECENT_IDS: Final = 100_000
+# Events taken at once from the bus (what is ready), so a burst is one commit.
+_RUN_MAX: Final = 500
 # Presence is re-announced this often, so a peer that missed an update converges.
 _SNAPSHOT_INTERVAL: Final = 15.0
 #: Most messages one heal request asks for (and `/api/cluster/messages` gives).
@@ -282,21 +284,45 @@ class Cluster:
             nursery.start_soon(self._announce_forever)
             task_status.started()
             while True:
-                match await self.bus.receive():
-                    case Payload(origin=origin, data=data):
-                        await self._on_payload(origin, data)
-                    case PeerUp(node=peer):
-                        log.info("peer %s is up", peer)
-                        self._snapshots.pop(peer, None)
-                        self._send_snapshot()
-                        nursery.start_soon(self._catch_up, peer)
-                    case PeerDown(node=peer, reason=reason):
-                        log.info("peer %s is down (%s)", peer, reason)
-                        self._snapshots.pop(peer, None)
-                        self._presence.peer_down(peer)
-                    case Gap(origin=origin, detail=detail):
-                        log.warning("gap from %s (%s): healing from history", origin, detail)
-                        nursery.start_soon(self._heal, origin)
+                events = [await self.bus.receive()]
+                while len(events) < _RUN_MAX:
+                    try:
+                        events.append(self.bus.receive_nowait())
+                    except trio.WouldBlock:
+                        break
+                await self._on_events(events, nursery)
+
+    async def _on_events(self, events: list[BusEvent], nursery: trio.Nursery) -> None:
+        """Act on events in their order. What arrived together is handled together: a run
+        of messages among them is delivered as one (one commit, one hub item), not a
+        commit, a hub item and a fan-out round each."""
+        run: list[Message] = []
+        for event in events:
+            body = self._decode(event) if isinstance(event, Payload) else None
+            if isinstance(body, RemoteMessage):
+                if self._first_time(body.message):
+                    run.append(body.message)
+                continue
+            await self._deliver(run)
+            run = []
+            match event:
+                case Payload() if isinstance(body, RemoteDelete):
+                    await self._history.deliver_remote_delete(body.room, body.id)
+                case Payload(origin=origin):
+                    self._on_body(origin, body)
+                case PeerUp(node=peer):
+                    log.info("peer %s is up", peer)
+                    self._snapshots.pop(peer, None)
+                    self._send_snapshot()
+                    nursery.start_soon(self._catch_up, peer)
+                case PeerDown(node=peer, reason=reason):
+                    log.info("peer %s is down (%s)", peer, reason)
+                    self._snapshots.pop(peer, None)
+                    self._presence.peer_down(peer)
+                case Gap(origin=origin, detail=detail):
+                    log.warning("gap from %s (%s): healing from history", origin, detail)
+                    nursery.start_soon(self._heal, origin)
+        await self._deliver(run)
 
     async def _announce_forever(self) -> NoReturn:
         while True:
@@ -306,25 +332,24 @@ class Cluster:
     def _send_snapshot(self) -> None:
         self._out.send_snapshot(self._presence.local_rooms(), self._presence.local_owners())
 
-    async def _on_payload(self, origin: str, data: bytes) -> None:
-        await trio.lowlevel.checkpoint()  # only a message awaits (its delivery)
+    @staticmethod
+    def _decode(payload: Payload) -> Body | None:
         try:
-            body = _decoder.decode(data)
+            return _decoder.decode(payload.data)
         except msgspec.DecodeError:
             # Authenticated, so a peer of ours sent it: a bug or another version.
-            log.error("dropped an undecodable payload from %s", origin)
-            return
+            log.error("dropped an undecodable payload from %s", payload.origin)
+            return None
+
+    def _on_body(self, origin: str, body: Body | None) -> None:
+        """Act on a payload other than a message or a delete."""
         match body:
-            case RemoteMessage(message=message):
-                await self._deliver(message)
             case RemotePresence(room=room, name=name, joined=joined, owner=owner):
                 self._presence.remote_change(origin, room, name, joined=joined, owner=owner)
             case RemoteTyping(room=room, name=name):
                 self._presence.remote_typing(room, name)
             case Snapshot():
                 self._on_snapshot(origin, body)
-            case RemoteDelete(room=room, id=message_id):
-                await self._history.deliver_remote_delete(room, message_id)
             case RemoteDisconnect(user=user):
                 self._disconnect(user)
 
@@ -349,9 +374,10 @@ class Cluster:
         else:
             self._presence.remote_snapshot(origin, whole.rooms, whole.owners)
 
-    async def _deliver(self, message: Message) -> bool:
+    def _first_time(self, message: Message) -> bool:
+        """Whether ``message`` is new here (recorded as seen, and where its origin's
+        heal would start, if so)."""
         if message.id in self._recent:
-            await trio.lowlevel.checkpoint()
             return False
         self._recent[message.id] = None
         if len(self._recent) > _RECENT_IDS:
@@ -359,8 +385,14 @@ class Cluster:
         origin = message.origin
         if message.id > self._last_from.get(origin, ""):
             self._last_from[origin] = message.id
-        await self._history.deliver_remote(message)
         return True
+
+    async def _deliver(self, messages: list[Message]) -> None:
+        """Store and broadcast ``messages`` (new ones, in order) as one commit item."""
+        if messages:
+            await self._history.deliver_remote(messages)
+        else:
+            await trio.lowlevel.checkpoint()
 
     # -- healing ------------------------------------------------------------------------
 
@@ -386,12 +418,13 @@ class Cluster:
 
     async def _heal(self, origin: str) -> None:
         after = self._last_from.get(origin, "")
-        healed = 0
-        for message in await self._from_store(origin, after):
-            healed += await self._deliver(message)
+        fresh = [m for m in await self._from_store(origin, after) if self._first_time(m)]
+        await self._deliver(fresh)
+        healed = len(fresh)
         # What the store lacked: the bus asks a peer (the multicast engine: its HTTP API).
-        for message in await self.bus.fetch(origin, after, HEAL_PAGE):
-            healed += await self._deliver(message)
+        fresh = [m for m in await self.bus.fetch(origin, after, HEAL_PAGE) if self._first_time(m)]
+        await self._deliver(fresh)
+        healed += len(fresh)
         self.gaps_healed += 1
         self.healed_messages += healed
         if healed:

@@ -242,13 +242,15 @@ class History:
         stats = self._commit_send.statistics()
         return stats.current_buffer_used >= stats.max_buffer_size
 
-    async def deliver_remote(self, message: Message) -> None:
-        """Store and broadcast a message another node accepted.
+    async def deliver_remote(self, messages: list[Message]) -> None:
+        """Store and broadcast messages other nodes accepted, in order: one commit item,
+        so a run that arrived together is one commit and one hub item.
 
         Cancellation: a checkpoint; waits while the commit queue is full.
         """
-        self._ids.witness(message.id)
-        await self._commit_send.send([_Pending(message, None)])
+        for message in messages:
+            self._ids.witness(message.id)
+        await self._commit_send.send([_Pending(message, None) for message in messages])
 
     # -- deleting -----------------------------------------------------------------------
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Final, NoReturn
 import trio
 
 from .._errors import ConfigError
-from ..link._events import Delivered, PeerStatus
+from ..link._events import Delivered, LinkEvent, PeerStatus
 from ..link._events import Gap as LinkGap
 from ..link._events import PeerDown as LinkPeerDown
 from ..link._events import PeerUp as LinkPeerUp
@@ -120,15 +120,10 @@ class MulticastBus:
         self.link.broadcast(payload)
 
     async def receive(self) -> BusEvent:
-        match await self.link.events.receive():
-            case Delivered(origin=origin, payload=payload):
-                return Payload(origin, payload)
-            case LinkPeerUp(node=peer):
-                return PeerUp(peer)
-            case LinkPeerDown(node=peer, reason=reason):
-                return PeerDown(peer, reason)
-            case LinkGap(origin=origin, first_seq=first, last_seq=last):
-                return Gap(origin, f"seq {first}-{last}")
+        return _event(await self.link.events.receive())
+
+    def receive_nowait(self) -> BusEvent:
+        return _event(self.link.events.receive_nowait())
 
     async def fetch(self, origin: str, after: str, limit: int) -> list[Message]:
         """Ask the origin first, then the other live peers, over their HTTP API."""
@@ -150,3 +145,16 @@ class MulticastBus:
             events_overflowed=link.events_overflowed,
         )
         return counts
+
+
+def _event(event: LinkEvent) -> BusEvent:
+    """A link event as the bus's."""
+    match event:
+        case Delivered(origin=origin, payload=payload):
+            return Payload(origin, payload)
+        case LinkPeerUp(node=peer):
+            return PeerUp(peer)
+        case LinkPeerDown(node=peer, reason=reason):
+            return PeerDown(peer, reason)
+        case LinkGap(origin=origin, first_seq=first, last_seq=last):
+            return Gap(origin, f"seq {first}-{last}")

@@ -1,20 +1,16 @@
 """Redis Streams as a `Bus`: the cluster beyond one LAN (DESIGN.md §6, issue 13).
 
-Messages: every message this node committed goes to one stream (``XADD ... MAXLEN ~``);
-each node reads it with ``XREAD BLOCK`` from the last entry it processed, an id kept in
-its data dir, so a restarted node resumes there. Its own entries it skips. An entry is
-one write batch (`_redis_stream`). While Redis is away the node chats on locally: what it could not add waits in a bounded queue; past the
-bound the queue is dropped and, Redis back, re-read from the store (the node commits
-before it sends), so no acked message is lost. A read that starts before the stream's
-trimmed tail lost entries: each live peer's origin gets a `Gap`, healed from history.
+Messages: what this node committed goes to one stream (``XADD ... MAXLEN ~``), an entry
+per write batch (`_redis_stream`); each node reads it with ``XREAD BLOCK`` from the last
+entry it processed (kept in its data dir), skipping its own. While Redis is away the node
+chats on: what it could not add waits in a bounded queue, past which it is re-read from
+the store (committed before sent) when Redis is back, so no acked message is lost. A read
+that starts past the trimmed tail lost entries: a `Gap` for each live peer.
 
-Presence: each node refreshes a key ``<prefix>:node:<id>`` (its incarnation and HTTP
-address) with a TTL; a key that appears is `PeerUp`, one that expires `PeerDown`. Member
-lists, their changes and typing go to a second, short stream (``MAXLEN ~ 1000``) that
-each node reads from its tail when it connects: ephemeral, lost while a node is away (the
-node re-announces its rooms every few seconds, and to every new peer). Not pub/sub:
-coredis 6.9's PubSub fails its own cleanup when cancelled under trio (anyio
-ClosedResourceError, unclosed memory streams), and one XREAD over both streams is simpler.
+Presence: a key ``<prefix>:node:<id>`` per node with a TTL; one that appears is `PeerUp`,
+one that expires `PeerDown`. Members, their changes and typing go to a short stream, read
+from its tail at connect: lost while a node is away (snapshots repair it). Not pub/sub:
+coredis 6.9's PubSub fails its cleanup when cancelled under trio (docs/cluster.md).
 """
 
 from __future__ import annotations
@@ -43,7 +39,7 @@ from ._redis_stream import (
     text,
     unpack,
 )
-from ._redis_tls import certificate_failure, redis_client, tls_context
+from ._redis_tls import certificate_failure, leaf_error, redis_client, tls_context
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -144,7 +140,8 @@ class RedisBus:
         #: The last ephemeral entry read; from the stream's tail at each connect.
         self._ephemeral_through = "0-0"
         self._saved_at = 0.0
-        #: The id of the entry `receive` returned last: processed at the next call.
+        #: The newest entry id handed out (`receive`, `receive_nowait`): processed when
+        #: the cluster calls `receive` again.
         self._handed: str | None = None
         #: Own messages committed, not yet in the stream: (message id, payload).
         self._queue: collections.deque[tuple[str, bytes]] = collections.deque()
@@ -165,7 +162,13 @@ class RedisBus:
         self._connected = False
         #: Whether this outage was logged: once at WARNING, each retry at DEBUG.
         self._outage_logged = False
-        self._stats = collections.Counter[str]()
+        self._stats = collections.Counter[str](
+            redis_stream_lag_ms=0,
+            redis_reconnects=0,
+            redis_spilled=0,
+            redis_heals=0,
+            redis_malformed=0,
+        )
 
     # -- the Bus ------------------------------------------------------------------------
 
@@ -197,8 +200,15 @@ class RedisBus:
         if self._handed is not None:
             self._last_id = self._handed
             self._handed = None
-        event, stream_id = await self._events.receive()
-        self._handed = stream_id
+        return self._hand(await self._events.receive())
+
+    def receive_nowait(self) -> BusEvent:
+        return self._hand(self._events.receive_nowait())
+
+    def _hand(self, item: tuple[BusEvent, str | None]) -> BusEvent:
+        event, stream_id = item
+        if stream_id is not None:
+            self._handed = stream_id
         return event
 
     async def fetch(self, origin: str, after: str, limit: int) -> list[Message]:
@@ -216,14 +226,6 @@ class RedisBus:
             redis_queued=len(self._queue),
             peers=len(self._peers),
         )
-        for name in (
-            "redis_stream_lag_ms",
-            "redis_reconnects",
-            "redis_spilled",
-            "redis_heals",
-            "redis_malformed",
-        ):
-            counts.setdefault(name, 0)
         return counts
 
     # -- running ------------------------------------------------------------------------
@@ -244,12 +246,12 @@ class RedisBus:
                         "Redis at %s refused the credentials in TRIO_CHAT_REDIS_URL (%s):"
                         " chatting locally, retrying every %g s",
                         shown,
-                        _leaf(group),
+                        leaf_error(group),
                         _RETRY_MAX,
                     )
                     delay = _RETRY_MAX
                 except* _REDIS_ERRORS as group:
-                    untrusted = certificate_failure(_leaf(group))
+                    untrusted = certificate_failure(leaf_error(group))
                     if untrusted is not None:
                         log.error(
                             "Redis at %s (TRIO_CHAT_REDIS_URL) sent a TLS certificate that"
@@ -267,7 +269,7 @@ class RedisBus:
                             "Redis at %s (TRIO_CHAT_REDIS_URL) is unreachable (%s): chatting"
                             " locally, queueing messages for it, retrying with backoff",
                             shown,
-                            _leaf(group),
+                            leaf_error(group),
                         )
                         self._outage_logged = True
                 if self._connected:
@@ -415,10 +417,10 @@ class RedisBus:
                 count=_READ_BATCH,
                 block=_READ_BLOCK_MS,
             )
+            items: list[tuple[BusEvent, str | None]] = []
             for entry in response.get(self._ephemeral_stream.encode(), ()) if response else ():
                 self._ephemeral_through = text(entry.identifier)
-                for origin, data in self._unpack(entry):
-                    await self._events_in.send((Payload(origin, data), None))
+                items.extend((Payload(o, data), None) for o, data in self._unpack(entry))
             entries = response.get(self._stream.encode(), ()) if response else ()
             for entry in entries:
                 stream_id = text(entry.identifier)
@@ -426,8 +428,13 @@ class RedisBus:
                 payloads = self._unpack(entry)
                 # The position moves past the entry once its last payload is processed.
                 for i, (origin, data) in enumerate(payloads, 1):
-                    handed = stream_id if i == len(payloads) else None
-                    await self._events_in.send((Payload(origin, data), handed))
+                    items.append((Payload(origin, data), stream_id if i == len(payloads) else None))
+            # No yield while there is room: what one read brought is one run for the cluster.
+            for item in items:
+                try:
+                    self._events_in.send_nowait(item)
+                except trio.WouldBlock:
+                    await self._events_in.send(item)
             if entries:
                 newest = id_key(text(entries[-1].identifier))[0]
                 self._stats["redis_stream_lag_ms"] = max(0, int(time.time() * 1000) - newest)
@@ -491,10 +498,3 @@ class RedisBus:
     def _save_last_id(self) -> None:
         if self._last_id != "$":
             save_position(self._id_file, self._last_id)
-
-
-def _leaf(error: BaseException) -> BaseException:
-    """The first exception inside nested groups: what to show in a log line."""
-    while isinstance(error, BaseExceptionGroup):
-        error = error.exceptions[0]
-    return error

@@ -12,7 +12,7 @@ import trio
 from .._errors import ConfigError
 from ..settings._kinds import redact_url
 from ._redis import PREFIX, key_value
-from ._redis_tls import certificate_failure, redis_client, tls_context
+from ._redis_tls import certificate_failure, leaf_error, redis_client, tls_context
 
 if TYPE_CHECKING:
     import ssl
@@ -36,9 +36,7 @@ async def run_redis_check(url: str, out: TextIO) -> int:
     except* coredis.exceptions.AuthenticationError as group:
         out.write(f"  refused the credentials in TRIO_CHAT_REDIS_URL: {group.exceptions[0]}\n")
     except* (coredis.exceptions.RedisError, OSError, trio.TooSlowError) as group:
-        error: BaseException = group
-        while isinstance(error, BaseExceptionGroup):
-            error = error.exceptions[0]
+        error = leaf_error(group)
         untrusted = certificate_failure(error)
         if untrusted is not None:
             out.write(

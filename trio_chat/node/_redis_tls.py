@@ -55,6 +55,13 @@ def redis_client(url: str, tls: ssl.SSLContext | None) -> coredis.Redis[bytes]:
     return coredis.Redis.from_url(url, decode_responses=False, ssl_context=tls)
 
 
+def leaf_error(error: BaseException) -> BaseException:
+    """The first exception inside nested groups: what a log line or a report shows."""
+    while isinstance(error, BaseExceptionGroup):
+        error = error.exceptions[0]
+    return error
+
+
 def certificate_failure(error: BaseException) -> ssl.SSLCertVerificationError | None:
     """The failed certificate check behind ``error`` (coredis wraps it), if that is what
     it is."""
