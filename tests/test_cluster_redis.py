@@ -33,7 +33,7 @@ from trio_chat.node._node import Node
 from trio_chat.node._redis import PREFIX, RedisBus
 from trio_chat.node._redis_diag import run_redis_check
 from trio_chat.node._redis_stream import pack
-from trio_chat.node._store import MemoryStore, Message
+from trio_chat.node._store import MemoryStore, Message, SqliteStore, Store
 from trio_chat.protocol._ids import IdClock
 from trio_chat.protocol._wire import Ack, Joined, MessageEvent, Presence
 
@@ -165,7 +165,7 @@ async def start_chat_node(
     tmp_path: Path,
     name: str,
     *,
-    store: MemoryStore | None = None,
+    store: Store | None = None,
     stream_max: int = 1000,
     prefix: str | None = None,
     **options: Any,
@@ -455,6 +455,44 @@ async def test_what_one_read_brings_is_one_commit_in_order(
             assert b.node.statistics().commits == commits + 1
             nursery.cancel_scope.cancel()
     assert texts(bob_rec) == [m.text for m in sent]
+
+
+class CountingStore(SqliteStore):
+    """The SQLite store, counting the messages written through it."""
+
+    written = 0
+
+    def write(self, messages: list[Message]) -> dict[str, str]:
+        self.written += len(messages)
+        return super().write(messages)
+
+
+async def test_a_worker_does_not_write_again_what_a_sibling_wrote_to_their_file(
+    redis: RedisServer, tmp_path: Path
+) -> None:
+    """Two workers of one host (``<host id>-<slot>``) share the SQLite file: what one
+    committed and sent, the other broadcasts without a second write."""
+    cluster: dict[str, ChatNode] = {}
+    path = tmp_path / "history.sqlite3"
+    stores = [CountingStore(path), CountingStore(path)]
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            a, b = [
+                await start_chat_node(nursery, redis.url, cluster, tmp_path, f"h1-{i}", store=s)
+                for i, s in enumerate(stores)
+            ]
+            await all_up([a, b])
+            _, alice_rec, alice = await a.client("alice")
+            _, bob_rec, bob = await b.client("bob")
+            await join(alice, alice_rec)
+            await join(bob, bob_rec)
+            sent = [f"m{i}" for i in range(20)]
+            for text in sent:
+                await say(alice, text)
+            await eventually(lambda: texts(bob_rec) == sent)
+            nursery.cancel_scope.cancel()
+    assert [store.written for store in stores] == [20, 0]
+    assert [m.text for m in stores[1].latest(ROOM, 100)] == sent
 
 
 async def redis_metric(server: Server, name: str) -> float:

@@ -303,7 +303,7 @@ class Cluster:
                 if self._first_time(body.message):
                     run.append(body.message)
                 continue
-            await self._deliver(run)
+            await self._deliver(run, live=True)
             run = []
             match event:
                 case Payload() if isinstance(body, RemoteDelete):
@@ -322,7 +322,7 @@ class Cluster:
                 case Gap(origin=origin, detail=detail):
                     log.warning("gap from %s (%s): healing from history", origin, detail)
                     nursery.start_soon(self._heal, origin)
-        await self._deliver(run)
+        await self._deliver(run, live=True)
 
     async def _announce_forever(self) -> NoReturn:
         while True:
@@ -387,10 +387,11 @@ class Cluster:
             self._last_from[origin] = message.id
         return True
 
-    async def _deliver(self, messages: list[Message]) -> None:
-        """Store and broadcast ``messages`` (new ones, in order) as one commit item."""
+    async def _deliver(self, messages: list[Message], *, live: bool = False) -> None:
+        """Store and broadcast ``messages`` (new ones, in order) as one commit item;
+        ``live``: from the bus (`History.deliver_remote`)."""
         if messages:
-            await self._history.deliver_remote(messages)
+            await self._history.deliver_remote(messages, live=live)
         else:
             await trio.lowlevel.checkpoint()
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
-import hashlib
 import logging
 import time
 from typing import TYPE_CHECKING, Final, NoReturn, Protocol, TypeVar, TypeVarTuple
@@ -36,9 +35,10 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from ..protocol._ids import IdClock
-    from ..server._hub import Hub, Outgoing
+    from ..server._hub import Hub
     from ..server._ports import Member
     from ..settings._settings import Settings
+    from ._api_sender import ApiSender
     from ._store import Store
 
 log = logging.getLogger("trio_chat.node")
@@ -73,6 +73,8 @@ class _Pending:
     message: Message
     #: The local session that sent it; None for a message from another node.
     sender: Member | None
+    #: In the store already: a worker of this host sharing it committed it and sent it.
+    stored: bool = False
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -86,46 +88,6 @@ class Replay:
     #: The room holds messages older than the oldest of ``messages``. Always True on a
     #: resume: the client's ``since`` is one of them.
     more: bool
-
-
-class ApiSender:
-    """The sender of a message published over the server API: it awaits its own ack.
-
-    A `Member` that is in no room: the commit task answers it as it answers a session
-    (`Ack`, or the ``store_unavailable`` error), through the hub, in commit order.
-
-    Args:
-      name: the ``from`` of the message.
-      uid: its ``uid`` (the app's id of the user it speaks for), or None.
-    """
-
-    def __init__(self, name: str, uid: str | None) -> None:
-        self.name = name
-        self.uid = uid
-        #: In no room, it claims no name.
-        self.owner = b""
-        self.answer: Ack | ErrorEvent | None = None
-        self.answered = trio.Event()
-
-    @property
-    def user(self) -> str:
-        return self.name
-
-    def deliver_nowait(self, out: Outgoing) -> None:
-        for event in out.events:
-            if isinstance(event, Ack | ErrorEvent):
-                self.answer = event
-                self.answered.set()
-
-    def retry_key(self, cid: str) -> str:
-        """The API's own retry keys: a backend's retry dedupes against its first try.
-
-        ``api`` is shorter than any client's secret, so no client's key can equal these.
-        """
-        return hashlib.blake2b(f"api\0{cid}".encode(), digest_size=16).hexdigest()
-
-    def close(self, code: int, reason: str) -> None:
-        """Nothing to close: the HTTP request ends with its answer."""
 
 
 class _SharedRead:
@@ -242,15 +204,30 @@ class History:
         stats = self._commit_send.statistics()
         return stats.current_buffer_used >= stats.max_buffer_size
 
-    async def deliver_remote(self, messages: list[Message]) -> None:
+    async def deliver_remote(self, messages: list[Message], *, live: bool = False) -> None:
         """Store and broadcast messages other nodes accepted, in order: one commit item,
         so a run that arrived together is one commit and one hub item.
 
+        Args:
+          live: they came from the bus, so each was in its sender's store before it was
+            sent: those of a worker of this host that shares our store (SQLite) are
+            broadcast without being written again (a heal writes them, in case the store
+            lost them).
+
         Cancellation: a checkpoint; waits while the commit queue is full.
         """
+        pending = []
         for message in messages:
             self._ids.witness(message.id)
-        await self._commit_send.send([_Pending(message, None) for message in messages])
+            stored = live and self._shares_store(message.origin)
+            pending.append(_Pending(message, None, stored))
+        await self._commit_send.send(pending)
+
+    def _shares_store(self, origin: str) -> bool:
+        """Whether node ``origin`` writes to our store: ``<host id>-<slot>``, our host's."""
+        host, dash, _ = origin.rpartition("-")
+        ours, our_dash, _ = self._ids.node_id.rpartition("-")
+        return self.store.shared_by_workers and bool(dash and our_dash) and host == ours
 
     # -- deleting -----------------------------------------------------------------------
 
@@ -316,7 +293,7 @@ class History:
                 except trio.WouldBlock:
                     break
             try:
-                duplicates = await self._write([p.message for p in batch])
+                duplicates = await self._write([p.message for p in batch if not p.stored])
             except StoreError as exc:
                 self._retry_at = trio.current_time() + delay
                 delay = min(delay * 2, RETRY_MAX)
@@ -405,6 +382,10 @@ class History:
         return messages[-limit:], len(messages) > limit
 
     async def _write(self, messages: list[Message]) -> dict[str, str]:
+        if not messages:
+            # All in the store already (`_Pending.stored`): nothing to write.
+            await trio.lowlevel.checkpoint()
+            return {}
         if self.store.blocking:
             return await trio.to_thread.run_sync(
                 self.store.write, messages, limiter=self._write_limiter

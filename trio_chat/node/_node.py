@@ -29,8 +29,9 @@ from ..server._chat_socket import handle_chat_socket
 from ..server._hub import Hub
 from ..server._limits import ConnectionLimits, default_max_connections
 from ..server._listener import WebSocketServer
+from ._api_sender import ApiSender
 from ._cluster import Broadcaster, Cluster
-from ._history import ApiSender, History, Replay
+from ._history import History, Replay
 from ._names import Names
 from ._presence import Presence
 from ._store import MemoryStore, Message, SqliteStore, Store

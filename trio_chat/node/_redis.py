@@ -60,9 +60,9 @@ _READ_BATCH: Final = 500
 #: cost ~420 µs of CPU, a pipeline of five XADDs ~770 µs.
 WRITE_BATCH: Final = 500
 # After a round that moved entries, the writer and the reader wait this long: at high
-# rates the next XADD or XREAD then carries a batch (each coredis command costs a worker
-# ~500 µs of CPU and a send); at low rates nothing is there to wait.
-_LINGER: Final = 0.002
+# rates the next XADD or XREAD then carries a batch (a coredis command costs a worker
+# ~500 µs of CPU); at low rates nothing waits. 1 ms, not 2: see docs/benchmarks.md.
+_LINGER: Final = 0.001
 # How long one XREAD blocks, in ms: short enough that a cancelled read ends soon.
 _READ_BLOCK_MS: Final = 1000
 #: Messages waiting for Redis; past this they are re-read from the store instead.

@@ -82,6 +82,8 @@ class Store(Protocol):
 
     #: Whether calls must go to a worker thread.
     blocking: bool
+    #: Whether every worker of the host uses this same history (its data dir's file).
+    shared_by_workers: bool
 
     def write(self, messages: list[Message]) -> dict[str, str]:
         """Insert ``messages`` in one transaction, ignoring ids already present.
@@ -182,6 +184,7 @@ class SqliteStore:
     """
 
     blocking = True
+    shared_by_workers = True
 
     def __init__(
         self, path: Path, *, factory: type[sqlite3.Connection] = sqlite3.Connection
@@ -309,6 +312,7 @@ class MemoryStore:
     """History in this process's memory: fast, and gone when it exits."""
 
     blocking = False
+    shared_by_workers = False
 
     def __init__(self) -> None:
         self._rooms: dict[str, list[Message]] = {}
