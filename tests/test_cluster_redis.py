@@ -482,6 +482,10 @@ async def test_a_worker_does_not_write_again_what_a_sibling_wrote_to_their_file(
                 for i, s in enumerate(stores)
             ]
             await all_up([a, b])
+            # Each caught up on the other first: a heal writes what it brings.
+            await eventually(
+                lambda: all(n.node.cluster.statistics()["gaps_healed"] >= 1 for n in (a, b))
+            )
             _, alice_rec, alice = await a.client("alice")
             _, bob_rec, bob = await b.client("bob")
             await join(alice, alice_rec)
